@@ -1,0 +1,539 @@
+//! Ingest: turns a complete file in the capture folder into a queued attachment.
+//!
+//! It hashes the file (sha256, while reading), resolves its checklist and row from the
+//! layout template, reads the optional sidecar, and records it in one transaction. The
+//! same file (path, size, mtime, hash) is never enqueued twice; a file whose bytes changed
+//! after ingest becomes a new version and the stale, not yet uploaded one is archived.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::remote::object_key;
+use crate::store::{Attachment, NewAttachment, State, Store, StoreError};
+use crate::util::{glob_match, hex, mtime_ns};
+
+/// Checklist name given to photos outside the layout: they are uploaded, never dropped.
+pub const UNASSIGNED: &str = "unassigned";
+
+/// The file the app writes to declare a checklist finished; not an attachment.
+pub const CHECKLIST_FILE: &str = "checklist.json";
+
+/// Read buffer for hashing.
+const HASH_CHUNK: usize = 256 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{path}: {source}")]
+    Io { path: String, source: io::Error },
+}
+
+/// What ingesting one path did.
+#[derive(Debug)]
+pub enum Outcome {
+    Enqueued(Attachment),
+    /// The file exists but cannot be read: recorded as `failed` with the reason.
+    Unreadable(Attachment),
+    /// Already recorded with the same size and mtime.
+    Unchanged,
+    /// Same bytes, new mtime: only the mtime was updated.
+    Touched,
+    /// The file changed while it was being hashed: try again once it is stable.
+    NotStable,
+    /// Not an attachment (ignored name, directory, sidecar, checklist.json).
+    Ignored,
+    /// A sidecar written after its photo updated the photo's metadata.
+    SidecarUpdated,
+    /// The path does not exist (any more).
+    Missing,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seg {
+    Checklist,
+    Row,
+    File,
+    Any,
+    Lit(String),
+}
+
+/// The capture layout template, e.g. `{checklist}/{row}/{file}`.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    segs: Vec<Seg>,
+}
+
+impl Layout {
+    pub fn parse(s: &str) -> Result<Layout, String> {
+        let segs: Vec<Seg> = s
+            .split('/')
+            .filter(|p| !p.is_empty())
+            .map(|p| match p {
+                "{checklist}" => Seg::Checklist,
+                "{row}" => Seg::Row,
+                "{file}" => Seg::File,
+                "*" => Seg::Any,
+                lit => Seg::Lit(lit.to_string()),
+            })
+            .collect();
+        if segs.last() != Some(&Seg::File) {
+            return Err(
+                "expected a template ending in `{file}`, e.g. \"{checklist}/{row}/{file}\"".into(),
+            );
+        }
+        if !segs.contains(&Seg::Checklist) {
+            return Err("expected a template containing `{checklist}`".into());
+        }
+        for s in &segs {
+            if let Seg::Lit(l) = s {
+                if l.contains(['{', '}']) {
+                    return Err(format!(
+                        "unknown placeholder `{l}`; expected {{checklist}}, {{row}}, {{file}} or *"
+                    ));
+                }
+            }
+        }
+        Ok(Layout { segs })
+    }
+
+    /// Checklist and row of a path relative to the capture folder, or `None` when it does
+    /// not fit the layout.
+    pub fn resolve(&self, rel: &Path) -> Option<(String, String)> {
+        let comps: Vec<String> = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        if comps.len() != self.segs.len() {
+            return None;
+        }
+        let (mut checklist, mut row) = (None, String::new());
+        for (seg, comp) in self.segs.iter().zip(&comps) {
+            match seg {
+                Seg::Checklist => checklist = Some(comp.clone()),
+                Seg::Row => row = comp.clone(),
+                Seg::Lit(l) if l != comp => return None,
+                _ => {}
+            }
+        }
+        checklist.map(|c| (c, row))
+    }
+
+    /// The directory depth at which checklist folders sit (for the publisher).
+    pub fn checklist_depth(&self) -> usize {
+        self.segs
+            .iter()
+            .position(|s| *s == Seg::Checklist)
+            .unwrap_or(0)
+    }
+}
+
+pub struct Ingestor {
+    capture: PathBuf,
+    layout: Layout,
+    ignore: Vec<String>,
+    prefix: String,
+    device: String,
+}
+
+impl Ingestor {
+    pub fn new(cfg: &Config) -> Ingestor {
+        Ingestor {
+            capture: absolute(&cfg.paths.capture),
+            layout: Layout::parse(&cfg.ingest.layout).expect("layout validated with the config"),
+            ignore: cfg.ingest.ignore.clone(),
+            prefix: cfg.remote.prefix.clone(),
+            device: cfg.device_id.clone(),
+        }
+    }
+
+    pub fn capture(&self) -> &Path {
+        &self.capture
+    }
+
+    /// Whether a file name is one fieldsync ignores (hidden, partial, temp).
+    pub fn ignored_name(&self, name: &str) -> bool {
+        self.ignore.iter().any(|g| glob_match(g, name))
+    }
+
+    /// Whether `path` may be an attachment (by name and place; not yet by content).
+    pub fn is_candidate(&self, path: &Path) -> bool {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            // Names that are not UTF-8 are still photos; only ignore-globs need text.
+            return path.starts_with(&self.capture);
+        };
+        path.starts_with(&self.capture)
+            && path != self.capture
+            && !self.ignored_name(name)
+            && !name.ends_with(".json")
+            // Anything inside a hidden directory (an app's staging area) is ignored too.
+            && !path
+                .strip_prefix(&self.capture)
+                .map(|rel| {
+                    rel.parent()
+                        .map(|p| {
+                            p.components()
+                                .any(|c| c.as_os_str().to_string_lossy().starts_with('.'))
+                        })
+                        .unwrap_or(false)
+                })
+                .unwrap_or(true)
+    }
+
+    /// Ingests one path. Safe to call repeatedly on the same file.
+    pub fn ingest(&self, store: &mut Store, path: &Path) -> Result<Outcome, IngestError> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.ends_with(".json") {
+            return self.sidecar_changed(store, path, &name);
+        }
+        if !self.is_candidate(path) {
+            return Ok(Outcome::Ignored);
+        }
+        let assignment = path
+            .strip_prefix(&self.capture)
+            .ok()
+            .and_then(|rel| self.layout.resolve(rel))
+            .unwrap_or_else(|| (UNASSIGNED.to_string(), String::new()));
+        self.ingest_as(store, path, assignment)
+    }
+
+    /// Ingests `path` against an explicit checklist and row (`fieldsync enqueue`, and the
+    /// second half of [`Ingestor::ingest`]).
+    pub fn ingest_as(
+        &self,
+        store: &mut Store,
+        path: &Path,
+        (checklist, row): (String, String),
+    ) -> Result<Outcome, IngestError> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let meta = match fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Outcome::Missing),
+            Err(e) => return Err(io_err(path, e)),
+        };
+        if !meta.is_file() {
+            return Ok(Outcome::Ignored);
+        }
+        let uri = path.to_string_lossy().into_owned();
+        let size = meta.len() as i64;
+        let mtime = mtime_ns(&meta);
+        let latest = store.latest_for_path(&uri)?;
+        if let Some(l) = &latest {
+            if l.size == size && l.mtime_ns == mtime && l.state != State::Archived {
+                return Ok(Outcome::Unchanged);
+            }
+        }
+
+        let id = uuid::Uuid::new_v4().to_string();
+        let ext = Path::new(&name)
+            .extension()
+            .map(|e| e.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut new = NewAttachment {
+            object_key: object_key(&self.prefix, &self.device, &checklist, &row, &id, &ext),
+            id,
+            filename: name.clone(),
+            local_uri: uri,
+            size,
+            media_type: media_type(&ext).to_string(),
+            meta_data: None,
+            checklist,
+            row,
+            sha256: String::new(),
+            mtime_ns: mtime,
+            state: State::QueuedUpload,
+            error: None,
+        };
+
+        match hash_file(path) {
+            Ok((sha, hashed_len)) => {
+                // The app may still be writing: only a file that did not change while we
+                // read it is taken.
+                let after = match fs::metadata(path) {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Outcome::Missing),
+                    Err(e) => return Err(io_err(path, e)),
+                };
+                if after.len() as i64 != size
+                    || mtime_ns(&after) != mtime
+                    || hashed_len != size as u64
+                {
+                    return Ok(Outcome::NotStable);
+                }
+                if let Some(l) = &latest {
+                    if l.sha256 == sha && l.state != State::Archived && l.state != State::Failed {
+                        store.touch_mtime(&l.id, mtime)?;
+                        return Ok(Outcome::Touched);
+                    }
+                }
+                new.sha256 = sha;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Outcome::Missing),
+            Err(e) => {
+                // Unreadable (permissions, I/O error): record it so an operator sees it;
+                // `fieldsync retry` re-ingests once it is fixed.
+                if let Some(l) = &latest {
+                    if l.state == State::Failed && l.size == size && l.mtime_ns == mtime {
+                        return Ok(Outcome::Unchanged);
+                    }
+                }
+                new.state = State::Failed;
+                new.error = Some(("read_error".into(), e.to_string()));
+                warn!(path = %path.display(), error = %e, "cannot read captured file");
+                let supersedes = latest.as_ref().map(|l| l.id.clone());
+                let att = store.insert(&new, supersedes.as_deref())?;
+                return Ok(Outcome::Unreadable(att));
+            }
+        }
+        new.meta_data = self.read_sidecar(store, path);
+        let supersedes = latest
+            .as_ref()
+            .filter(|l| matches!(l.state, State::QueuedUpload | State::Failed))
+            .map(|l| l.id.clone());
+        let att = store.insert(&new, supersedes.as_deref())?;
+        info!(id = %att.id, path = %path.display(), checklist = %att.checklist, row = %att.row,
+              size = att.size, "enqueued");
+        Ok(Outcome::Enqueued(att))
+    }
+
+    /// Reads `<file>.json`. A malformed sidecar is reported (log and event) and the photo
+    /// is still enqueued, without metadata.
+    fn read_sidecar(&self, store: &Store, photo: &Path) -> Option<String> {
+        let mut p = photo.as_os_str().to_owned();
+        p.push(".json");
+        let p = PathBuf::from(p);
+        let text = match fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                warn!(sidecar = %p.display(), error = %e, "cannot read sidecar; photo enqueued without metadata");
+                let _ = store.log_event(
+                    "sidecar_invalid",
+                    "failed",
+                    None,
+                    Some(&format!("{}: {e}", p.display())),
+                );
+                return None;
+            }
+        };
+        match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(v) => Some(v.to_string()),
+            Err(e) => {
+                warn!(sidecar = %p.display(), error = %e, "malformed sidecar; photo enqueued without metadata");
+                let _ = store.log_event(
+                    "sidecar_invalid",
+                    "failed",
+                    None,
+                    Some(&format!("{}: {e}", p.display())),
+                );
+                None
+            }
+        }
+    }
+
+    /// A `.json` file changed: if it is the sidecar of an already ingested photo, refresh
+    /// that photo's metadata; `checklist.json` and stray JSON are not attachments.
+    fn sidecar_changed(
+        &self,
+        store: &mut Store,
+        path: &Path,
+        name: &str,
+    ) -> Result<Outcome, IngestError> {
+        if name == CHECKLIST_FILE {
+            return Ok(Outcome::Ignored);
+        }
+        let photo = path.with_file_name(name.trim_end_matches(".json"));
+        let uri = photo.to_string_lossy().into_owned();
+        let Some(att) = store.latest_for_path(&uri)? else {
+            return Ok(Outcome::Ignored);
+        };
+        let meta = self.read_sidecar(store, &photo);
+        if meta.is_some() && meta != att.meta_data {
+            store.set_meta_data(&att.id, meta.as_deref())?;
+            return Ok(Outcome::SidecarUpdated);
+        }
+        Ok(Outcome::Ignored)
+    }
+
+    /// Every candidate file below the capture folder (the periodic rescan).
+    pub fn scan(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.capture.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(rd) = fs::read_dir(&dir) else { continue };
+            for entry in rd.flatten() {
+                let p = entry.path();
+                let Ok(ft) = entry.file_type() else { continue };
+                if ft.is_dir() {
+                    if !entry.file_name().to_string_lossy().starts_with('.') {
+                        stack.push(p);
+                    }
+                } else if ft.is_file() && self.is_candidate(&p) {
+                    out.push(p);
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+/// Streams the file through sha256; returns the hex digest and the bytes read.
+pub fn hash_file(path: &Path) -> io::Result<(String, u64)> {
+    let mut f = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; HASH_CHUNK];
+    let mut n = 0u64;
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => {
+                hasher.update(&buf[..k]);
+                n += k as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((hex(&hasher.finalize()), n))
+}
+
+pub fn media_type(ext: &str) -> &'static str {
+    match ext.to_ascii_lowercase().as_str() {
+        "jpg" | "jpeg" => "image/jpeg",
+        "png" => "image/png",
+        "heic" | "heif" => "image/heic",
+        "webp" => "image/webp",
+        "tif" | "tiff" => "image/tiff",
+        "dng" => "image/x-adobe-dng",
+        "mp4" => "video/mp4",
+        "mov" => "video/quicktime",
+        "pdf" => "application/pdf",
+        _ => "application/octet-stream",
+    }
+}
+
+/// An absolute form of `p` without touching the file system's symlinks.
+pub fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+fn io_err(path: &Path, source: io::Error) -> IngestError {
+    IngestError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(dir: &Path) -> (Ingestor, Store) {
+        let cfg = Config::parse(
+            &format!(
+                "device_id = \"dev\"\n[paths]\ncapture = \"{}\"\n[remote.file]\npath = \"/x\"\n",
+                dir.display()
+            ),
+            "t",
+        )
+        .unwrap();
+        (Ingestor::new(&cfg), Store::open_in_memory().unwrap())
+    }
+
+    #[test]
+    fn layout_resolves_checklist_and_row() {
+        let l = Layout::parse("{checklist}/{row}/{file}").unwrap();
+        assert_eq!(
+            l.resolve(Path::new("c1/r1/a.jpg")),
+            Some(("c1".into(), "r1".into()))
+        );
+        assert_eq!(l.resolve(Path::new("a.jpg")), None);
+        assert_eq!(l.resolve(Path::new("c1/a.jpg")), None);
+        let l = Layout::parse("site/{checklist}/*/{file}").unwrap();
+        assert_eq!(
+            l.resolve(Path::new("site/c9/x/a.jpg")),
+            Some(("c9".into(), "".into()))
+        );
+        assert_eq!(l.resolve(Path::new("other/c9/x/a.jpg")), None);
+        assert!(Layout::parse("{checklist}/{row}").is_err());
+        assert!(Layout::parse("{row}/{file}").is_err());
+        assert!(Layout::parse("{checklist}/{rows}/{file}").is_err());
+    }
+
+    #[test]
+    fn same_file_is_enqueued_once_and_changed_file_supersedes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ing, mut store) = setup(dir.path());
+        let p = dir.path().join("c1/r1/a.jpg");
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, b"one").unwrap();
+        let first = match ing.ingest(&mut store, &p).unwrap() {
+            Outcome::Enqueued(a) => a,
+            o => panic!("{o:?}"),
+        };
+        assert_eq!((first.checklist.as_str(), first.row.as_str()), ("c1", "r1"));
+        assert!(matches!(
+            ing.ingest(&mut store, &p).unwrap(),
+            Outcome::Unchanged
+        ));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(&p, b"two!").unwrap();
+        let second = match ing.ingest(&mut store, &p).unwrap() {
+            Outcome::Enqueued(a) => a,
+            o => panic!("{o:?}"),
+        };
+        assert_ne!(first.id, second.id);
+        assert_ne!(first.sha256, second.sha256);
+        assert_eq!(
+            store.get(&first.id).unwrap().unwrap().state,
+            State::Archived
+        );
+        assert_eq!(
+            store.due_uploads(i64::MAX, 10, false, &[]).unwrap().len(),
+            1
+        );
+    }
+
+    #[test]
+    fn outside_layout_is_unassigned_and_bad_sidecar_is_tolerated() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ing, mut store) = setup(dir.path());
+        let p = dir.path().join("loose.jpg");
+        fs::write(&p, b"x").unwrap();
+        fs::write(dir.path().join("loose.jpg.json"), b"{not json").unwrap();
+        let a = match ing.ingest(&mut store, &p).unwrap() {
+            Outcome::Enqueued(a) => a,
+            o => panic!("{o:?}"),
+        };
+        assert_eq!(a.checklist, UNASSIGNED);
+        assert!(a.meta_data.is_none());
+        assert!(a.object_key.starts_with("fieldsync/dev/unassigned/"));
+        let ev = store.events_after(0, 10).unwrap();
+        assert!(ev.iter().any(|e| e.kind == "sidecar_invalid"));
+    }
+
+    #[test]
+    fn ignores_partial_hidden_and_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ing, _) = setup(dir.path());
+        let c = dir.path();
+        assert!(!ing.is_candidate(&c.join("c/r/.a.jpg")));
+        assert!(!ing.is_candidate(&c.join("c/r/a.jpg.tmp")));
+        assert!(!ing.is_candidate(&c.join("c/r/a.jpg.part")));
+        assert!(!ing.is_candidate(&c.join("c/r/a.jpg.json")));
+        assert!(!ing.is_candidate(&c.join("c/.staging/a.jpg")));
+        assert!(ing.is_candidate(&c.join("c/r/a b ü.jpg")));
+    }
+}

@@ -1,0 +1,19 @@
+//! fieldsync: uploads inspection photos from ARM field devices to object storage.
+//!
+//! Data flow (see README.md, "Architecture"): `watcher` notices files → `ingest` hashes
+//! and records them in the `store` → the `uploader` scheduler hands due attachments to
+//! workers when the `conditions` allow → a `remote` moves the bytes → `status` reports.
+
+pub mod bench;
+pub mod cli;
+pub mod conditions;
+pub mod config;
+pub mod daemon;
+pub mod ingest;
+pub mod remote;
+pub mod status;
+pub mod store;
+pub mod uploader;
+pub mod util;
+pub mod verify;
+pub mod watcher;

@@ -1,0 +1,231 @@
+//! Remote storage: one trait, one implementation per backend.
+//!
+//! A remote only moves bytes; it never touches queue state. What it needs to resume (a
+//! multipart upload id and the acknowledged parts) it reads and writes through the
+//! [`ResumeLog`] the uploader hands it, which commits to the store as each part finishes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::config;
+use crate::store::PartRecord;
+
+pub mod file;
+
+/// Why a remote operation did not succeed; drives the retry decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Timeouts, resets, 5xx, 408, 429, a full or read-only target: retry with backoff.
+    Transient { retry_after: Option<Duration> },
+    /// The request can never succeed as is (4xx, a local file that cannot be read).
+    Permanent,
+    /// Credentials were refused (401/403): pause the whole queue, do not burn retries.
+    Auth,
+    /// The local file's bytes no longer hash to the ingest sha256: re-ingest it.
+    LocalChanged,
+    /// The local file vanished.
+    LocalMissing,
+    /// `keep_going` said stop (shutdown, pause, a condition turned false); nothing failed.
+    Interrupted,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct RemoteError {
+    pub class: ErrorClass,
+    /// A stable reason code (`io`, `http_503`, `read_error`, `checksum_mismatch`, …).
+    pub code: String,
+    /// One line for operators. Never contains credentials.
+    pub message: String,
+}
+
+impl RemoteError {
+    pub fn new(class: ErrorClass, code: impl Into<String>, message: impl Into<String>) -> Self {
+        RemoteError {
+            class,
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+    pub fn transient(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::new(ErrorClass::Transient { retry_after: None }, code, message)
+    }
+    pub fn permanent(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::new(ErrorClass::Permanent, code, message)
+    }
+    pub fn interrupted() -> Self {
+        Self::new(
+            ErrorClass::Interrupted,
+            "interrupted",
+            "stopped at a safe point",
+        )
+    }
+}
+
+/// What to upload.
+#[derive(Debug, Clone)]
+pub struct UploadJob {
+    pub id: String,
+    pub key: String,
+    pub path: PathBuf,
+    pub size: u64,
+    /// Hex sha256 taken at ingest; the bytes sent must hash to it.
+    pub sha256: String,
+    pub media_type: String,
+}
+
+/// Resume state of one upload, persisted by the caller as it changes.
+pub trait ResumeLog {
+    /// The multipart upload in progress and its part size, if any.
+    fn current(&self) -> Option<(String, u64)>;
+    /// Parts already acknowledged by the server.
+    fn parts(&self) -> Vec<PartRecord>;
+    /// A new multipart upload was created: forget old parts.
+    fn begin(&mut self, upload_id: &str, part_size: u64);
+    /// The server acknowledged a part: commit it now.
+    fn part_done(&mut self, part: &PartRecord);
+    /// The multipart upload is over (completed, aborted or unknown to the server).
+    fn clear(&mut self);
+}
+
+/// Everything an upload needs from the caller besides the job.
+pub struct UploadCtx<'a> {
+    /// Called with the bytes of the object confirmed or in flight so far.
+    pub progress: &'a mut dyn FnMut(u64),
+    /// Checked at safe points (between parts and chunks); false means stop now.
+    pub keep_going: &'a dyn Fn() -> bool,
+    pub resume: &'a mut dyn ResumeLog,
+}
+
+/// What the remote confirmed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Uploaded {
+    pub etag: Option<String>,
+    /// Bytes actually sent over the wire by this call (for data budgets).
+    pub bytes_sent: u64,
+}
+
+/// An object as the remote reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteObject {
+    pub size: u64,
+    pub etag: Option<String>,
+    /// Hex sha256 when the remote knows it (file remote, or a stored checksum).
+    pub sha256: Option<String>,
+}
+
+pub trait Remote: Send + Sync {
+    /// A short name for logs and status (`file`, `s3`, `http`).
+    fn kind(&self) -> &'static str;
+
+    /// Where objects go, for status and logs (never with credentials).
+    fn describe(&self) -> String;
+
+    /// Uploads `job.path` to `job.key`; only returns `Ok` once the remote has the exact
+    /// bytes (checksum verified).
+    fn upload(&self, job: &UploadJob, ctx: &mut UploadCtx<'_>) -> Result<Uploaded, RemoteError>;
+
+    /// The object at `key`, if it exists: used to make a retry after an unknown outcome
+    /// idempotent.
+    fn head(&self, key: &str) -> Result<Option<RemoteObject>, RemoteError>;
+
+    /// Writes the object at `key` to `dest`, returning its size.
+    fn download(&self, key: &str, dest: &Path) -> Result<u64, RemoteError>;
+
+    /// Removes the object at `key`; absent is success.
+    fn delete(&self, key: &str) -> Result<(), RemoteError>;
+
+    /// Uploads small in-memory content (checklist manifests).
+    fn put_bytes(&self, key: &str, bytes: &[u8], media_type: &str) -> Result<(), RemoteError>;
+
+    /// Aborts an abandoned multipart upload; remotes without multipart have nothing to do.
+    fn abort_upload(&self, _key: &str, _upload_id: &str) -> Result<(), RemoteError> {
+        Ok(())
+    }
+
+    /// A cheap check that the remote answers and accepts our credentials.
+    fn probe(&self) -> Result<(), RemoteError>;
+}
+
+/// Builds the configured remote.
+pub fn build(cfg: &config::Config) -> Result<Box<dyn Remote>, String> {
+    match cfg.remote.kind {
+        config::RemoteKind::File => {
+            let f = cfg
+                .remote
+                .file
+                .as_ref()
+                .ok_or("remote.file: missing [remote.file] table")?;
+            Ok(Box::new(file::FileRemote::new(f.path.clone())))
+        }
+    }
+}
+
+/// Sanitises one component of an object key: no separators, no `.`/`..`, no control
+/// characters. Unicode and spaces are kept (every S3-compatible store accepts UTF-8).
+pub fn key_component(s: &str) -> String {
+    let cleaned: String = s
+        .chars()
+        .map(|c| {
+            if c == '/' || c == '\\' || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    match cleaned.as_str() {
+        "" => "_".into(),
+        "." | ".." => cleaned.replace('.', "_"),
+        _ => cleaned,
+    }
+}
+
+/// The deterministic object key of DESIGN.md:
+/// `<prefix>/<device>/<checklist>/<row>/<attachment-id>.<ext>`.
+pub fn object_key(
+    prefix: &str,
+    device: &str,
+    checklist: &str,
+    row: &str,
+    id: &str,
+    ext: &str,
+) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let prefix = prefix.trim_matches('/');
+    if !prefix.is_empty() {
+        parts.push(prefix.to_string());
+    }
+    parts.push(key_component(device));
+    parts.push(key_component(checklist));
+    if !row.is_empty() {
+        parts.push(key_component(row));
+    }
+    let ext = ext.to_ascii_lowercase();
+    if ext.is_empty() {
+        parts.push(id.to_string());
+    } else {
+        parts.push(format!("{id}.{}", key_component(&ext)));
+    }
+    parts.join("/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_deterministic_and_safe() {
+        assert_eq!(
+            object_key("fieldsync", "dev1", "c1", "r2", "abc", "JPG"),
+            "fieldsync/dev1/c1/r2/abc.jpg"
+        );
+        assert_eq!(
+            object_key("", "dev1", "unassigned", "", "abc", ""),
+            "dev1/unassigned/abc"
+        );
+        assert_eq!(key_component(".."), "__");
+        assert_eq!(key_component("a/b"), "a_b");
+        assert_eq!(key_component("Pumpe 3 – Ölstand"), "Pumpe 3 – Ölstand");
+    }
+}

@@ -1,0 +1,235 @@
+//! The queue snapshot: what `fieldsync status --json` prints and MQTT publishes.
+//!
+//! One schema, one code path: [`snapshot`] reads the store (and the daemon's control
+//! keys) and both the CLI and the reporter serialise the same struct. The schema is
+//! versioned by `schema` and documented in the README.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::{CountBytes, Event, Store, StoreError};
+use crate::uploader::control;
+use crate::util::{now_ms, rfc3339};
+
+/// Bumped when a field changes meaning or disappears (adding fields does not bump it).
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Snapshot {
+    pub schema: u32,
+    pub agent_version: String,
+    pub device_id: String,
+    /// When the snapshot was taken (RFC 3339, UTC).
+    pub time: String,
+    pub daemon_running: bool,
+    pub remote: String,
+    /// Count and bytes for every state, including empty ones.
+    pub counts: BTreeMap<String, CountBytes>,
+    pub pending: Pending,
+    /// Attachments being uploaded right now.
+    pub uploading: Vec<Uploading>,
+    /// True when uploads are not running; `pause_reason` says why.
+    pub paused: bool,
+    pub pause_reason: Option<String>,
+    /// The facts behind the decision (one field per condition).
+    pub conditions: serde_json::Value,
+    pub last_success: Option<EventRef>,
+    pub last_error: Option<EventRef>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Pending {
+    pub count: i64,
+    pub bytes: i64,
+    /// Age in seconds of the oldest attachment waiting to upload.
+    pub oldest_age_s: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Uploading {
+    pub id: String,
+    pub filename: String,
+    pub checklist: String,
+    pub row: String,
+    pub size: i64,
+    pub bytes_sent: i64,
+    pub percent: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EventRef {
+    pub time: String,
+    pub kind: String,
+    pub attachment_id: Option<String>,
+    pub checklist: Option<String>,
+    pub row: Option<String>,
+    pub reason: Option<String>,
+}
+
+impl From<Event> for EventRef {
+    fn from(e: Event) -> Self {
+        EventRef {
+            time: rfc3339(e.time),
+            kind: e.kind,
+            attachment_id: e.attachment_id,
+            checklist: e.checklist,
+            row: e.row,
+            reason: e.reason,
+        }
+    }
+}
+
+/// Builds the snapshot. `daemon_running` comes from the daemon's lock (the daemon passes
+/// true for itself).
+pub fn snapshot(
+    store: &Store,
+    device_id: &str,
+    remote: &str,
+    daemon_running: bool,
+) -> Result<Snapshot, StoreError> {
+    let now = now_ms();
+    let counts: BTreeMap<String, CountBytes> = store
+        .counts()?
+        .into_iter()
+        .map(|(s, c)| (s.as_str().to_string(), c))
+        .collect();
+    let q = counts.get("queued_upload").copied().unwrap_or_default();
+    let oldest = store.oldest_pending()?;
+    let uploading = if daemon_running {
+        store
+            .uploading()?
+            .into_iter()
+            .map(|a| Uploading {
+                percent: if a.size > 0 {
+                    (a.bytes_sent as f64 * 1000.0 / a.size as f64).round() / 10.0
+                } else {
+                    0.0
+                },
+                id: a.id,
+                filename: a.filename,
+                checklist: a.checklist,
+                row: a.row,
+                size: a.size,
+                bytes_sent: a.bytes_sent,
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let pause_reason = if daemon_running {
+        store
+            .control_get(control::PAUSE_REASON)?
+            .filter(|r| !r.is_empty())
+    } else if store.control_get(control::PAUSED)?.as_deref() == Some("1") {
+        Some("paused_by_operator".into())
+    } else {
+        Some("not_running".into())
+    };
+    let conditions = store
+        .control_get(control::CONDITIONS)?
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(serde_json::Value::Object(Default::default()));
+    Ok(Snapshot {
+        schema: SCHEMA_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        device_id: device_id.to_string(),
+        time: rfc3339(now),
+        daemon_running,
+        remote: remote.to_string(),
+        pending: Pending {
+            count: q.count,
+            bytes: q.bytes,
+            oldest_age_s: oldest.map(|t| ((now - t) / 1000).max(0)),
+        },
+        counts,
+        uploading,
+        paused: pause_reason.is_some(),
+        pause_reason,
+        conditions,
+        last_success: store.last_event(&["uploaded"])?.map(Into::into),
+        last_error: store
+            .last_event(&["failed", "retry_scheduled"])?
+            .map(Into::into),
+    })
+}
+
+/// Human-readable bytes (`1.5 MB`, decimal units as file managers show them).
+pub fn human_bytes(b: i64) -> String {
+    let b = b as f64;
+    if b < 1e3 {
+        format!("{b} B")
+    } else if b < 1e6 {
+        format!("{:.1} kB", b / 1e3)
+    } else if b < 1e9 {
+        format!("{:.1} MB", b / 1e6)
+    } else {
+        format!("{:.2} GB", b / 1e9)
+    }
+}
+
+pub fn human_age(s: i64) -> String {
+    humantime::format_duration(std::time::Duration::from_secs(s.max(0) as u64)).to_string()
+}
+
+/// The text `fieldsync status` prints.
+pub fn render(s: &Snapshot) -> String {
+    let mut out = String::new();
+    let daemon = if s.daemon_running {
+        "running"
+    } else {
+        "not running"
+    };
+    out.push_str(&format!(
+        "fieldsync {} on {}: daemon {}, remote {}\n",
+        s.agent_version, s.device_id, daemon, s.remote
+    ));
+    match &s.pause_reason {
+        None => out.push_str("uploads: active\n"),
+        Some(r) => out.push_str(&format!("uploads: paused ({r})\n")),
+    }
+    for (state, c) in &s.counts {
+        if c.count == 0 && state != "queued_upload" && state != "synced" {
+            continue;
+        }
+        out.push_str(&format!(
+            "  {:<16}{:>7}  {:>10}",
+            state,
+            c.count,
+            human_bytes(c.bytes)
+        ));
+        if state == "queued_upload" {
+            if let Some(age) = s.pending.oldest_age_s {
+                out.push_str(&format!("  oldest {}", human_age(age)));
+            }
+        }
+        out.push('\n');
+    }
+    for u in &s.uploading {
+        out.push_str(&format!(
+            "uploading: {}/{}/{} {:.1}% ({} of {})\n",
+            u.checklist,
+            u.row,
+            u.filename,
+            u.percent,
+            human_bytes(u.bytes_sent),
+            human_bytes(u.size)
+        ));
+    }
+    if let Some(e) = &s.last_success {
+        out.push_str(&format!(
+            "last success: {} {}\n",
+            e.time,
+            e.attachment_id.as_deref().unwrap_or("")
+        ));
+    }
+    if let Some(e) = &s.last_error {
+        out.push_str(&format!(
+            "last error:   {} {} {}\n",
+            e.time,
+            e.attachment_id.as_deref().unwrap_or(""),
+            e.reason.as_deref().unwrap_or("")
+        ));
+    }
+    out
+}

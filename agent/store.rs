@@ -1,0 +1,1134 @@
+//! The SQLite store: the single source of truth for the attachment queue.
+//!
+//! Every state change is one transaction that updates the attachment row and appends a
+//! row to the event log. The daemon and the CLI open the same file (WAL mode): readers
+//! never block the daemon, and a change the CLI commits is seen by the daemon through
+//! `PRAGMA data_version`.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use serde::Serialize;
+
+use crate::util::now_ms;
+
+/// Ordered migrations; `PRAGMA user_version` records how many have been applied.
+const MIGRATIONS: &[(&str, &str)] = &[("001_init", include_str!("migrations/001_init.sql"))];
+
+/// The event log is trimmed to this many rows so it never grows without bound on a
+/// device that runs for years; older events are of no use to an operator.
+const MAX_EVENTS: i64 = 20_000;
+
+/// How long a writer waits for another connection's write lock (the CLI and daemon share
+/// the file). Writes are short, so this only bites when something is badly wrong.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("database schema version {found} is newer than this fieldsync knows ({known}); upgrade fieldsync")]
+    TooNew { found: i64, known: i64 },
+    #[error("no attachment with id {0}")]
+    NotFound(String),
+    #[error("attachment {id} is {from}, cannot become {to}")]
+    BadTransition { id: String, from: State, to: State },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The six attachment states of DESIGN.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    QueuedUpload,
+    Synced,
+    QueuedDelete,
+    QueuedDownload,
+    Archived,
+    Failed,
+}
+
+impl State {
+    pub const ALL: [State; 6] = [
+        State::QueuedUpload,
+        State::Synced,
+        State::QueuedDelete,
+        State::QueuedDownload,
+        State::Archived,
+        State::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::QueuedUpload => "queued_upload",
+            State::Synced => "synced",
+            State::QueuedDelete => "queued_delete",
+            State::QueuedDownload => "queued_download",
+            State::Archived => "archived",
+            State::Failed => "failed",
+        }
+    }
+
+    /// Whether the state machine allows `self → to`. Kept pure so it is unit-tested and
+    /// every writer goes through it.
+    pub fn can_become(self, to: State) -> bool {
+        use State::*;
+        matches!(
+            (self, to),
+            (QueuedUpload, Synced | Failed | Archived)
+                | (Synced, Archived | QueuedDelete | QueuedUpload)
+                | (QueuedDownload, Synced | Failed)
+                | (Archived, Synced | QueuedUpload)
+                | (Failed, QueuedUpload | QueuedDownload | Archived)
+        )
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for State {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        State::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown state `{s}` (expected one of: {})",
+                    State::ALL.map(|s| s.as_str()).join(", ")
+                )
+            })
+    }
+}
+
+/// One row of the attachments table.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Attachment {
+    pub id: String,
+    pub filename: String,
+    pub local_uri: String,
+    pub timestamp: i64,
+    pub size: i64,
+    pub media_type: String,
+    pub state: State,
+    pub has_synced: bool,
+    pub meta_data: Option<String>,
+    pub checklist: String,
+    pub row: String,
+    pub sha256: String,
+    pub mtime_ns: i64,
+    pub object_key: String,
+    pub created_at: i64,
+    pub bytes_sent: i64,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub last_error: Option<String>,
+    pub last_error_code: Option<String>,
+    pub upload_id: Option<String>,
+    pub part_size: Option<i64>,
+    pub uploading_since: Option<i64>,
+    pub synced_at: Option<i64>,
+    pub remote_etag: Option<String>,
+}
+
+const ATTACHMENT_COLUMNS: &str = "id, filename, local_uri, timestamp, size, media_type, state, \
+    has_synced, meta_data, checklist, row, sha256, mtime_ns, object_key, created_at, bytes_sent, \
+    attempts, next_attempt_at, last_error, last_error_code, upload_id, part_size, \
+    uploading_since, synced_at, remote_etag";
+
+impl Attachment {
+    fn from_row(r: &Row<'_>) -> rusqlite::Result<Self> {
+        let state: String = r.get(6)?;
+        Ok(Attachment {
+            id: r.get(0)?,
+            filename: r.get(1)?,
+            local_uri: r.get(2)?,
+            timestamp: r.get(3)?,
+            size: r.get(4)?,
+            media_type: r.get(5)?,
+            state: State::from_str(&state).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(6, rusqlite::types::Type::Text, e.into())
+            })?,
+            has_synced: r.get::<_, i64>(7)? != 0,
+            meta_data: r.get(8)?,
+            checklist: r.get(9)?,
+            row: r.get(10)?,
+            sha256: r.get(11)?,
+            mtime_ns: r.get(12)?,
+            object_key: r.get(13)?,
+            created_at: r.get(14)?,
+            bytes_sent: r.get(15)?,
+            attempts: r.get(16)?,
+            next_attempt_at: r.get(17)?,
+            last_error: r.get(18)?,
+            last_error_code: r.get(19)?,
+            upload_id: r.get(20)?,
+            part_size: r.get(21)?,
+            uploading_since: r.get(22)?,
+            synced_at: r.get(23)?,
+            remote_etag: r.get(24)?,
+        })
+    }
+}
+
+/// What ingest knows about a new attachment.
+#[derive(Debug, Clone)]
+pub struct NewAttachment {
+    pub id: String,
+    pub filename: String,
+    pub local_uri: String,
+    pub size: i64,
+    pub media_type: String,
+    pub meta_data: Option<String>,
+    pub checklist: String,
+    pub row: String,
+    pub sha256: String,
+    pub mtime_ns: i64,
+    pub object_key: String,
+    /// `queued_upload` normally; `failed` when the file exists but cannot be read.
+    pub state: State,
+    pub error: Option<(String, String)>,
+}
+
+/// One row of the event log.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Event {
+    pub seq: i64,
+    pub time: i64,
+    pub kind: String,
+    pub outcome: String,
+    pub attachment_id: Option<String>,
+    pub checklist: Option<String>,
+    pub row: Option<String>,
+    pub from_state: Option<String>,
+    pub to_state: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// A completed multipart part, persisted as soon as the server acknowledged it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PartRecord {
+    pub part_number: u32,
+    pub size: u64,
+    pub etag: String,
+    pub checksum: String,
+}
+
+/// Count and bytes of one state.
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct CountBytes {
+    pub count: i64,
+    pub bytes: i64,
+}
+
+/// Filter for `list`.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub state: Option<State>,
+    pub checklist: Option<String>,
+    pub row: Option<String>,
+    pub limit: Option<i64>,
+}
+
+/// What a transition changes besides the state.
+#[derive(Debug, Clone, Default)]
+pub struct Change<'a> {
+    /// Event kind written to the log (`uploaded`, `failed`, `archived`, `retried`, …).
+    pub kind: &'a str,
+    /// Reason code (and for failures the message) recorded with the event.
+    pub reason: Option<&'a str>,
+    /// For `failed`: the stable error code and the human message.
+    pub error: Option<(&'a str, &'a str)>,
+    /// For `synced`: the remote's ETag if it returned one.
+    pub etag: Option<&'a str>,
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database file and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Store> {
+        let conn = Connection::open(path).map_err(|source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::init(conn).map_err(|e| match e {
+            StoreError::Sql(source) => StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// An in-memory store for unit tests.
+    pub fn open_in_memory() -> Result<Store> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> Result<Store> {
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        // WAL lets the CLI read while the daemon writes; FULL makes every committed state
+        // change survive a power cut, which is the point of the queue.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let mut store = Store { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Write transactions take the lock up front (IMMEDIATE): a deferred one that reads
+    /// first and then writes can fail at once with SQLITE_BUSY when another connection
+    /// writes meanwhile, which the busy timeout cannot help with.
+    fn write_tx(&mut self) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+        self.conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::TooNew {
+                found: version,
+                known,
+            });
+        }
+        for (i, (_name, sql)) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = self.write_tx()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    pub fn schema_version(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    /// Changes whenever another connection commits: the daemon polls it to notice CLI
+    /// commands within a second without any IPC.
+    pub fn data_version(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "data_version", |r| r.get(0))?)
+    }
+
+    // ----- attachments -------------------------------------------------------------
+
+    /// Inserts a newly ingested attachment and its `enqueued` event in one transaction.
+    /// When `supersedes` names an older, not yet uploaded version of the same file, that
+    /// version is archived in the same transaction so the stale bytes are never sent.
+    pub fn insert(&mut self, new: &NewAttachment, supersedes: Option<&str>) -> Result<Attachment> {
+        let now = now_ms();
+        let tx = self.write_tx()?;
+        if let Some(old) = supersedes {
+            let prev = get_tx(&tx, old)?;
+            if prev.state == State::QueuedUpload || prev.state == State::Failed {
+                tx.execute(
+                    "UPDATE attachments SET state='archived', timestamp=?2, uploading_since=NULL
+                     WHERE id=?1",
+                    params![old, now],
+                )?;
+                event_tx(
+                    &tx,
+                    now,
+                    "archived",
+                    "applied",
+                    Some(&prev),
+                    Some(prev.state),
+                    Some(State::Archived),
+                    Some("superseded"),
+                )?;
+            }
+        }
+        let (code, msg) = match &new.error {
+            Some((c, m)) => (Some(c.as_str()), Some(m.as_str())),
+            None => (None, None),
+        };
+        tx.execute(
+            "INSERT INTO attachments (id, filename, local_uri, timestamp, size, media_type, state,
+                has_synced, meta_data, checklist, row, sha256, mtime_ns, object_key, created_at,
+                last_error_code, last_error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?10, ?11, ?12, ?13, ?4, ?14, ?15)",
+            params![
+                new.id,
+                new.filename,
+                new.local_uri,
+                now,
+                new.size,
+                new.media_type,
+                new.state.as_str(),
+                new.meta_data,
+                new.checklist,
+                new.row,
+                new.sha256,
+                new.mtime_ns,
+                new.object_key,
+                code,
+                msg,
+            ],
+        )?;
+        let att = get_tx(&tx, &new.id)?;
+        let (kind, outcome, reason) = if new.state == State::Failed {
+            ("failed", "failed", code)
+        } else {
+            ("enqueued", "applied", None)
+        };
+        event_tx(
+            &tx,
+            now,
+            kind,
+            outcome,
+            Some(&att),
+            None,
+            Some(new.state),
+            reason,
+        )?;
+        tx.commit()?;
+        Ok(att)
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<Attachment>> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!("SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE id=?1"),
+                [id],
+                Attachment::from_row,
+            )
+            .optional()?)
+    }
+
+    /// The newest record for a local path (the current version of that file).
+    pub fn latest_for_path(&self, local_uri: &str) -> Result<Option<Attachment>> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!(
+                    "SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE local_uri=?1
+                     ORDER BY created_at DESC, rowid DESC LIMIT 1"
+                ),
+                [local_uri],
+                Attachment::from_row,
+            )
+            .optional()?)
+    }
+
+    /// Attachments ready to upload now, oldest (or newest) first, skipping `exclude`
+    /// (those already held by a worker).
+    pub fn due_uploads(
+        &self,
+        now: i64,
+        limit: usize,
+        newest_first: bool,
+        exclude: &[String],
+    ) -> Result<Vec<Attachment>> {
+        let order = if newest_first { "DESC" } else { "ASC" };
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {ATTACHMENT_COLUMNS} FROM attachments
+             WHERE state='queued_upload' AND next_attempt_at <= ?1
+             ORDER BY created_at {order}, rowid {order} LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(
+            params![now, (limit + exclude.len()) as i64],
+            Attachment::from_row,
+        )?;
+        let mut out = Vec::new();
+        for r in rows {
+            let a = r?;
+            if !exclude.contains(&a.id) {
+                out.push(a);
+                if out.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// When the next queued upload becomes due (unix ms), if any is waiting.
+    pub fn next_due_at(&self) -> Result<Option<i64>> {
+        Ok(self.conn.query_row(
+            "SELECT MIN(next_attempt_at) FROM attachments WHERE state='queued_upload'",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Moves `id` from its current state to `to`, checking the state machine, and logs
+    /// the event; all in one transaction.
+    pub fn transition(&mut self, id: &str, to: State, change: Change<'_>) -> Result<Attachment> {
+        let now = now_ms();
+        let tx = self.write_tx()?;
+        let cur = get_tx(&tx, id)?;
+        if !cur.state.can_become(to) {
+            return Err(StoreError::BadTransition {
+                id: id.to_string(),
+                from: cur.state,
+                to,
+            });
+        }
+        match to {
+            State::Synced => {
+                tx.execute(
+                    "UPDATE attachments SET state='synced', has_synced=1, synced_at=?2,
+                        timestamp=?2, bytes_sent=size, uploading_since=NULL, upload_id=NULL,
+                        part_size=NULL, last_error=NULL, last_error_code=NULL, remote_etag=?3
+                     WHERE id=?1",
+                    params![id, now, change.etag],
+                )?;
+                tx.execute("DELETE FROM upload_parts WHERE attachment_id=?1", [id])?;
+            }
+            State::Failed => {
+                let (code, msg) = change.error.unwrap_or(("unknown", "unknown error"));
+                tx.execute(
+                    "UPDATE attachments SET state='failed', timestamp=?2, uploading_since=NULL,
+                        last_error_code=?3, last_error=?4
+                     WHERE id=?1",
+                    params![id, now, code, msg],
+                )?;
+            }
+            State::QueuedUpload => {
+                // A requeue (retry, or a re-referenced archived record) starts afresh: the
+                // attempt budget is reset, resume state is kept.
+                tx.execute(
+                    "UPDATE attachments SET state='queued_upload', timestamp=?2, attempts=0,
+                        next_attempt_at=0, uploading_since=NULL
+                     WHERE id=?1",
+                    params![id, now],
+                )?;
+            }
+            other => {
+                tx.execute(
+                    "UPDATE attachments SET state=?3, timestamp=?2, uploading_since=NULL
+                     WHERE id=?1",
+                    params![id, now, other.as_str()],
+                )?;
+            }
+        }
+        let after = get_tx(&tx, id)?;
+        let outcome = if to == State::Failed {
+            "failed"
+        } else {
+            "applied"
+        };
+        let reason = change.reason.or(change.error.map(|e| e.0));
+        event_tx(
+            &tx,
+            now,
+            change.kind,
+            outcome,
+            Some(&after),
+            Some(cur.state),
+            Some(to),
+            reason,
+        )?;
+        tx.commit()?;
+        Ok(after)
+    }
+
+    /// Records a failed attempt that will be retried at `next_at` (the row stays
+    /// `queued_upload`); returns the new attempt count.
+    pub fn schedule_retry(&mut self, id: &str, next_at: i64, code: &str, msg: &str) -> Result<i64> {
+        let now = now_ms();
+        let tx = self.write_tx()?;
+        tx.execute(
+            "UPDATE attachments SET attempts=attempts+1, next_attempt_at=?2, last_error_code=?3,
+                last_error=?4, timestamp=?5, uploading_since=NULL
+             WHERE id=?1",
+            params![id, next_at, code, msg, now],
+        )?;
+        let att = get_tx(&tx, id)?;
+        let reason = format!("{code}: {msg}");
+        event_tx(
+            &tx,
+            now,
+            "retry_scheduled",
+            "skipped",
+            Some(&att),
+            Some(att.state),
+            Some(att.state),
+            Some(&reason),
+        )?;
+        tx.commit()?;
+        Ok(att.attempts)
+    }
+
+    /// Marks `id` as held by a worker (for status), or releases it.
+    pub fn set_uploading(&self, id: &str, on: bool) -> Result<()> {
+        let v = on.then(now_ms);
+        self.conn.execute(
+            "UPDATE attachments SET uploading_since=?2 WHERE id=?1",
+            params![id, v],
+        )?;
+        Ok(())
+    }
+
+    /// Progress of the running upload. Not an event: it changes many times a second.
+    pub fn set_progress(&self, id: &str, bytes_sent: i64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE attachments SET bytes_sent=?2 WHERE id=?1",
+            params![id, bytes_sent],
+        )?;
+        Ok(())
+    }
+
+    /// Records the hash of a file that could not be read at ingest (retried after a fix).
+    pub fn set_hash(&self, id: &str, sha256: &str, size: i64, mtime_ns: i64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE attachments SET sha256=?2, size=?3, mtime_ns=?4 WHERE id=?1",
+            params![id, sha256, size, mtime_ns],
+        )?;
+        Ok(())
+    }
+
+    /// Updates the mtime recorded for a file whose bytes did not change (touched).
+    pub fn touch_mtime(&self, id: &str, mtime_ns: i64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE attachments SET mtime_ns=?2 WHERE id=?1",
+            params![id, mtime_ns],
+        )?;
+        Ok(())
+    }
+
+    /// Replaces the sidecar metadata of an attachment (a sidecar written after its photo).
+    pub fn set_meta_data(&self, id: &str, meta: Option<&str>) -> Result<()> {
+        self.conn.execute(
+            "UPDATE attachments SET meta_data=?2 WHERE id=?1",
+            params![id, meta],
+        )?;
+        Ok(())
+    }
+
+    /// Requeues failed attachments (one id, or all) and logs a `retried` event for each.
+    /// Returns the ids requeued.
+    pub fn retry_failed(&mut self, id: Option<&str>) -> Result<Vec<String>> {
+        let ids: Vec<String> = match id {
+            Some(id) => {
+                let a = self
+                    .get(id)?
+                    .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+                if a.state != State::Failed {
+                    return Err(StoreError::BadTransition {
+                        id: id.to_string(),
+                        from: a.state,
+                        to: State::QueuedUpload,
+                    });
+                }
+                vec![a.id]
+            }
+            None => {
+                let mut stmt = self.conn.prepare(
+                    "SELECT id FROM attachments WHERE state='failed' ORDER BY created_at",
+                )?;
+                let rows = stmt.query_map([], |r| r.get(0))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            }
+        };
+        for id in &ids {
+            self.transition(
+                id,
+                State::QueuedUpload,
+                Change {
+                    kind: "retried",
+                    reason: Some("operator"),
+                    ..Default::default()
+                },
+            )?;
+        }
+        Ok(ids)
+    }
+
+    pub fn list(&self, f: &ListFilter) -> Result<Vec<Attachment>> {
+        let mut sql = format!("SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE 1=1");
+        let mut args: Vec<String> = Vec::new();
+        if let Some(s) = f.state {
+            args.push(s.as_str().to_string());
+            sql.push_str(&format!(" AND state=?{}", args.len()));
+        }
+        if let Some(c) = &f.checklist {
+            args.push(c.clone());
+            sql.push_str(&format!(" AND checklist=?{}", args.len()));
+        }
+        if let Some(r) = &f.row {
+            args.push(r.clone());
+            sql.push_str(&format!(" AND row=?{}", args.len()));
+        }
+        sql.push_str(" ORDER BY created_at, rowid");
+        if let Some(l) = f.limit {
+            sql.push_str(&format!(" LIMIT {l}"));
+        }
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map(
+            rusqlite::params_from_iter(args.iter()),
+            Attachment::from_row,
+        )?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Attachments in any of `states` (for start-up repair and verify).
+    pub fn in_states(&self, states: &[State]) -> Result<Vec<Attachment>> {
+        let list = states
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE state IN ({list}) ORDER BY created_at"
+        ))?;
+        let rows = stmt.query_map([], Attachment::from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Clears the worker markers left by a process that died mid-upload.
+    pub fn clear_uploading(&self) -> Result<usize> {
+        Ok(self.conn.execute(
+            "UPDATE attachments SET uploading_since=NULL WHERE uploading_since IS NOT NULL",
+            [],
+        )?)
+    }
+
+    /// Count and bytes per state.
+    pub fn counts(&self) -> Result<Vec<(State, CountBytes)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT state, COUNT(*), COALESCE(SUM(size),0) FROM attachments GROUP BY state",
+        )?;
+        let mut out: Vec<(State, CountBytes)> = State::ALL
+            .iter()
+            .map(|s| (*s, CountBytes::default()))
+            .collect();
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (s, count, bytes) = row?;
+            if let Ok(st) = State::from_str(&s) {
+                if let Some(slot) = out.iter_mut().find(|(k, _)| *k == st) {
+                    slot.1 = CountBytes { count, bytes };
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creation time (unix ms) of the oldest attachment still waiting to upload.
+    pub fn oldest_pending(&self) -> Result<Option<i64>> {
+        Ok(self.conn.query_row(
+            "SELECT MIN(created_at) FROM attachments WHERE state='queued_upload'",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Attachments held by a worker right now.
+    pub fn uploading(&self) -> Result<Vec<Attachment>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {ATTACHMENT_COLUMNS} FROM attachments
+             WHERE uploading_since IS NOT NULL AND state='queued_upload' ORDER BY uploading_since"
+        ))?;
+        let rows = stmt.query_map([], Attachment::from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The most recent event of `kind` (e.g. the last upload, the last failure).
+    pub fn last_event(&self, kinds: &[&str]) -> Result<Option<Event>> {
+        let list = kinds
+            .iter()
+            .map(|k| format!("'{k}'"))
+            .collect::<Vec<_>>()
+            .join(",");
+        Ok(self
+            .conn
+            .query_row(
+                &format!(
+                    "SELECT seq, time, kind, outcome, attachment_id, checklist, row, from_state,
+                        to_state, reason FROM events WHERE kind IN ({list})
+                     ORDER BY seq DESC LIMIT 1"
+                ),
+                [],
+                event_from_row,
+            )
+            .optional()?)
+    }
+
+    /// Events after `seq`, oldest first, at most `limit`.
+    pub fn events_after(&self, seq: i64, limit: i64) -> Result<Vec<Event>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, time, kind, outcome, attachment_id, checklist, row, from_state, to_state,
+                reason FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![seq, limit], event_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The highest event sequence number (0 when the log is empty).
+    pub fn last_event_seq(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .query_row("SELECT COALESCE(MAX(seq),0) FROM events", [], |r| r.get(0))?)
+    }
+
+    /// Appends an event that is not a state change (paused, resumed, repaired, …).
+    pub fn log_event(
+        &self,
+        kind: &str,
+        outcome: &str,
+        att: Option<&Attachment>,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        event_conn(&self.conn, now_ms(), kind, outcome, att, None, None, reason)
+    }
+
+    /// Trims the event log to the newest `MAX_EVENTS` rows.
+    pub fn trim_events(&self) -> Result<usize> {
+        Ok(self.conn.execute(
+            "DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - ?1",
+            [MAX_EVENTS],
+        )?)
+    }
+
+    // ----- multipart resume --------------------------------------------------------
+
+    pub fn parts(&self, id: &str) -> Result<Vec<PartRecord>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT part_number, size, etag, checksum FROM upload_parts
+             WHERE attachment_id=?1 ORDER BY part_number",
+        )?;
+        let rows = stmt.query_map([id], |r| {
+            Ok(PartRecord {
+                part_number: r.get(0)?,
+                size: r.get::<_, i64>(1)? as u64,
+                etag: r.get(2)?,
+                checksum: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Starts (or restarts) a multipart upload: forgets old parts, records the new id.
+    pub fn begin_multipart(&mut self, id: &str, upload_id: &str, part_size: u64) -> Result<()> {
+        let tx = self.write_tx()?;
+        tx.execute("DELETE FROM upload_parts WHERE attachment_id=?1", [id])?;
+        tx.execute(
+            "UPDATE attachments SET upload_id=?2, part_size=?3, bytes_sent=0 WHERE id=?1",
+            params![id, upload_id, part_size as i64],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Commits one acknowledged part and the new progress together.
+    pub fn part_done(&mut self, id: &str, part: &PartRecord) -> Result<()> {
+        let tx = self.write_tx()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO upload_parts (attachment_id, part_number, size, etag, checksum)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                id,
+                part.part_number,
+                part.size as i64,
+                part.etag,
+                part.checksum
+            ],
+        )?;
+        tx.execute(
+            "UPDATE attachments SET bytes_sent=(SELECT COALESCE(SUM(size),0) FROM upload_parts
+                WHERE attachment_id=?1) WHERE id=?1",
+            [id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Forgets a multipart upload (completed, aborted or unknown to the server).
+    pub fn clear_multipart(&mut self, id: &str) -> Result<()> {
+        let tx = self.write_tx()?;
+        tx.execute("DELETE FROM upload_parts WHERE attachment_id=?1", [id])?;
+        tx.execute(
+            "UPDATE attachments SET upload_id=NULL, part_size=NULL WHERE id=?1",
+            [id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Multipart uploads left open by records that will never complete them
+    /// (archived or failed): these are aborted on the server.
+    pub fn abandoned_multiparts(&self) -> Result<Vec<Attachment>> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {ATTACHMENT_COLUMNS} FROM attachments
+             WHERE upload_id IS NOT NULL AND state IN ('archived','failed')"
+        ))?;
+        let rows = stmt.query_map([], Attachment::from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // ----- control -----------------------------------------------------------------
+
+    pub fn control_get(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM control WHERE key=?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    pub fn control_set(&self, key: &str, value: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO control (key, value, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(key) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
+            params![key, value, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    pub fn control_delete(&self, key: &str) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM control WHERE key=?1", [key])?;
+        Ok(())
+    }
+
+    /// Runs `f` in one transaction (for callers that need several writes to be atomic).
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+fn event_from_row(r: &Row<'_>) -> rusqlite::Result<Event> {
+    Ok(Event {
+        seq: r.get(0)?,
+        time: r.get(1)?,
+        kind: r.get(2)?,
+        outcome: r.get(3)?,
+        attachment_id: r.get(4)?,
+        checklist: r.get(5)?,
+        row: r.get(6)?,
+        from_state: r.get(7)?,
+        to_state: r.get(8)?,
+        reason: r.get(9)?,
+    })
+}
+
+fn get_tx(conn: &Connection, id: &str) -> Result<Attachment> {
+    conn.query_row(
+        &format!("SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE id=?1"),
+        [id],
+        Attachment::from_row,
+    )
+    .optional()?
+    .ok_or_else(|| StoreError::NotFound(id.to_string()))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn event_tx(
+    conn: &Connection,
+    now: i64,
+    kind: &str,
+    outcome: &str,
+    att: Option<&Attachment>,
+    from: Option<State>,
+    to: Option<State>,
+    reason: Option<&str>,
+) -> Result<()> {
+    event_conn(conn, now, kind, outcome, att, from, to, reason)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn event_conn(
+    conn: &Connection,
+    now: i64,
+    kind: &str,
+    outcome: &str,
+    att: Option<&Attachment>,
+    from: Option<State>,
+    to: Option<State>,
+    reason: Option<&str>,
+) -> Result<()> {
+    conn.execute(
+        "INSERT INTO events (time, kind, outcome, attachment_id, checklist, row, from_state,
+            to_state, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            now,
+            kind,
+            outcome,
+            att.map(|a| a.id.as_str()),
+            att.map(|a| a.checklist.as_str()),
+            att.map(|a| a.row.as_str()),
+            from.map(|s| s.as_str()),
+            to.map(|s| s.as_str()),
+            reason,
+        ],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new(id: &str, path: &str) -> NewAttachment {
+        NewAttachment {
+            id: id.into(),
+            filename: "a.jpg".into(),
+            local_uri: path.into(),
+            size: 10,
+            media_type: "image/jpeg".into(),
+            meta_data: None,
+            checklist: "c1".into(),
+            row: "r1".into(),
+            sha256: "00".into(),
+            mtime_ns: 1,
+            object_key: format!("p/d/c1/r1/{id}.jpg"),
+            state: State::QueuedUpload,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn state_machine_allows_only_designed_transitions() {
+        use State::*;
+        assert!(QueuedUpload.can_become(Synced));
+        assert!(QueuedUpload.can_become(Failed));
+        assert!(QueuedUpload.can_become(Archived));
+        assert!(Failed.can_become(QueuedUpload));
+        assert!(!Synced.can_become(Failed));
+        assert!(!Failed.can_become(Synced));
+        assert!(!Archived.can_become(Failed));
+        assert!(!QueuedUpload.can_become(QueuedUpload));
+        for s in State::ALL {
+            assert_eq!(State::from_str(s.as_str()).unwrap(), s);
+        }
+    }
+
+    #[test]
+    fn every_transition_appends_an_event() {
+        let mut s = Store::open_in_memory().unwrap();
+        s.insert(&new("a", "/x/a.jpg"), None).unwrap();
+        s.transition(
+            "a",
+            State::Synced,
+            Change {
+                kind: "uploaded",
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let ev = s.events_after(0, 10).unwrap();
+        assert_eq!(ev.len(), 2);
+        assert_eq!(ev[0].kind, "enqueued");
+        assert_eq!(ev[1].kind, "uploaded");
+        assert_eq!(ev[1].from_state.as_deref(), Some("queued_upload"));
+        assert_eq!(ev[1].to_state.as_deref(), Some("synced"));
+        let a = s.get("a").unwrap().unwrap();
+        assert!(a.has_synced);
+        assert_eq!(a.bytes_sent, 10);
+        // A forbidden transition changes nothing and logs nothing.
+        assert!(s.transition("a", State::Failed, Change::default()).is_err());
+        assert_eq!(s.events_after(0, 10).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn superseding_archives_the_stale_version_atomically() {
+        let mut s = Store::open_in_memory().unwrap();
+        s.insert(&new("a", "/x/a.jpg"), None).unwrap();
+        s.insert(&new("b", "/x/a.jpg"), Some("a")).unwrap();
+        assert_eq!(s.get("a").unwrap().unwrap().state, State::Archived);
+        assert_eq!(s.latest_for_path("/x/a.jpg").unwrap().unwrap().id, "b");
+        let due = s.due_uploads(i64::MAX, 10, false, &[]).unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].id, "b");
+    }
+
+    #[test]
+    fn retry_requeues_failed_and_resets_attempts() {
+        let mut s = Store::open_in_memory().unwrap();
+        s.insert(&new("a", "/x/a.jpg"), None).unwrap();
+        s.schedule_retry("a", 0, "io", "boom").unwrap();
+        s.transition(
+            "a",
+            State::Failed,
+            Change {
+                kind: "failed",
+                error: Some(("read_error", "denied")),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let a = s.get("a").unwrap().unwrap();
+        assert_eq!(a.last_error_code.as_deref(), Some("read_error"));
+        assert_eq!(s.retry_failed(None).unwrap(), vec!["a".to_string()]);
+        let a = s.get("a").unwrap().unwrap();
+        assert_eq!(a.state, State::QueuedUpload);
+        assert_eq!(a.attempts, 0);
+        assert!(matches!(
+            s.retry_failed(Some("a")),
+            Err(StoreError::BadTransition { .. })
+        ));
+        assert!(matches!(
+            s.retry_failed(Some("nope")),
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn parts_persist_and_progress_follows() {
+        let mut s = Store::open_in_memory().unwrap();
+        s.insert(&new("a", "/x/a.jpg"), None).unwrap();
+        s.begin_multipart("a", "up1", 5).unwrap();
+        for n in 1..=2 {
+            s.part_done(
+                "a",
+                &PartRecord {
+                    part_number: n,
+                    size: 5,
+                    etag: format!("e{n}"),
+                    checksum: "c".into(),
+                },
+            )
+            .unwrap();
+        }
+        assert_eq!(s.parts("a").unwrap().len(), 2);
+        let a = s.get("a").unwrap().unwrap();
+        assert_eq!(a.bytes_sent, 10);
+        assert_eq!(a.upload_id.as_deref(), Some("up1"));
+    }
+
+    #[test]
+    fn migrations_are_idempotent_on_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("q.db");
+        {
+            let mut s = Store::open(&p).unwrap();
+            s.insert(&new("a", "/x/a.jpg"), None).unwrap();
+        }
+        let s = Store::open(&p).unwrap();
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        assert!(s.get("a").unwrap().is_some());
+    }
+}

@@ -1,0 +1,661 @@
+//! Scheduler and upload workers.
+//!
+//! The scheduler thread owns the decision of what runs when: it evaluates the conditions,
+//! hands due attachments (oldest or newest first) to a fixed pool of worker threads, and
+//! sleeps until a wake-up (new file, finished upload, CLI command seen through
+//! `PRAGMA data_version`), the next due retry, or the sync interval. Workers move bytes
+//! through the [`Remote`] and record every outcome in the store themselves; the scheduler
+//! keeps no queue state a crash could lose (only which ids are held right now).
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+
+use crate::conditions::{self, Facts, Reason};
+use crate::config::{Config, Order};
+use crate::ingest::{Ingestor, Outcome};
+use crate::remote::{ErrorClass, Remote, RemoteError, ResumeLog, UploadCtx, UploadJob};
+use crate::store::{Attachment, Change, PartRecord, State, Store};
+use crate::util::{mtime_ns, now_ms};
+
+/// How often the scheduler looks at `PRAGMA data_version` for CLI changes: the CLI's
+/// "takes effect within one second" promise, at the cost of one cheap query.
+const CONTROL_POLL: Duration = Duration::from_millis(400);
+
+/// Progress is written to the store at most this often per upload (each write is an
+/// fsynced transaction; status only needs a few updates per second).
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// How often an auth pause re-checks the credentials.
+const AUTH_RECHECK: Duration = Duration::from_secs(60);
+
+/// Control keys shared with the CLI.
+pub mod control {
+    /// "1" while an operator paused uploads.
+    pub const PAUSED: &str = "paused";
+    /// Written by `fieldsync sync`: any change wakes the scheduler.
+    pub const WAKE: &str = "wake";
+    /// The reason code uploads are paused for, "" when they run. Written by the daemon.
+    pub const PAUSE_REASON: &str = "daemon.pause_reason";
+    /// The condition facts as JSON. Written by the daemon.
+    pub const CONDITIONS: &str = "daemon.conditions";
+    pub const PID: &str = "daemon.pid";
+    pub const STARTED_AT: &str = "daemon.started_at";
+}
+
+/// Messages to the scheduler.
+#[derive(Debug)]
+pub enum Msg {
+    Wake,
+    Done { id: String, outcome: Done },
+    Probe { ok: bool },
+}
+
+/// What a worker reports about an attachment it held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Done {
+    Finished,
+    Interrupted,
+    AuthFailed,
+}
+
+/// State shared by the scheduler, workers and the daemon.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// Set by SIGTERM/SIGINT (an `Arc` so the signal handler can own a reference).
+    pub shutdown: Arc<AtomicBool>,
+    /// False while a condition pauses uploads: workers stop at the next safe point.
+    pub gate_open: AtomicBool,
+    pub ingest_idle: AtomicBool,
+}
+
+impl Shared {
+    pub fn keep_going(&self) -> bool {
+        !self.shutdown.load(Ordering::Relaxed) && self.gate_open.load(Ordering::Relaxed)
+    }
+}
+
+/// Retry delay for the `attempt`-th failure (1-based): exponential from `initial`, capped
+/// at `max`, with jitter. `jitter` is a uniform sample in [0, 1).
+///
+/// DESIGN.md asks for "full jitter" (uniform in [0, d]); we use "equal jitter" (uniform in
+/// [d/2, d]) so a delay is never near zero: full jitter lets a failing server be hit again
+/// immediately, which on a metered link costs money for nothing.
+pub fn backoff(attempt: u32, initial: Duration, max: Duration, jitter: f64) -> Duration {
+    let exp = initial
+        .checked_mul(1u32 << attempt.saturating_sub(1).min(20))
+        .unwrap_or(max)
+        .min(max);
+    exp / 2 + exp.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)
+}
+
+/// What the scheduler decides for a failed attempt: retry later, or give up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    RetryIn(Duration),
+    GiveUp,
+}
+
+/// The retry decision for an error class after `attempts` attempts (pure; unit-tested).
+pub fn verdict(
+    cfg: &crate::config::Upload,
+    class: &ErrorClass,
+    attempts: u32,
+    jitter: f64,
+) -> Verdict {
+    let delay = backoff(attempts, cfg.initial_backoff.0, cfg.max_backoff.0, jitter);
+    match class {
+        ErrorClass::Permanent if attempts >= cfg.permanent_attempts => Verdict::GiveUp,
+        ErrorClass::Transient { .. }
+            if cfg.transient_attempts > 0 && attempts >= cfg.transient_attempts =>
+        {
+            Verdict::GiveUp
+        }
+        ErrorClass::Transient {
+            retry_after: Some(ra),
+        } => Verdict::RetryIn(delay.max(*ra)),
+        _ => Verdict::RetryIn(delay),
+    }
+}
+
+pub struct Scheduler {
+    pub cfg: Arc<Config>,
+    pub db_path: PathBuf,
+    pub remote: Arc<dyn Remote>,
+    pub ingestor: Arc<Ingestor>,
+    pub shared: Arc<Shared>,
+    pub tx: Sender<Msg>,
+    pub rx: Receiver<Msg>,
+    /// Exit once nothing is pending (the demo and benchmarks).
+    pub until_idle: bool,
+}
+
+impl Scheduler {
+    /// Runs until shutdown (or idle, with `until_idle`). Joins its workers before returning.
+    pub fn run(self, mut store: Store) -> Result<(), crate::store::StoreError> {
+        let (job_tx, job_rx) = mpsc::channel::<Attachment>();
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let mut workers = Vec::new();
+        for n in 0..self.cfg.upload.concurrency {
+            let w = Worker {
+                cfg: self.cfg.clone(),
+                store: RefCell::new(Store::open(&self.db_path)?),
+                remote: self.remote.clone(),
+                ingestor: self.ingestor.clone(),
+                shared: self.shared.clone(),
+            };
+            let rx = job_rx.clone();
+            let tx = self.tx.clone();
+            workers.push(
+                thread::Builder::new()
+                    .name(format!("upload-{n}"))
+                    .spawn(move || w.run(rx, tx))
+                    .expect("spawn upload worker"),
+            );
+        }
+
+        let mut inflight: HashSet<String> = HashSet::new();
+        let mut facts = Facts {
+            operator_paused: store.control_get(control::PAUSED)?.as_deref() == Some("1"),
+            ..Facts::default()
+        };
+        let mut reason: Option<Reason> = None;
+        self.publish_reason(&store, None, &facts, true)?;
+        let mut data_version = store.data_version()?;
+        let mut last_sync = Instant::now();
+        let mut last_auth_check = Instant::now();
+        let mut probing = false;
+        let mut last_trim = Instant::now();
+        let newest_first = self.cfg.upload.order == Order::NewestFirst;
+
+        loop {
+            let shutting_down = self.shared.shutdown.load(Ordering::Relaxed);
+            if shutting_down && inflight.is_empty() {
+                break;
+            }
+
+            // CLI changes (pause, resume, retry, sync) arrive through the database.
+            let dv = store.data_version()?;
+            if dv != data_version {
+                data_version = dv;
+                facts.operator_paused = store.control_get(control::PAUSED)?.as_deref() == Some("1");
+            }
+
+            let now_reason = conditions::evaluate(&facts);
+            self.shared
+                .gate_open
+                .store(now_reason.is_none(), Ordering::Relaxed);
+            if now_reason != reason {
+                self.publish_reason(&store, reason, &facts, false)?;
+                reason = now_reason;
+            }
+
+            if facts.auth_failed && !probing && last_auth_check.elapsed() >= AUTH_RECHECK {
+                probing = true;
+                last_auth_check = Instant::now();
+                let remote = self.remote.clone();
+                let tx = self.tx.clone();
+                thread::spawn(move || {
+                    let ok = !matches!(
+                        remote.probe(),
+                        Err(RemoteError {
+                            class: ErrorClass::Auth,
+                            ..
+                        })
+                    );
+                    let _ = tx.send(Msg::Probe { ok });
+                });
+            }
+
+            if reason.is_none() && !shutting_down {
+                let free = self.cfg.upload.concurrency as usize - inflight.len();
+                if free > 0 {
+                    let held: Vec<String> = inflight.iter().cloned().collect();
+                    for att in store.due_uploads(now_ms(), free, newest_first, &held)? {
+                        inflight.insert(att.id.clone());
+                        store.set_uploading(&att.id, true)?;
+                        if job_tx.send(att).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+
+            if last_sync.elapsed() >= self.cfg.upload.sync_interval.0 {
+                last_sync = Instant::now();
+                self.abort_abandoned(&mut store);
+                if last_trim.elapsed() >= Duration::from_secs(3600) {
+                    last_trim = Instant::now();
+                    let _ = store.trim_events();
+                }
+            }
+
+            if self.until_idle
+                && inflight.is_empty()
+                && self.shared.ingest_idle.load(Ordering::Relaxed)
+                && store.oldest_pending()?.is_none()
+            {
+                break;
+            }
+
+            // Sleep until something can change.
+            let mut wait = CONTROL_POLL;
+            if reason.is_none() && inflight.len() < self.cfg.upload.concurrency as usize {
+                if let Some(due) = store.next_due_at()? {
+                    let ms = (due - now_ms()).max(0) as u64;
+                    wait = wait.min(Duration::from_millis(ms));
+                }
+            }
+            match self.rx.recv_timeout(wait) {
+                Ok(msg) => {
+                    let mut handle = |m: Msg, facts: &mut Facts| match m {
+                        Msg::Wake => {}
+                        Msg::Done { id, outcome } => {
+                            inflight.remove(&id);
+                            if outcome == Done::AuthFailed && !facts.auth_failed {
+                                warn!(
+                                    "remote refused the credentials; uploads paused (reason auth)"
+                                );
+                                facts.auth_failed = true;
+                                last_auth_check = Instant::now();
+                            }
+                        }
+                        Msg::Probe { ok } => {
+                            probing = false;
+                            if ok {
+                                info!("remote accepts the credentials again; resuming");
+                                facts.auth_failed = false;
+                            }
+                        }
+                    };
+                    handle(msg, &mut facts);
+                    while let Ok(m) = self.rx.try_recv() {
+                        handle(m, &mut facts);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+
+        drop(job_tx);
+        for w in workers {
+            let _ = w.join();
+        }
+        Ok(())
+    }
+
+    /// Records the current pause reason for status/MQTT and logs paused/resumed events.
+    fn publish_reason(
+        &self,
+        store: &Store,
+        old: Option<Reason>,
+        facts: &Facts,
+        initial: bool,
+    ) -> Result<(), crate::store::StoreError> {
+        let new = conditions::evaluate(facts);
+        store.control_set(control::PAUSE_REASON, new.map(|r| r.as_str()).unwrap_or(""))?;
+        store.control_set(
+            control::CONDITIONS,
+            &serde_json::to_string(facts).unwrap_or_default(),
+        )?;
+        if initial && new.is_none() {
+            return Ok(());
+        }
+        match new {
+            Some(r) => {
+                info!(reason = r.as_str(), "uploads paused");
+                store.log_event("paused", "applied", None, Some(r.as_str()))?;
+            }
+            None => {
+                let was = old.map(|r| r.as_str()).unwrap_or("");
+                info!(was, "uploads resumed");
+                store.log_event("resumed", "applied", None, Some(was))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Aborts multipart uploads whose attachment will never complete them.
+    fn abort_abandoned(&self, store: &mut Store) {
+        let Ok(list) = store.abandoned_multiparts() else {
+            return;
+        };
+        for a in list {
+            if let Some(uid) = &a.upload_id {
+                match self.remote.abort_upload(&a.object_key, uid) {
+                    Ok(()) => {
+                        let _ = store.clear_multipart(&a.id);
+                        info!(id = %a.id, "aborted abandoned multipart upload");
+                    }
+                    Err(e) => debug!(id = %a.id, error = %e, "cannot abort multipart upload yet"),
+                }
+            }
+        }
+    }
+}
+
+struct Worker {
+    cfg: Arc<Config>,
+    store: RefCell<Store>,
+    remote: Arc<dyn Remote>,
+    ingestor: Arc<Ingestor>,
+    shared: Arc<Shared>,
+}
+
+/// Persists multipart resume state through the worker's store connection.
+struct StoreResume<'a> {
+    store: &'a RefCell<Store>,
+    id: &'a str,
+}
+
+impl ResumeLog for StoreResume<'_> {
+    fn current(&self) -> Option<(String, u64)> {
+        let a = self.store.borrow().get(self.id).ok().flatten()?;
+        Some((a.upload_id?, a.part_size? as u64))
+    }
+    fn parts(&self) -> Vec<PartRecord> {
+        self.store.borrow().parts(self.id).unwrap_or_default()
+    }
+    fn begin(&mut self, upload_id: &str, part_size: u64) {
+        if let Err(e) = self
+            .store
+            .borrow_mut()
+            .begin_multipart(self.id, upload_id, part_size)
+        {
+            warn!(id = self.id, error = %e, "cannot record multipart upload id");
+        }
+    }
+    fn part_done(&mut self, part: &PartRecord) {
+        if let Err(e) = self.store.borrow_mut().part_done(self.id, part) {
+            warn!(id = self.id, error = %e, "cannot record uploaded part");
+        }
+    }
+    fn clear(&mut self) {
+        let _ = self.store.borrow_mut().clear_multipart(self.id);
+    }
+}
+
+impl Worker {
+    fn run(self, jobs: Arc<Mutex<Receiver<Attachment>>>, tx: Sender<Msg>) {
+        loop {
+            let job = {
+                let rx = jobs.lock().unwrap_or_else(|e| e.into_inner());
+                rx.recv()
+            };
+            let Ok(att) = job else { return };
+            let id = att.id.clone();
+            let outcome = match self.process(att) {
+                Ok(o) => o,
+                Err(e) => {
+                    warn!(id = %id, error = %e, "store error while uploading; will retry");
+                    Done::Finished
+                }
+            };
+            let _ = self.store.borrow().set_uploading(&id, false);
+            if tx.send(Msg::Done { id, outcome }).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn process(&self, mut att: Attachment) -> Result<Done, crate::store::StoreError> {
+        let path = Path::new(&att.local_uri);
+        if att.sha256.is_empty() {
+            // Unreadable at ingest and requeued by an operator: hash it now.
+            match crate::ingest::hash_file(path) {
+                Ok((sha, n)) => {
+                    let mtime = fs::metadata(path).map(|m| mtime_ns(&m)).unwrap_or(0);
+                    self.store
+                        .borrow()
+                        .set_hash(&att.id, &sha, n as i64, mtime)?;
+                    att.sha256 = sha;
+                    att.size = n as i64;
+                    att.mtime_ns = mtime;
+                }
+                Err(e) => {
+                    return self.failed_attempt(&att, crate::remote::file::local_read_error(e))
+                }
+            }
+        }
+        // The file must still be the one we hashed.
+        match fs::metadata(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.archive_deleted(&att)?;
+                return Ok(Done::Finished);
+            }
+            Ok(m) if m.len() as i64 != att.size || mtime_ns(&m) != att.mtime_ns => {
+                self.reingest(&att);
+                return Ok(Done::Finished);
+            }
+            _ => {}
+        }
+
+        // A previous attempt may have reached the remote without us learning it: check
+        // before sending the whole file again.
+        if att.attempts > 0 || att.bytes_sent > 0 {
+            if let Ok(Some(obj)) = self.remote.head(&att.object_key) {
+                // Only a checksum match counts: a same-sized object with other bytes is
+                // overwritten by the upload below.
+                if obj.size == att.size as u64 && obj.sha256.as_deref() == Some(att.sha256.as_str())
+                {
+                    self.mark_synced(&att, obj.etag.as_deref(), "already_present")?;
+                    return Ok(Done::Finished);
+                }
+            }
+        }
+
+        let job = UploadJob {
+            id: att.id.clone(),
+            key: att.object_key.clone(),
+            path: path.to_path_buf(),
+            size: att.size as u64,
+            sha256: att.sha256.clone(),
+            media_type: att.media_type.clone(),
+        };
+        let mut last_write = Instant::now();
+        let mut progress = |n: u64| {
+            if last_write.elapsed() >= PROGRESS_EVERY {
+                last_write = Instant::now();
+                let _ = self.store.borrow().set_progress(&att.id, n as i64);
+            }
+        };
+        let shared = self.shared.clone();
+        let keep_going = move || shared.keep_going();
+        let mut resume = StoreResume {
+            store: &self.store,
+            id: &att.id,
+        };
+        let started = Instant::now();
+        let result = self.remote.upload(
+            &job,
+            &mut UploadCtx {
+                progress: &mut progress,
+                keep_going: &keep_going,
+                resume: &mut resume,
+            },
+        );
+        match result {
+            Ok(up) => {
+                let secs = started.elapsed().as_secs_f64();
+                info!(id = %att.id, key = %att.object_key, bytes = att.size,
+                      mb_per_s = format!("{:.1}", up.bytes_sent as f64 / 1e6 / secs.max(1e-6)),
+                      "uploaded");
+                self.mark_synced(&att, up.etag.as_deref(), "uploaded")?;
+                Ok(Done::Finished)
+            }
+            Err(e) => self.failed_attempt(&att, e),
+        }
+    }
+
+    fn failed_attempt(
+        &self,
+        att: &Attachment,
+        e: RemoteError,
+    ) -> Result<Done, crate::store::StoreError> {
+        match &e.class {
+            ErrorClass::Interrupted => {
+                debug!(id = %att.id, "upload stopped at a safe point");
+                Ok(Done::Interrupted)
+            }
+            ErrorClass::LocalMissing => {
+                self.archive_deleted(att)?;
+                Ok(Done::Finished)
+            }
+            ErrorClass::LocalChanged => {
+                warn!(id = %att.id, error = %e, "file changed since it was hashed; re-ingesting");
+                self.reingest(att);
+                Ok(Done::Finished)
+            }
+            ErrorClass::Auth => {
+                // Not the file's fault: keep the attempt budget, pause the queue.
+                self.store
+                    .borrow_mut()
+                    .schedule_retry(&att.id, now_ms(), &e.code, &e.message)?;
+                Ok(Done::AuthFailed)
+            }
+            class => {
+                let attempts = att.attempts as u32 + 1;
+                match verdict(&self.cfg.upload, class, attempts, fastrand::f64()) {
+                    Verdict::RetryIn(d) => {
+                        warn!(id = %att.id, attempt = attempts, retry_in = ?d, error = %e, "upload failed; will retry");
+                        self.store.borrow_mut().schedule_retry(
+                            &att.id,
+                            now_ms() + d.as_millis() as i64,
+                            &e.code,
+                            &e.message,
+                        )?;
+                    }
+                    Verdict::GiveUp => {
+                        warn!(id = %att.id, attempts, error = %e, "upload failed; giving up");
+                        let mut s = self.store.borrow_mut();
+                        s.schedule_retry(&att.id, 0, &e.code, &e.message)?;
+                        s.transition(
+                            &att.id,
+                            State::Failed,
+                            Change {
+                                kind: "failed",
+                                error: Some((&e.code, &e.message)),
+                                ..Default::default()
+                            },
+                        )?;
+                    }
+                }
+                Ok(Done::Finished)
+            }
+        }
+    }
+
+    fn mark_synced(
+        &self,
+        att: &Attachment,
+        etag: Option<&str>,
+        reason: &str,
+    ) -> Result<(), crate::store::StoreError> {
+        self.store.borrow_mut().transition(
+            &att.id,
+            State::Synced,
+            Change {
+                kind: "uploaded",
+                reason: Some(reason),
+                etag,
+                ..Default::default()
+            },
+        )?;
+        Ok(())
+    }
+
+    fn archive_deleted(&self, att: &Attachment) -> Result<(), crate::store::StoreError> {
+        info!(id = %att.id, path = %att.local_uri, "file deleted before upload; archived");
+        self.store.borrow_mut().transition(
+            &att.id,
+            State::Archived,
+            Change {
+                kind: "archived",
+                reason: Some("deleted_before_upload"),
+                ..Default::default()
+            },
+        )?;
+        Ok(())
+    }
+
+    /// The bytes changed after ingest: hash again; a new version supersedes this one.
+    fn reingest(&self, att: &Attachment) {
+        let path = Path::new(&att.local_uri);
+        let assignment = (att.checklist.clone(), att.row.clone());
+        match self
+            .ingestor
+            .ingest_as(&mut self.store.borrow_mut(), path, assignment)
+        {
+            Ok(Outcome::Enqueued(new)) => {
+                info!(old = %att.id, new = %new.id, "file changed after ingest; new version queued")
+            }
+            Ok(Outcome::Missing) => {
+                let _ = self.archive_deleted(att);
+            }
+            Ok(other) => debug!(id = %att.id, ?other, "re-ingest"),
+            Err(e) => warn!(id = %att.id, error = %e, "re-ingest failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Dur, Upload};
+
+    #[test]
+    fn backoff_grows_caps_and_never_hits_zero() {
+        let i = Duration::from_secs(5);
+        let m = Duration::from_secs(300);
+        assert_eq!(backoff(1, i, m, 0.0), Duration::from_millis(2500));
+        assert_eq!(backoff(1, i, m, 0.999_999).as_secs(), 4);
+        assert_eq!(backoff(2, i, m, 0.0), Duration::from_secs(5));
+        assert_eq!(backoff(3, i, m, 0.0), Duration::from_secs(10));
+        assert_eq!(backoff(10, i, m, 0.0), Duration::from_secs(150));
+        assert_eq!(backoff(1000, i, m, 0.0), Duration::from_secs(150));
+        assert!(backoff(1000, i, m, 0.999) <= m);
+    }
+
+    #[test]
+    fn verdicts_follow_the_error_class() {
+        let cfg = Upload {
+            initial_backoff: Dur::secs(5),
+            ..Upload::default()
+        };
+        let transient = ErrorClass::Transient { retry_after: None };
+        assert!(matches!(
+            verdict(&cfg, &transient, 50, 0.5),
+            Verdict::RetryIn(_)
+        ));
+        assert!(matches!(
+            verdict(&cfg, &ErrorClass::Permanent, 1, 0.5),
+            Verdict::RetryIn(_)
+        ));
+        assert_eq!(
+            verdict(&cfg, &ErrorClass::Permanent, 3, 0.5),
+            Verdict::GiveUp
+        );
+        let ra = ErrorClass::Transient {
+            retry_after: Some(Duration::from_secs(120)),
+        };
+        assert_eq!(
+            verdict(&cfg, &ra, 1, 0.0),
+            Verdict::RetryIn(Duration::from_secs(120))
+        );
+        let limited = Upload {
+            transient_attempts: 2,
+            ..cfg
+        };
+        assert_eq!(verdict(&limited, &transient, 2, 0.5), Verdict::GiveUp);
+    }
+}
