@@ -14,8 +14,8 @@ use crate::config::{Config, ConfigError, LogFormat, DEFAULT_PATH};
 use crate::daemon::{self, DaemonError, RunOptions};
 use crate::ingest::{absolute, Ingestor, Outcome};
 use crate::store::{ListFilter, State, Store, StoreError};
-use crate::uploader::{control, Shared};
-use crate::{status, verify};
+use crate::uploader::Shared;
+use crate::{commands, status, verify};
 
 /// Documented exit codes.
 pub mod exit {
@@ -348,9 +348,8 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         }
         Command::Retry { id, failed: _ } => {
             let mut store = open_store(&cfg)?;
-            let ids = store.retry_failed(id.as_deref())?;
+            let ids = commands::retry(&mut store, id.as_deref())?;
             println!("requeued {} attachment(s)", ids.len());
-            store.control_set(control::WAKE, &crate::util::now_ms().to_string())?;
             Ok(exit::OK)
         }
         Command::Enqueue {
@@ -396,7 +395,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
                     ))
                 }
             }
-            store.control_set(control::WAKE, &crate::util::now_ms().to_string())?;
+            commands::wake(&store)?;
             Ok(exit::OK)
         }
         Command::Verify { json } => {
@@ -417,29 +416,19 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         }
         Command::Pause => {
             let store = open_store(&cfg)?;
-            store.control_set(control::PAUSED, "1")?;
-            store.log_event("pause_requested", "applied", None, Some("cli"))?;
+            commands::pause(&store, "cli")?;
             println!("uploads paused");
             Ok(exit::OK)
         }
         Command::Resume => {
             let store = open_store(&cfg)?;
-            store.control_set(control::PAUSED, "0")?;
-            store.log_event("resume_requested", "applied", None, Some("cli"))?;
+            commands::resume(&store, "cli")?;
             println!("uploads resumed");
             Ok(exit::OK)
         }
         Command::Sync => {
             let store = open_store(&cfg)?;
-            // Make due everything waiting for a retry, then wake the scheduler.
-            store
-                .conn()
-                .execute(
-                    "UPDATE attachments SET next_attempt_at=0 WHERE state='queued_upload'",
-                    [],
-                )
-                .map_err(StoreError::from)?;
-            store.control_set(control::WAKE, &crate::util::now_ms().to_string())?;
+            commands::sync(&store)?;
             println!("sync requested");
             Ok(exit::OK)
         }

@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod commands;
 pub mod conditions;
 pub mod config;
 pub mod daemon;

@@ -481,6 +481,7 @@ impl Worker {
             &mut UploadCtx {
                 progress: &mut progress,
                 keep_going: &keep_going,
+                throttle: &|_| {},
                 resume: &mut resume,
             },
         );

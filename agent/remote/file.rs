@@ -53,6 +53,7 @@ impl FileRemote {
         expect: Option<&str>,
         progress: &mut dyn FnMut(u64),
         keep_going: &dyn Fn() -> bool,
+        throttle: &dyn Fn(u64),
     ) -> Result<u64, RemoteError> {
         self.check_root()?;
         let dest = self.path_of(key);
@@ -84,6 +85,7 @@ impl FileRemote {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(local_read_error(e)),
                 };
+                throttle(n as u64);
                 hasher.update(&buf[..n]);
                 out.write_all(&buf[..n])
                     .map_err(|e| remote_io("write", &tmp, e))?;
@@ -148,6 +150,7 @@ impl Remote for FileRemote {
             Some(&job.sha256),
             ctx.progress,
             ctx.keep_going,
+            ctx.throttle,
         )?;
         Ok(Uploaded {
             etag: None,
@@ -198,7 +201,7 @@ impl Remote for FileRemote {
 
     fn put_bytes(&self, key: &str, bytes: &[u8], _media_type: &str) -> Result<(), RemoteError> {
         let mut src = bytes;
-        self.write_atomic(key, &mut src, None, &mut |_| {}, &|| true)
+        self.write_atomic(key, &mut src, None, &mut |_| {}, &|| true, &|_| {})
             .map(|_| ())
     }
 
@@ -252,6 +255,7 @@ mod tests {
         let mut ctx = UploadCtx {
             progress: &mut progress,
             keep_going: &keep,
+            throttle: &|_| {},
             resume: &mut resume,
         };
         r.upload(&job(&src, &good), &mut ctx).unwrap();

@@ -94,6 +94,10 @@ pub struct UploadCtx<'a> {
     pub progress: &'a mut dyn FnMut(u64),
     /// Checked at safe points (between parts and chunks); false means stop now.
     pub keep_going: &'a dyn Fn() -> bool,
+    /// Called with the size of each chunk before it is sent; blocks as long as the rate
+    /// limit requires and accounts the bytes (data budget). Remotes call it for every
+    /// chunk of request body they send.
+    pub throttle: &'a dyn Fn(u64),
     pub resume: &'a mut dyn ResumeLog,
 }
 
