@@ -17,6 +17,9 @@ use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_fieldsync");
 
+/// The unprivileged user permission tests run the daemon as when the suite runs as root.
+pub const NOBODY: u32 = 65534;
+
 /// Settings that make tests fast: short settle times and backoff.
 pub const FAST: &str = r#"
 [ingest]
@@ -82,6 +85,35 @@ impl Env {
         }
     }
 
+    /// The binary, run as `run_as` when set (the CLI too: files SQLite creates must stay
+    /// writable by the daemon's user).
+    pub fn command(&self) -> Command {
+        match self.run_as {
+            Some(uid) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={uid}"),
+                    "--clear-groups",
+                    BIN,
+                ]);
+                c
+            }
+            None => Command::new(BIN),
+        }
+    }
+
+    /// Runs everything as an unprivileged user when the suite runs as root, so permission
+    /// bits mean what they mean on a device. Returns whether that was needed.
+    pub fn drop_privileges(&mut self) -> bool {
+        if !is_root() {
+            return false;
+        }
+        chown_tree(self.dir.path(), NOBODY);
+        self.run_as = Some(NOBODY);
+        true
+    }
+
     pub fn write_config(&mut self, toml: &str) {
         self.toml = toml.to_string();
         fs::write(&self.config, toml).unwrap();
@@ -89,7 +121,7 @@ impl Env {
 
     /// Runs a CLI command to completion.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
+        self.command()
             .arg("--config")
             .arg(&self.config)
             .args(args)
@@ -147,19 +179,7 @@ impl Env {
             })
             .count();
         let log = self.dir.path().join(format!("daemon-{n}.log"));
-        let mut cmd = match self.run_as {
-            Some(uid) => {
-                let mut c = Command::new("setpriv");
-                c.args([
-                    &format!("--reuid={uid}"),
-                    &format!("--regid={uid}"),
-                    "--clear-groups",
-                    BIN,
-                ]);
-                c
-            }
-            None => Command::new(BIN),
-        };
+        let mut cmd = self.command();
         cmd.arg("--config")
             .arg(&self.config)
             .arg("run")
