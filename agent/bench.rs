@@ -1,10 +1,360 @@
-//! `fieldsync bench`: prints throughput, memory and idle-cost numbers.
+//! `fieldsync bench`: measures what the performance targets are about and prints numbers.
+//!
+//! - ingest: photos/s and MB/s hashing and recording 2 MB files, next to the raw sha256
+//!   speed of the same bytes (ingest should be bound by disk and hashing, not SQLite);
+//! - drain: wall time for N photos through the real daemon into the file remote, with the
+//!   daemon's peak RSS;
+//! - idle: RSS and CPU time of the daemon over a window with 10,000 synced and 1,000
+//!   queued (paused) records.
+//!
+//! The daemon runs as a child process (this same binary), so RSS and CPU are its own.
 
-use crate::cli::CliError;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::cli::{exit, CliError};
+use crate::config::Config;
+use crate::ingest::{hash_file, Ingestor, Outcome};
+use crate::store::Store;
+use crate::uploader::control;
 
 #[derive(Debug, clap::Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Photos for the drain run
+    #[arg(long, default_value_t = 1000)]
+    pub photos: usize,
+    /// Size of each photo in MB (10^6 bytes)
+    #[arg(long, default_value_t = 2.0)]
+    pub size_mb: f64,
+    /// Photos for the ingest measurement
+    #[arg(long, default_value_t = 200)]
+    pub ingest_photos: usize,
+    /// Synced and queued records for the idle measurement
+    #[arg(long, default_value_t = 10_000)]
+    pub idle_synced: usize,
+    #[arg(long, default_value_t = 1_000)]
+    pub idle_queued: usize,
+    /// Length of the idle measurement window
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_window: Duration,
+    /// Work directory (default: a new temporary directory, removed afterwards)
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
 
-pub fn run(_args: BenchArgs) -> Result<i32, CliError> {
-    Ok(0)
+fn err(e: impl std::fmt::Display) -> CliError {
+    CliError::new(exit::FAILURE, format!("bench: {e}"))
+}
+
+pub fn run(args: BenchArgs) -> Result<i32, CliError> {
+    let tmp;
+    let base = match &args.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempdir()?;
+            tmp.0.clone()
+        }
+    };
+    let size = (args.size_mb * 1e6) as usize;
+    println!(
+        "fieldsync bench ({} on {})",
+        crate::cli::LONG_VERSION,
+        base.display()
+    );
+
+    // --- ingest ---------------------------------------------------------------------
+    let env = BenchEnv::new(&base.join("ingest"))?;
+    let files = env.make_photos(args.ingest_photos, size, 0)?;
+    let total_bytes = (files.len() * size) as f64;
+    let t = Instant::now();
+    for f in &files {
+        hash_file(f).map_err(err)?;
+    }
+    let hash_secs = t.elapsed().as_secs_f64();
+    let cfg = env.config()?;
+    let ingestor = Ingestor::new(&cfg);
+    let mut store = Store::open(&cfg.db_path()).map_err(err)?;
+    let t = Instant::now();
+    for f in &files {
+        match ingestor.ingest(&mut store, f).map_err(err)? {
+            Outcome::Enqueued(_) => {}
+            o => return Err(err(format!("unexpected ingest outcome {o:?}"))),
+        }
+    }
+    let ingest_secs = t.elapsed().as_secs_f64();
+    println!(
+        "ingest: {} x {:.1} MB: {:.0} photos/s, {:.0} MB/s (raw sha256 of the same files: {:.0} MB/s)",
+        files.len(),
+        args.size_mb,
+        files.len() as f64 / ingest_secs,
+        total_bytes / 1e6 / ingest_secs,
+        total_bytes / 1e6 / hash_secs
+    );
+    drop(store);
+    let _ = fs::remove_dir_all(&env.root);
+
+    // --- drain ----------------------------------------------------------------------
+    let env = BenchEnv::new(&base.join("drain"))?;
+    env.make_photos(args.photos, size, 1)?;
+    let t = Instant::now();
+    let child = env.spawn(&["run", "--until-idle"])?;
+    let (peak, _) = watch_until_exit(child)?;
+    let secs = t.elapsed().as_secs_f64();
+    let cfg = env.config()?;
+    let store = Store::open(&cfg.db_path()).map_err(err)?;
+    let synced = store
+        .counts()
+        .map_err(err)?
+        .iter()
+        .find(|(s, _)| *s == crate::store::State::Synced)
+        .map(|(_, c)| c.count)
+        .unwrap_or(0);
+    println!(
+        "drain: {} x {:.1} MB into the file remote: {:.1} s, {:.0} photos/s, {:.0} MB/s, {} synced, daemon peak RSS {:.1} MiB",
+        args.photos,
+        args.size_mb,
+        secs,
+        args.photos as f64 / secs,
+        (args.photos * size) as f64 / 1e6 / secs,
+        synced,
+        peak as f64 / 1024.0
+    );
+    drop(store);
+    let _ = fs::remove_dir_all(&env.root);
+
+    // --- idle -----------------------------------------------------------------------
+    let env = BenchEnv::new(&base.join("idle"))?;
+    env.seed_records(args.idle_synced, args.idle_queued)?;
+    // The periodic rescan's cost, through the same code path, amortised over its interval.
+    let cfg = env.config()?;
+    let (files, rescan) = {
+        let ingestor = Ingestor::new(&cfg);
+        let store = Store::open(&cfg.db_path()).map_err(err)?;
+        let t = Instant::now();
+        let mut n = 0;
+        ingestor.scan_each(ingestor.capture(), &mut |p| {
+            if !crate::watcher::known_unchanged(&store, &p) {
+                n += 1_000_000;
+            }
+            n += 1;
+        });
+        (n, t.elapsed())
+    };
+    let child = env.spawn(&["run"])?;
+    let pid = child.id();
+    // Let start-up (verify, first rescan) finish before the window opens.
+    let settle = Instant::now();
+    let mut last = cpu_ticks(pid)?;
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = cpu_ticks(pid)?;
+        if now == last || settle.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        last = now;
+    }
+    let startup = settle.elapsed();
+    let c0 = cpu_ticks(pid)?;
+    std::thread::sleep(args.idle_window);
+    let c1 = cpu_ticks(pid)?;
+    let rss = proc_kib(pid, "VmRSS:")?;
+    stop(child);
+    let tick = 100.0; // USER_HZ on Linux
+    let cpu_ms = (c1 - c0) as f64 * 1000.0 / tick;
+    let per_min = cpu_ms * 60.0 / args.idle_window.as_secs_f64();
+    println!(
+        "idle: {} synced + {} queued (paused) records: RSS {:.1} MiB, CPU {:.0} ms over {:?} = {:.1} ms/min (start-up took {:.1} s)",
+        args.idle_synced,
+        args.idle_queued,
+        rss as f64 / 1024.0,
+        cpu_ms,
+        args.idle_window,
+        per_min,
+        startup.as_secs_f64()
+    );
+    let interval = cfg.ingest.rescan_interval.0.as_secs_f64();
+    println!(
+        "rescan: {} files checked in {:.0} ms (wall) every {:.0} s = {:.1} ms/min amortised",
+        files % 1_000_000,
+        rescan.as_secs_f64() * 1000.0,
+        interval,
+        rescan.as_secs_f64() * 1000.0 * 60.0 / interval
+    );
+    if files >= 1_000_000 {
+        return Err(err(
+            "rescan found unknown files in a fully recorded capture folder",
+        ));
+    }
+    let _ = fs::remove_dir_all(&env.root);
+    Ok(exit::OK)
+}
+
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir() -> Result<TempDir, CliError> {
+    let p = std::env::temp_dir().join(format!("fieldsync-bench-{}", std::process::id()));
+    fs::create_dir_all(&p).map_err(err)?;
+    Ok(TempDir(p))
+}
+
+/// A capture/state/remote layout with its own config file.
+struct BenchEnv {
+    root: PathBuf,
+}
+
+impl BenchEnv {
+    fn new(root: &Path) -> Result<BenchEnv, CliError> {
+        let _ = fs::remove_dir_all(root);
+        for d in ["capture", "state", "remote"] {
+            fs::create_dir_all(root.join(d)).map_err(err)?;
+        }
+        let toml = format!(
+            "device_id = \"bench\"\n[paths]\ncapture = \"{r}/capture\"\nstate_dir = \"{r}/state\"\n\
+             [ingest]\nsettle = \"500ms\"\nclose_settle = \"100ms\"\n\
+             [log]\nlevel = \"warn\"\n\
+             [remote]\nkind = \"file\"\n[remote.file]\npath = \"{r}/remote\"\n",
+            r = root.display()
+        );
+        fs::write(root.join("fieldsync.toml"), toml).map_err(err)?;
+        Ok(BenchEnv {
+            root: root.to_path_buf(),
+        })
+    }
+
+    fn config(&self) -> Result<Config, CliError> {
+        Config::load(&self.root.join("fieldsync.toml")).map_err(err)
+    }
+
+    /// Writes `n` distinct photos of `size` bytes into checklist/row folders.
+    fn make_photos(&self, n: usize, size: usize, seed: u64) -> Result<Vec<PathBuf>, CliError> {
+        let mut out = Vec::with_capacity(n);
+        let mut buf = vec![0u8; size];
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        for i in 0..n {
+            for chunk in buf.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let b = x.to_le_bytes();
+                chunk.copy_from_slice(&b[..chunk.len()]);
+            }
+            let p = self
+                .root
+                .join("capture")
+                .join(format!("checklist-{}", i / 100))
+                .join(format!("row-{}", i % 10))
+                .join(format!("IMG_{i:05}.jpg"));
+            fs::create_dir_all(p.parent().unwrap()).map_err(err)?;
+            let mut f = fs::File::create(&p).map_err(err)?;
+            f.write_all(&buf).map_err(err)?;
+            out.push(p);
+        }
+        Ok(out)
+    }
+
+    /// Creates small files and their records directly (one transaction): `synced` ones
+    /// and `queued` ones with uploads paused.
+    fn seed_records(&self, synced: usize, queued: usize) -> Result<(), CliError> {
+        let cfg = self.config()?;
+        let files = self.make_photos(synced + queued, 1024, 2)?;
+        let ingestor = Ingestor::new(&cfg);
+        let store = Store::open(&cfg.db_path()).map_err(err)?;
+        store.control_set(control::PAUSED, "1").map_err(err)?;
+        let conn = store.conn();
+        conn.execute_batch("BEGIN").map_err(err)?;
+        for (i, f) in files.iter().enumerate() {
+            let meta = fs::metadata(f).map_err(err)?;
+            let (sha, _) = hash_file(f).map_err(err)?;
+            let id = uuid::Uuid::new_v4().to_string();
+            let state = if i < synced {
+                "synced"
+            } else {
+                "queued_upload"
+            };
+            conn.execute(
+                "INSERT INTO attachments (id, filename, local_uri, timestamp, size, media_type,
+                    state, has_synced, checklist, row, sha256, mtime_ns, object_key, created_at)
+                 VALUES (?1, 'x.jpg', ?2, 0, ?3, 'image/jpeg', ?4, ?5, 'c', 'r', ?6, ?7, ?8, ?9)",
+                rusqlite::params![
+                    id,
+                    f.to_string_lossy(),
+                    meta.len() as i64,
+                    state,
+                    (i < synced) as i64,
+                    sha,
+                    crate::util::mtime_ns(&meta),
+                    format!("bench/{id}.jpg"),
+                    i as i64
+                ],
+            )
+            .map_err(err)?;
+        }
+        conn.execute_batch("COMMIT").map_err(err)?;
+        drop(ingestor);
+        Ok(())
+    }
+
+    fn spawn(&self, args: &[&str]) -> Result<Child, CliError> {
+        let exe = std::env::current_exe().map_err(err)?;
+        Command::new(exe)
+            .arg("--config")
+            .arg(self.root.join("fieldsync.toml"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(err)
+    }
+}
+
+/// Polls the child's peak RSS (VmHWM, KiB) until it exits.
+fn watch_until_exit(mut child: Child) -> Result<(u64, i32), CliError> {
+    let pid = child.id();
+    let mut peak = 0;
+    loop {
+        if let Ok(kib) = proc_kib(pid, "VmHWM:") {
+            peak = peak.max(kib);
+        }
+        if let Some(st) = child.try_wait().map_err(err)? {
+            return Ok((peak, st.code().unwrap_or(-1)));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn stop(mut child: Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+/// A `Vm…:` line of /proc/<pid>/status in KiB.
+pub fn proc_kib(pid: u32, field: &str) -> Result<u64, CliError> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).map_err(err)?;
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| err(format!("no {field} in /proc/{pid}/status")))
+}
+
+/// utime + stime of a process in clock ticks.
+pub fn cpu_ticks(pid: u32) -> Result<u64, CliError> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).map_err(err)?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let stime: u64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    Ok(utime + stime)
 }

@@ -366,10 +366,18 @@ impl Ingestor {
         Ok(Outcome::Ignored)
     }
 
-    /// Every candidate file below the capture folder (the periodic rescan).
+    /// Every candidate file below the capture folder (the periodic rescan), sorted.
     pub fn scan(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
-        let mut stack = vec![self.capture.clone()];
+        self.scan_each(&self.capture, &mut |p| out.push(p));
+        out.sort();
+        out
+    }
+
+    /// Calls `f` for every candidate file below `dir`, one directory at a time, without
+    /// collecting the whole tree (a capture folder may hold years of photos).
+    pub fn scan_each(&self, dir: &Path, f: &mut dyn FnMut(PathBuf)) {
+        let mut stack = vec![dir.to_path_buf()];
         while let Some(dir) = stack.pop() {
             let Ok(rd) = fs::read_dir(&dir) else { continue };
             for entry in rd.flatten() {
@@ -380,12 +388,10 @@ impl Ingestor {
                         stack.push(p);
                     }
                 } else if ft.is_file() && self.is_candidate(&p) {
-                    out.push(p);
+                    f(p);
                 }
             }
         }
-        out.sort();
-        out
     }
 }
 

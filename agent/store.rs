@@ -25,6 +25,11 @@ const MAX_EVENTS: i64 = 20_000;
 /// the file). Writes are short, so this only bites when something is badly wrong.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Page cache per connection, in KiB (negative in the pragma). SQLite's default of 2 MiB
+/// per connection, times the daemon's connections, would dominate its idle memory; the
+/// queue's hot pages (the state index) fit easily.
+const CACHE_KIB: i64 = -256;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database {path}: {source}")]
@@ -287,6 +292,8 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // Several connections live in one small process: keep each page cache small.
+        conn.pragma_update(None, "cache_size", CACHE_KIB)?;
         let mut store = Store { conn };
         store.migrate()?;
         Ok(store)
@@ -412,26 +419,23 @@ impl Store {
     pub fn get(&self, id: &str) -> Result<Option<Attachment>> {
         Ok(self
             .conn
-            .query_row(
-                &format!("SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE id=?1"),
-                [id],
-                Attachment::from_row,
-            )
+            .prepare_cached(&format!(
+                "SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE id=?1"
+            ))?
+            .query_row([id], Attachment::from_row)
             .optional()?)
     }
 
     /// The newest record for a local path (the current version of that file).
     pub fn latest_for_path(&self, local_uri: &str) -> Result<Option<Attachment>> {
+        // Called for every file on every rescan: a cached statement matters here.
         Ok(self
             .conn
-            .query_row(
-                &format!(
-                    "SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE local_uri=?1
-                     ORDER BY created_at DESC, rowid DESC LIMIT 1"
-                ),
-                [local_uri],
-                Attachment::from_row,
-            )
+            .prepare_cached(&format!(
+                "SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE local_uri=?1
+                 ORDER BY created_at DESC, rowid DESC LIMIT 1"
+            ))?
+            .query_row([local_uri], Attachment::from_row)
             .optional()?)
     }
 
@@ -685,6 +689,33 @@ impl Store {
             Attachment::from_row,
         )?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Up to `limit` attachments in any of `states` with a rowid above `after`, in rowid
+    /// order, with the last rowid: start-up repair pages through a large queue instead of
+    /// holding all of it in memory.
+    pub fn page_in_states(
+        &self,
+        states: &[State],
+        after: i64,
+        limit: i64,
+    ) -> Result<(Vec<Attachment>, i64)> {
+        let list = states
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {ATTACHMENT_COLUMNS}, rowid FROM attachments
+             WHERE state IN ({list}) AND rowid > ?1 ORDER BY rowid LIMIT ?2"
+        ))?;
+        let mut last = after;
+        let rows = stmt.query_map(params![after, limit], |r| {
+            last = r.get(25)?;
+            Attachment::from_row(r)
+        })?;
+        let page = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok((page, last))
     }
 
     /// Attachments in any of `states` (for start-up repair and verify).

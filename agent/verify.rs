@@ -21,6 +21,9 @@ use crate::ingest::{Ingestor, Outcome};
 use crate::store::{Change, State, Store, StoreError};
 use crate::util::mtime_ns;
 
+/// Records checked per query: bounds start-up memory on a device with a long history.
+const PAGE: i64 = 500;
+
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Repair {
     pub id: String,
@@ -34,57 +37,66 @@ pub struct Repair {
 pub fn repair(store: &mut Store, ingestor: &Ingestor) -> Result<Vec<Repair>, StoreError> {
     let mut out = Vec::new();
     store.clear_uploading()?;
-    for a in store.in_states(&[State::QueuedUpload, State::Synced])? {
-        let path = Path::new(&a.local_uri);
-        let meta = match fs::metadata(path) {
-            Ok(m) => Some(m),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            // Unreadable metadata is not proof of absence; the uploader reports it.
-            Err(_) => continue,
-        };
-        let (to, reason) = match (&meta, a.state) {
-            (None, State::Synced) => (State::Archived, "file_missing"),
-            (None, _) => (State::Failed, "file_missing"),
-            (Some(m), State::QueuedUpload)
-                if m.len() as i64 != a.size || mtime_ns(m) != a.mtime_ns =>
-            {
-                if let Ok(Outcome::Enqueued(new)) =
-                    ingestor.ingest_as(store, path, (a.checklist.clone(), a.row.clone()))
+    let mut after = 0;
+    loop {
+        let (page, last) =
+            store.page_in_states(&[State::QueuedUpload, State::Synced], after, PAGE)?;
+        if page.is_empty() {
+            break;
+        }
+        after = last;
+        for a in page {
+            let path = Path::new(&a.local_uri);
+            let meta = match fs::metadata(path) {
+                Ok(m) => Some(m),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                // Unreadable metadata is not proof of absence; the uploader reports it.
+                Err(_) => continue,
+            };
+            let (to, reason) = match (&meta, a.state) {
+                (None, State::Synced) => (State::Archived, "file_missing"),
+                (None, _) => (State::Failed, "file_missing"),
+                (Some(m), State::QueuedUpload)
+                    if m.len() as i64 != a.size || mtime_ns(m) != a.mtime_ns =>
                 {
-                    out.push(Repair {
-                        id: a.id.clone(),
-                        path: a.local_uri.clone(),
-                        from: a.state,
-                        to: State::Archived,
-                        reason: format!("superseded by {}", new.id),
-                    });
+                    if let Ok(Outcome::Enqueued(new)) =
+                        ingestor.ingest_as(store, path, (a.checklist.clone(), a.row.clone()))
+                    {
+                        out.push(Repair {
+                            id: a.id.clone(),
+                            path: a.local_uri.clone(),
+                            from: a.state,
+                            to: State::Archived,
+                            reason: format!("superseded by {}", new.id),
+                        });
+                    }
+                    continue;
                 }
-                continue;
-            }
-            _ => continue,
-        };
-        let msg = format!("{} no longer exists", a.local_uri);
-        store.transition(
-            &a.id,
-            to,
-            Change {
-                kind: if to == State::Failed {
-                    "failed"
-                } else {
-                    "archived"
+                _ => continue,
+            };
+            let msg = format!("{} no longer exists", a.local_uri);
+            store.transition(
+                &a.id,
+                to,
+                Change {
+                    kind: if to == State::Failed {
+                        "failed"
+                    } else {
+                        "archived"
+                    },
+                    reason: Some(reason),
+                    error: (to == State::Failed).then_some((reason, msg.as_str())),
+                    ..Default::default()
                 },
-                reason: Some(reason),
-                error: (to == State::Failed).then_some((reason, msg.as_str())),
-                ..Default::default()
-            },
-        )?;
-        out.push(Repair {
-            id: a.id,
-            path: a.local_uri,
-            from: a.state,
-            to,
-            reason: reason.into(),
-        });
+            )?;
+            out.push(Repair {
+                id: a.id,
+                path: a.local_uri,
+                from: a.state,
+                to,
+                reason: reason.into(),
+            });
+        }
     }
     for r in &out {
         store.log_event(

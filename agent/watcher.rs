@@ -192,16 +192,10 @@ impl IngestLoop {
         pending: &mut HashMap<PathBuf, Pending>,
         dir: Option<&Path>,
     ) {
-        let files = ingestor.scan();
         let mut added = 0;
-        for path in files {
-            if let Some(d) = dir {
-                if !path.starts_with(d) {
-                    continue;
-                }
-            }
+        ingestor.scan_each(dir.unwrap_or(ingestor.capture()), &mut |path| {
             if pending.contains_key(&path) || known_unchanged(store, &path) {
-                continue;
+                return;
             }
             pending.insert(
                 path,
@@ -212,7 +206,7 @@ impl IngestLoop {
                 },
             );
             added += 1;
-        }
+        });
         if added > 0 {
             debug!(added, "rescan found new or changed files");
         }
@@ -273,7 +267,7 @@ impl IngestLoop {
 
 /// True when the store already holds this path with its current size and mtime: the
 /// rescan's cheap check that skips hashing.
-fn known_unchanged(store: &Store, path: &Path) -> bool {
+pub fn known_unchanged(store: &Store, path: &Path) -> bool {
     let Ok(meta) = fs::metadata(path) else {
         return true;
     };
