@@ -471,13 +471,15 @@ impl Store {
         Ok(out)
     }
 
-    /// When the next queued upload becomes due (unix ms), if any is waiting.
+    /// When the next queued upload not already held by a worker becomes due (unix ms).
     pub fn next_due_at(&self) -> Result<Option<i64>> {
-        Ok(self.conn.query_row(
-            "SELECT MIN(next_attempt_at) FROM attachments WHERE state='queued_upload'",
-            [],
-            |r| r.get(0),
-        )?)
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT MIN(next_attempt_at) FROM attachments
+             WHERE state='queued_upload' AND uploading_since IS NULL",
+            )?
+            .query_row([], |r| r.get(0))?)
     }
 
     /// Moves `id` from its current state to `to`, checking the state machine, and logs

@@ -8,7 +8,7 @@
 //! keeps no queue state a crash could lose (only which ids are held right now).
 
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -34,6 +34,9 @@ const CONTROL_POLL: Duration = Duration::from_millis(400);
 /// Progress is written to the store at most this often per upload (each write is an
 /// fsynced transaction; status only needs a few updates per second).
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// How long a row whose outcome could not be recorded is held back.
+const STORE_COOLDOWN: Duration = Duration::from_secs(10);
 
 /// How often an auth pause re-checks the credentials.
 const AUTH_RECHECK: Duration = Duration::from_secs(60);
@@ -64,6 +67,9 @@ pub enum Msg {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Done {
     Finished,
+    /// The store refused a write (disk full, I/O error): the row could not be updated, so
+    /// the scheduler holds it back for a while instead of re-sending it in a tight loop.
+    StoreFailed,
     Interrupted,
     AuthFailed,
 }
@@ -164,6 +170,8 @@ impl Scheduler {
         }
 
         let mut inflight: HashSet<String> = HashSet::new();
+        // Rows whose outcome could not be written, held back until the instant given.
+        let mut cooldown: HashMap<String, Instant> = HashMap::new();
         let mut facts = Facts {
             operator_paused: store.control_get(control::PAUSED)?.as_deref() == Some("1"),
             ..Facts::default()
@@ -219,7 +227,9 @@ impl Scheduler {
             if reason.is_none() && !shutting_down {
                 let free = self.cfg.upload.concurrency as usize - inflight.len();
                 if free > 0 {
-                    let held: Vec<String> = inflight.iter().cloned().collect();
+                    cooldown.retain(|_, until| *until > Instant::now());
+                    let held: Vec<String> =
+                        inflight.iter().chain(cooldown.keys()).cloned().collect();
                     for att in store.due_uploads(now_ms(), free, newest_first, &held)? {
                         inflight.insert(att.id.clone());
                         store.set_uploading(&att.id, true)?;
@@ -254,6 +264,10 @@ impl Scheduler {
                     let ms = (due - now_ms()).max(0) as u64;
                     wait = wait.min(Duration::from_millis(ms));
                 }
+                if wait.is_zero() && !cooldown.is_empty() {
+                    // What is due is held back: don't spin until it may go again.
+                    wait = CONTROL_POLL;
+                }
             }
             match self.rx.recv_timeout(wait) {
                 Ok(msg) => {
@@ -261,6 +275,9 @@ impl Scheduler {
                         Msg::Wake => {}
                         Msg::Done { id, outcome } => {
                             inflight.remove(&id);
+                            if outcome == Done::StoreFailed {
+                                cooldown.insert(id.clone(), Instant::now() + STORE_COOLDOWN);
+                            }
                             if outcome == Done::AuthFailed && !facts.auth_failed {
                                 warn!(
                                     "remote refused the credentials; uploads paused (reason auth)"
@@ -398,7 +415,7 @@ impl Worker {
                 Ok(o) => o,
                 Err(e) => {
                     warn!(id = %id, error = %e, "store error while uploading; will retry");
-                    Done::Finished
+                    Done::StoreFailed
                 }
             };
             let _ = self.store.borrow().set_uploading(&id, false);
