@@ -502,6 +502,17 @@ fn demo(cfg: Config, embedded: bool) -> Result<i32, CliError> {
         )
         .map_err(io)?;
     }
+    let checklist = row_dir
+        .parent()
+        .unwrap()
+        .join(crate::ingest::CHECKLIST_FILE);
+    if !checklist.exists() {
+        std::fs::write(
+            &checklist,
+            br#"{"title":"Pump station 7 monthly inspection","rows":[{"id":"row-1-inlet-valve","fields":{"leak":false,"pressure_bar":4.2},"photos":["IMG_0001.jpg","IMG_0002.jpg","IMG_0003.jpg"]}]}"#,
+        )
+        .map_err(io)?;
+    }
     println!(
         "demo: photos in {}; uploading to {} ...",
         cfg.paths.capture.display(),

@@ -18,6 +18,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::ingest::{absolute, Ingestor};
+use crate::publisher::{PublishMsg, Publisher};
 use crate::remote::{self, Remote};
 use crate::store::{Store, StoreError};
 use crate::uploader::{control, Msg, Scheduler, Shared};
@@ -111,6 +112,8 @@ fn take_lock(state_dir: &Path) -> Result<File, DaemonError> {
 struct Sink {
     tx: Sender<Msg>,
     shared: Arc<Shared>,
+    publish: Sender<PublishMsg>,
+    ingestor: Arc<Ingestor>,
 }
 
 impl IngestSink for Sink {
@@ -119,6 +122,15 @@ impl IngestSink for Sink {
     }
     fn set_idle(&self, idle: bool) {
         self.shared.ingest_idle.store(idle, Ordering::Relaxed);
+    }
+    fn checklist_changed(&self, path: &Path) {
+        let name = path
+            .strip_prefix(self.ingestor.capture())
+            .ok()
+            .and_then(|rel| self.ingestor.layout().checklist_of_file(rel));
+        if let Some(name) = name {
+            let _ = self.publish.send(PublishMsg::Check(name));
+        }
     }
 }
 
@@ -180,12 +192,30 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
             source,
         })?;
     shared.ingest_idle.store(false, Ordering::Relaxed);
+    let (ptx, prx) = mpsc::channel::<PublishMsg>();
+    let publish_thread = {
+        let publisher = Publisher {
+            capture: ingestor.capture().to_path_buf(),
+            layout: ingestor.layout().clone(),
+            prefix: cfg.remote.prefix.clone(),
+            device: cfg.device_id.clone(),
+            remote: remote.clone(),
+        };
+        let mut store = Store::open(&db_path)?;
+        let retry = cfg.upload.sync_interval.0;
+        thread::Builder::new()
+            .name("publish".into())
+            .spawn(move || publisher.run(&mut store, prx, retry))
+            .expect("spawn publisher thread")
+    };
     let ingest_thread = {
         let ingestor = ingestor.clone();
         let mut store = Store::open(&db_path)?;
         let sink = Sink {
             tx: tx.clone(),
             shared: shared.clone(),
+            publish: ptx.clone(),
+            ingestor: ingestor.clone(),
         };
         let lp = IngestLoop {
             settle: cfg.ingest.settle.0,
@@ -212,6 +242,12 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
     shared.shutdown.store(true, Ordering::Relaxed);
     let _ = wtx.send(WatchMsg::Shutdown);
     let _ = ingest_thread.join();
+    if opts.until_idle {
+        // Publish what the last uploads completed before exiting.
+        let _ = ptx.send(PublishMsg::Flush);
+    }
+    let _ = ptx.send(PublishMsg::Shutdown);
+    let _ = publish_thread.join();
     info!("fieldsync stopped");
     result.map_err(Into::into)
 }

@@ -124,12 +124,64 @@ impl Layout {
         checklist.map(|c| (c, row))
     }
 
-    /// The directory depth at which checklist folders sit (for the publisher).
-    pub fn checklist_depth(&self) -> usize {
-        self.segs
-            .iter()
-            .position(|s| *s == Seg::Checklist)
-            .unwrap_or(0)
+    /// The literal folders above the checklist folder, or `None` when a `*` or `{row}`
+    /// comes first (then checklist folders have no single place and are not published).
+    fn checklist_parent(&self) -> Option<Vec<&str>> {
+        let mut lits = Vec::new();
+        for s in &self.segs {
+            match s {
+                Seg::Checklist => return Some(lits),
+                Seg::Lit(l) => lits.push(l.as_str()),
+                _ => return None,
+            }
+        }
+        None
+    }
+
+    /// The folder of `checklist` below `capture` (where its checklist.json lives).
+    pub fn checklist_dir(&self, capture: &Path, checklist: &str) -> Option<PathBuf> {
+        let mut p = capture.to_path_buf();
+        for l in self.checklist_parent()? {
+            p.push(l);
+        }
+        p.push(checklist);
+        Some(p)
+    }
+
+    /// The checklist a `checklist.json` path (relative to the capture folder) belongs to.
+    pub fn checklist_of_file(&self, rel: &Path) -> Option<String> {
+        let parent = self.checklist_parent()?;
+        let comps: Vec<String> = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        if comps.len() != parent.len() + 2
+            || comps.last().map(String::as_str) != Some(CHECKLIST_FILE)
+        {
+            return None;
+        }
+        if comps.iter().zip(&parent).any(|(c, l)| c != l) {
+            return None;
+        }
+        Some(comps[parent.len()].clone())
+    }
+
+    /// Calls `f(name, folder)` for every checklist folder below `capture`.
+    pub fn each_checklist_dir(&self, capture: &Path, f: &mut dyn FnMut(String, PathBuf)) {
+        let Some(parent) = self.checklist_parent() else {
+            return;
+        };
+        let mut dir = capture.to_path_buf();
+        for l in parent {
+            dir.push(l);
+        }
+        let Ok(rd) = fs::read_dir(&dir) else { return };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) && !name.starts_with('.') {
+                f(name, e.path());
+            }
+        }
     }
 }
 
@@ -154,6 +206,10 @@ impl Ingestor {
 
     pub fn capture(&self) -> &Path {
         &self.capture
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
     }
 
     /// Whether a file name is one fieldsync ignores (hidden, partial, temp).
@@ -230,7 +286,9 @@ impl Ingestor {
         let mtime = mtime_ns(&meta);
         let latest = store.latest_for_path(&uri)?;
         if let Some(l) = &latest {
-            if l.size == size && l.mtime_ns == mtime && l.state != State::Archived {
+            // Same path, size and mtime: the same file, whatever state its record is in
+            // (an archived record stays archived until something references it again).
+            if l.size == size && l.mtime_ns == mtime {
                 return Ok(Outcome::Unchanged);
             }
         }
@@ -476,6 +534,35 @@ mod tests {
         assert!(Layout::parse("{checklist}/{row}").is_err());
         assert!(Layout::parse("{row}/{file}").is_err());
         assert!(Layout::parse("{checklist}/{rows}/{file}").is_err());
+    }
+
+    #[test]
+    fn layout_places_checklist_files() {
+        let l = Layout::parse("{checklist}/{row}/{file}").unwrap();
+        assert_eq!(
+            l.checklist_of_file(Path::new("c1/checklist.json")),
+            Some("c1".into())
+        );
+        assert_eq!(l.checklist_of_file(Path::new("c1/r1/checklist.json")), None);
+        assert_eq!(
+            l.checklist_dir(Path::new("/cap"), "c1"),
+            Some(PathBuf::from("/cap/c1"))
+        );
+        let l = Layout::parse("site/{checklist}/{file}").unwrap();
+        assert_eq!(
+            l.checklist_of_file(Path::new("site/c2/checklist.json")),
+            Some("c2".into())
+        );
+        assert_eq!(
+            l.checklist_of_file(Path::new("other/c2/checklist.json")),
+            None
+        );
+        assert_eq!(
+            Layout::parse("*/{checklist}/{file}")
+                .unwrap()
+                .checklist_dir(Path::new("/c"), "x"),
+            None
+        );
     }
 
     #[test]

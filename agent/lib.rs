@@ -11,6 +11,7 @@ pub mod conditions;
 pub mod config;
 pub mod daemon;
 pub mod ingest;
+pub mod publisher;
 pub mod remote;
 pub mod status;
 pub mod store;

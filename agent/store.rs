@@ -837,6 +837,21 @@ impl Store {
         event_conn(&self.conn, now_ms(), kind, outcome, att, None, None, reason)
     }
 
+    /// Appends an event about a checklist rather than one attachment.
+    pub fn log_event_for(
+        &self,
+        kind: &str,
+        outcome: &str,
+        checklist: Option<&str>,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO events (time, kind, outcome, checklist, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![now_ms(), kind, outcome, checklist, reason],
+        )?;
+        Ok(())
+    }
+
     /// Trims the event log to the newest `MAX_EVENTS` rows.
     pub fn trim_events(&self) -> Result<usize> {
         Ok(self.conn.execute(

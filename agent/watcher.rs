@@ -107,6 +107,8 @@ pub trait IngestSink {
     fn enqueued(&self);
     /// Whether the loop has nothing left to settle (for `run --until-idle`).
     fn set_idle(&self, idle: bool);
+    /// A checklist.json was written (path below the capture folder).
+    fn checklist_changed(&self, _path: &Path) {}
 }
 
 impl IngestLoop {
@@ -245,6 +247,14 @@ impl IngestLoop {
         }
         ready.sort();
         for path in ready {
+            if path
+                .file_name()
+                .is_some_and(|n| n == crate::ingest::CHECKLIST_FILE)
+            {
+                sink.checklist_changed(&path);
+                pending.remove(&path);
+                continue;
+            }
             match ingestor.ingest(store, &path) {
                 Ok(Outcome::NotStable) => {
                     if let Some(p) = pending.get_mut(&path) {
@@ -272,11 +282,7 @@ pub fn known_unchanged(store: &Store, path: &Path) -> bool {
         return true;
     };
     match store.latest_for_path(&path.to_string_lossy()) {
-        Ok(Some(a)) => {
-            a.state != State::Archived
-                && a.size == meta.len() as i64
-                && a.mtime_ns == mtime_ns(&meta)
-        }
+        Ok(Some(a)) => a.size == meta.len() as i64 && a.mtime_ns == mtime_ns(&meta),
         _ => false,
     }
 }
