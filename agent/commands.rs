@@ -9,13 +9,15 @@ use crate::util::now_ms;
 /// Pauses uploads (ingest goes on). `source` is recorded in the event log (`cli`, `mqtt`).
 pub fn pause(store: &Store, source: &str) -> Result<(), StoreError> {
     store.control_set(control::PAUSED, "1")?;
-    store.log_event("pause_requested", "applied", None, Some(source))
+    store.log_event("pause_requested", "applied", None, Some(source))?;
+    wake(store)
 }
 
 /// Resumes uploads paused by [`pause`].
 pub fn resume(store: &Store, source: &str) -> Result<(), StoreError> {
     store.control_set(control::PAUSED, "0")?;
-    store.log_event("resume_requested", "applied", None, Some(source))
+    store.log_event("resume_requested", "applied", None, Some(source))?;
+    wake(store)
 }
 
 /// Requeues one failed attachment, or all of them; returns the ids requeued.
@@ -34,7 +36,15 @@ pub fn sync(store: &Store) -> Result<(), StoreError> {
     wake(store)
 }
 
-/// Wakes the scheduler (any change to the database does; this one is explicit).
+/// Wakes a running daemon now: touches the wake file it watches. (Its periodic look at
+/// `PRAGMA data_version` would notice the change too, but only within seconds.)
 pub fn wake(store: &Store) -> Result<(), StoreError> {
-    store.control_set(control::WAKE, &now_ms().to_string())
+    let now = now_ms().to_string();
+    store.control_set(control::WAKE, &now)?;
+    if let Some(f) = store.wake_file() {
+        // Best effort: a CLI user without write access to the state dir still gets the
+        // change applied, just later.
+        let _ = std::fs::write(f, now);
+    }
+    Ok(())
 }

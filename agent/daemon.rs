@@ -191,6 +191,7 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
             path: ingestor.capture().display().to_string(),
             source,
         })?;
+    let _wake_watch = watch_wake_file(&state_dir, tx.clone())?;
     shared.ingest_idle.store(false, Ordering::Relaxed);
     let (ptx, prx) = mpsc::channel::<PublishMsg>();
     let publish_thread = {
@@ -250,6 +251,33 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
     let _ = publish_thread.join();
     info!("fieldsync stopped");
     result.map_err(Into::into)
+}
+
+/// Wakes the scheduler whenever a CLI command touches the wake file.
+fn watch_wake_file(
+    state_dir: &Path,
+    tx: Sender<Msg>,
+) -> Result<notify::RecommendedWatcher, DaemonError> {
+    use notify::Watcher as _;
+    notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            if ev
+                .paths
+                .iter()
+                .any(|p| p.file_name().is_some_and(|n| n == crate::store::WAKE_FILE))
+            {
+                let _ = tx.send(Msg::Wake);
+            }
+        }
+    })
+    .and_then(|mut w| {
+        w.watch(state_dir, notify::RecursiveMode::NonRecursive)
+            .map(|_| w)
+    })
+    .map_err(|source| DaemonError::Watch {
+        path: state_dir.display().to_string(),
+        source,
+    })
 }
 
 fn mkdir(p: &Path) -> Result<(), DaemonError> {

@@ -435,18 +435,32 @@ impl Ingestor {
     /// Calls `f` for every candidate file below `dir`, one directory at a time, without
     /// collecting the whole tree (a capture folder may hold years of photos).
     pub fn scan_each(&self, dir: &Path, f: &mut dyn FnMut(PathBuf)) {
+        self.scan_dirs(dir, &mut |_| true, f)
+    }
+
+    /// Like [`Ingestor::scan_each`], but `want_files(dir)` decides per directory whether
+    /// its files are visited (subdirectories are always descended into).
+    pub fn scan_dirs(
+        &self,
+        dir: &Path,
+        want_files: &mut dyn FnMut(&Path) -> bool,
+        f: &mut dyn FnMut(PathBuf),
+    ) {
         let mut stack = vec![dir.to_path_buf()];
         while let Some(dir) = stack.pop() {
             let Ok(rd) = fs::read_dir(&dir) else { continue };
+            let files = want_files(&dir);
             for entry in rd.flatten() {
-                let p = entry.path();
                 let Ok(ft) = entry.file_type() else { continue };
                 if ft.is_dir() {
                     if !entry.file_name().to_string_lossy().starts_with('.') {
-                        stack.push(p);
+                        stack.push(entry.path());
                     }
-                } else if ft.is_file() && self.is_candidate(&p) {
-                    f(p);
+                } else if files && ft.is_file() {
+                    let p = entry.path();
+                    if self.is_candidate(&p) {
+                        f(p);
+                    }
                 }
             }
         }

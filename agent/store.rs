@@ -14,6 +14,9 @@ use serde::Serialize;
 
 use crate::util::now_ms;
 
+/// Name of the wake file in the state directory.
+pub const WAKE_FILE: &str = "wake";
+
 /// Ordered migrations; `PRAGMA user_version` records how many have been applied.
 const MIGRATIONS: &[(&str, &str)] = &[("001_init", include_str!("migrations/001_init.sql"))];
 
@@ -262,6 +265,8 @@ pub struct Change<'a> {
 
 pub struct Store {
     conn: Connection,
+    /// The database file (None in memory): the wake file lives beside it.
+    path: Option<std::path::PathBuf>,
 }
 
 impl Store {
@@ -271,13 +276,24 @@ impl Store {
             path: path.display().to_string(),
             source,
         })?;
-        Self::init(conn).map_err(|e| match e {
+        let mut store = Self::init(conn).map_err(|e| match e {
             StoreError::Sql(source) => StoreError::Open {
                 path: path.display().to_string(),
                 source,
             },
             other => other,
-        })
+        })?;
+        store.path = Some(path.to_path_buf());
+        Ok(store)
+    }
+
+    /// The file whose modification wakes a running daemon (watched with inotify), so CLI
+    /// commands take effect at once without the daemon polling the database.
+    pub fn wake_file(&self) -> Option<std::path::PathBuf> {
+        self.path
+            .as_ref()
+            .and_then(|p| p.parent())
+            .map(|d| d.join(WAKE_FILE))
     }
 
     /// An in-memory store for unit tests.
@@ -294,7 +310,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         // Several connections live in one small process: keep each page cache small.
         conn.pragma_update(None, "cache_size", CACHE_KIB)?;
-        let mut store = Store { conn };
+        let mut store = Store { conn, path: None };
         store.migrate()?;
         Ok(store)
     }
@@ -308,22 +324,22 @@ impl Store {
     }
 
     fn migrate(&mut self) -> Result<()> {
-        let version: i64 = self
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))?;
         let known = MIGRATIONS.len() as i64;
+        // The version is read inside the write transaction: the daemon and a CLI opening a
+        // new database at the same moment must not both apply the same migration.
+        let tx = self.write_tx()?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version > known {
             return Err(StoreError::TooNew {
                 found: version,
                 known,
             });
         }
-        for (i, (_name, sql)) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            let tx = self.write_tx()?;
+        for (_name, sql) in MIGRATIONS.iter().skip(version as usize) {
             tx.execute_batch(sql)?;
-            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
-            tx.commit()?;
         }
+        tx.pragma_update(None, "user_version", known.max(version))?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -1165,6 +1181,25 @@ mod tests {
         let a = s.get("a").unwrap().unwrap();
         assert_eq!(a.bytes_sent, 10);
         assert_eq!(a.upload_id.as_deref(), Some("up1"));
+    }
+
+    #[test]
+    fn concurrent_first_opens_migrate_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("q.db");
+        let handles: Vec<_> = (0..6)
+            .map(|_| {
+                let p = p.clone();
+                std::thread::spawn(move || Store::open(&p).map(|_| ()))
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap().unwrap();
+        }
+        assert_eq!(
+            Store::open(&p).unwrap().schema_version().unwrap(),
+            MIGRATIONS.len() as i64
+        );
     }
 
     #[test]

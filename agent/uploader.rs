@@ -27,9 +27,10 @@ use crate::remote::{ErrorClass, Remote, RemoteError, ResumeLog, UploadCtx, Uploa
 use crate::store::{Attachment, Change, PartRecord, State, Store};
 use crate::util::{mtime_ns, now_ms};
 
-/// How often the scheduler looks at `PRAGMA data_version` for CLI changes: the CLI's
-/// "takes effect within one second" promise, at the cost of one cheap query.
-const CONTROL_POLL: Duration = Duration::from_millis(400);
+/// How often the scheduler looks at `PRAGMA data_version` for changes made by other
+/// processes. CLI commands also touch the wake file (inotify), which takes effect at once;
+/// this poll is the backstop, kept rare because every wake-up costs CPU on an idle device.
+const CONTROL_POLL: Duration = Duration::from_secs(5);
 
 /// Progress is written to the store at most this often per upload (each write is an
 /// fsynced transaction; status only needs a few updates per second).

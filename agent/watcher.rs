@@ -37,6 +37,12 @@ pub enum WatchMsg {
     Shutdown,
 }
 
+/// When a new directory is scanned again after its creation event.
+const NEW_DIR_RESCANS: [Duration; 2] = [Duration::from_millis(500), Duration::from_secs(3)];
+
+/// Directory mtimes seen by the last rescan.
+pub type DirMtimes = HashMap<PathBuf, i64>;
+
 /// A file seen but not yet ingested.
 #[derive(Debug, Clone)]
 struct Pending {
@@ -121,16 +127,35 @@ impl IngestLoop {
         sink: &dyn IngestSink,
     ) {
         let mut pending: HashMap<PathBuf, Pending> = HashMap::new();
+        let mut dirs: DirMtimes = HashMap::new();
         let mut next_rescan = Instant::now();
+        let mut full = true;
+        let mut new_dirs: Vec<(Instant, PathBuf)> = Vec::new();
         loop {
             let now = Instant::now();
+            // A new directory is scanned again a little later: files written into it (or
+            // into subdirectories created with it) before its inotify watch existed
+            // produce no event.
+            let (due, later): (Vec<_>, Vec<_>) = new_dirs.drain(..).partition(|(t, _)| *t <= now);
+            new_dirs = later;
+            for (_, d) in due {
+                self.rescan(ingestor, store, &mut pending, Some(&d), &mut dirs, true);
+            }
             if now >= next_rescan {
-                self.rescan(ingestor, store, &mut pending, None);
+                self.rescan(ingestor, store, &mut pending, None, &mut dirs, full);
+                // After the first pass, periodic rescans only look into directories whose
+                // mtime changed (a file created, renamed or removed there); inotify reports
+                // changes inside files, and an overflow asks for a full pass again.
+                full = false;
                 next_rescan = now + self.rescan_interval;
             }
-            sink.set_idle(pending.is_empty());
+            sink.set_idle(pending.is_empty() && new_dirs.is_empty());
+            let next_dir = new_dirs.iter().map(|(t, _)| *t).min();
             let wait = if pending.is_empty() {
-                next_rescan.saturating_duration_since(now)
+                next_dir
+                    .unwrap_or(next_rescan)
+                    .min(next_rescan)
+                    .saturating_duration_since(now)
             } else {
                 // Re-check pending files often enough to honour the shorter settle time.
                 self.close_settle
@@ -140,13 +165,23 @@ impl IngestLoop {
             match rx.recv_timeout(wait) {
                 Ok(WatchMsg::Shutdown) | Err(RecvTimeoutError::Disconnected) => return,
                 Ok(msg) => {
-                    self.apply(msg, ingestor, store, &mut pending);
+                    if let WatchMsg::DirCreated(d) = &msg {
+                        for delay in NEW_DIR_RESCANS {
+                            new_dirs.push((Instant::now() + delay, d.clone()));
+                        }
+                    }
+                    self.apply(msg, ingestor, store, &mut pending, &mut dirs);
                     // Drain what else is queued before checking files.
                     while let Ok(m) = rx.try_recv() {
                         if matches!(m, WatchMsg::Shutdown) {
                             return;
                         }
-                        self.apply(m, ingestor, store, &mut pending);
+                        if let WatchMsg::DirCreated(d) = &m {
+                            for delay in NEW_DIR_RESCANS {
+                                new_dirs.push((Instant::now() + delay, d.clone()));
+                            }
+                        }
+                        self.apply(m, ingestor, store, &mut pending, &mut dirs);
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
@@ -161,6 +196,7 @@ impl IngestLoop {
         ingestor: &Ingestor,
         store: &mut Store,
         pending: &mut HashMap<PathBuf, Pending>,
+        dirs: &mut DirMtimes,
     ) {
         let now = Instant::now();
         match msg {
@@ -177,8 +213,10 @@ impl IngestLoop {
                 p.last_event = now;
                 p.closed = closed;
             }
-            WatchMsg::DirCreated(dir) => self.rescan(ingestor, store, pending, Some(&dir)),
-            WatchMsg::Rescan => self.rescan(ingestor, store, pending, None),
+            WatchMsg::DirCreated(dir) => {
+                self.rescan(ingestor, store, pending, Some(&dir), dirs, true)
+            }
+            WatchMsg::Rescan => self.rescan(ingestor, store, pending, None, dirs, true),
             WatchMsg::Removed(path) => {
                 pending.remove(&path);
                 deleted_before_upload(store, &path);
@@ -193,10 +231,13 @@ impl IngestLoop {
         store: &Store,
         pending: &mut HashMap<PathBuf, Pending>,
         dir: Option<&Path>,
+        dirs: &mut DirMtimes,
+        full: bool,
     ) {
         let mut added = 0;
-        ingestor.scan_each(dir.unwrap_or(ingestor.capture()), &mut |path| {
-            if pending.contains_key(&path) || known_unchanged(store, &path) {
+        let root = dir.unwrap_or(ingestor.capture());
+        rescan_pass(ingestor, store, root, dirs, full, &mut |path| {
+            if pending.contains_key(&path) {
                 return;
             }
             pending.insert(
@@ -275,9 +316,32 @@ impl IngestLoop {
     }
 }
 
+/// One rescan pass below `root`: calls `new_file` for every candidate the store does not
+/// hold with its current size and mtime. Unless `full`, only directories whose mtime
+/// changed since the previous pass (as recorded in `dirs`) have their files looked at.
+pub fn rescan_pass(
+    ingestor: &Ingestor,
+    store: &Store,
+    root: &Path,
+    dirs: &mut DirMtimes,
+    full: bool,
+    new_file: &mut dyn FnMut(PathBuf),
+) {
+    let mut want = |d: &Path| {
+        let m = fs::metadata(d).map(|m| mtime_ns(&m)).unwrap_or(0);
+        let changed = dirs.insert(d.to_path_buf(), m) != Some(m);
+        full || changed
+    };
+    ingestor.scan_dirs(root, &mut want, &mut |path| {
+        if !known_unchanged(store, &path) {
+            new_file(path);
+        }
+    });
+}
+
 /// True when the store already holds this path with its current size and mtime: the
 /// rescan's cheap check that skips hashing.
-pub fn known_unchanged(store: &Store, path: &Path) -> bool {
+fn known_unchanged(store: &Store, path: &Path) -> bool {
     let Ok(meta) = fs::metadata(path) else {
         return true;
     };

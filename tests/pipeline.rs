@@ -186,3 +186,22 @@ fn malformed_config_exits_2_naming_file_and_key() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/fieldsync.toml"));
 }
+
+#[test]
+fn photos_in_freshly_created_nested_folders_are_seen_without_a_rescan() {
+    let mut env = Env::new("");
+    // The periodic rescan must not be what finds them.
+    let toml = env
+        .toml
+        .replace("rescan_interval = \"2s\"", "rescan_interval = \"5m\"");
+    env.write_config(&toml);
+    let d = env.spawn();
+    // Many folders created and filled as fast as possible: some files land before the
+    // watch on their new folder exists.
+    for c in 0..40 {
+        for r in 0..3 {
+            env.drop_file(&format!("new-{c}/row-{r}/IMG.jpg"), &bytes(c * 10 + r, 200));
+        }
+    }
+    env.wait(Some(&d), 30, "120 synced", || env.count("synced") == 120);
+}
