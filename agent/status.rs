@@ -188,6 +188,7 @@ pub fn render(s: &Snapshot) -> String {
         None => out.push_str("uploads: active\n"),
         Some(r) => out.push_str(&format!("uploads: paused ({r})\n")),
     }
+    out.push_str(&crate::conditions::governor::render(&s.conditions));
     for (state, c) in &s.counts {
         if c.count == 0 && state != "queued_upload" && state != "synced" {
             continue;
