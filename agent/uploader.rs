@@ -279,7 +279,10 @@ impl Scheduler {
                     .then(|| deferred_by.keys().next().copied())
                     .flatten()
             });
-            gov.publish(&store, &facts, shown, &deferred_by)?;
+            if let Err(e) = gov.publish(&store, &facts, shown, &deferred_by) {
+                // Status lags, uploads do not: the next loop writes it again.
+                warn!(error = %e, "cannot publish the conditions to status");
+            }
 
             if last_sync.elapsed() >= self.cfg.upload.sync_interval.0 {
                 last_sync = Instant::now();

@@ -125,7 +125,8 @@ struct Inner {
     budget: Budget,
     /// Metered bytes promised to running uploads and not yet sent.
     reserved: u64,
-    budget_dirty: bool,
+    /// Bumped on every change of `budget`; the store has `Published::budget_version`.
+    budget_version: u64,
     bucket: Bucket,
     /// Bumped whenever admission could change (facts, reservations released).
     generation: u64,
@@ -140,6 +141,7 @@ struct Published {
     written_at: Option<Instant>,
     failing: Vec<Reason>,
     deferred: BTreeMap<Reason, usize>,
+    budget_version: u64,
 }
 
 pub struct Governor {
@@ -207,7 +209,7 @@ impl Governor {
                 seen: Observed::default(),
                 budget,
                 reserved: 0,
-                budget_dirty: false,
+                budget_version: 0,
                 bucket: Bucket::new(None, Instant::now()),
                 generation: 0,
             }),
@@ -295,26 +297,25 @@ impl Governor {
         let mut p = lock(&self.published);
         let now_failing = failing(facts, &self.policy);
         let summary = self.summary(facts, &now_failing);
-        let (json, budget, dirty) = {
-            let mut i = lock(&self.inner);
-            let json = self.report(&i, facts, &now_failing, deferred).to_string();
-            let dirty = i.budget_dirty;
-            i.budget_dirty = false;
-            (json, i.budget.clone(), dirty)
-        };
+        let budget_version = lock(&self.inner).budget_version;
+        let dirty = budget_version != p.budget_version;
         let first = p.summary.is_none();
         let discrete = p.summary.as_deref() != Some(summary.as_str()) || p.shown != Some(shown);
         // Budget and deferral counts matter to an operator watching a metered upload:
         // refreshed every second; the rest (disk free, battery percent) on the heartbeat.
         let fast = dirty || *deferred != p.deferred;
         let since = p.written_at.map_or(Duration::MAX, |t| t.elapsed());
-        let write = first
-            || discrete
-            || (json != p.json && (since >= HEARTBEAT || (fast && since >= NUMBERS_EVERY)));
-        if !write {
-            if dirty {
-                lock(&self.inner).budget_dirty = true;
-            }
+        // Called on every scheduler loop: decide before building any JSON.
+        if !(first || discrete || since >= HEARTBEAT || (fast && since >= NUMBERS_EVERY)) {
+            return Ok(());
+        }
+        let (json, budget, budget_version) = {
+            let i = lock(&self.inner);
+            let json = self.report(&i, facts, &now_failing, deferred).to_string();
+            (json, i.budget.clone(), i.budget_version)
+        };
+        if !(first || discrete) && json == p.json {
+            p.written_at = Some(Instant::now());
             return Ok(());
         }
         let tx = store.conn().unchecked_transaction()?;
@@ -360,6 +361,7 @@ impl Governor {
         p.written_at = Some(Instant::now());
         p.failing = now_failing;
         p.deferred = deferred.clone();
+        p.budget_version = budget_version;
         Ok(())
     }
 
@@ -611,7 +613,7 @@ impl Governor {
                 day: t.date.clone(),
                 used: 0,
             };
-            i.budget_dirty = true;
+            i.budget_version += 1;
             i.generation += 1;
         }
         if interface != i.seen.link.interface {
@@ -662,7 +664,7 @@ impl Ticket {
             let mut i = lock(&self.gov.inner);
             if i.seen.link.metered {
                 i.budget.used += n;
-                i.budget_dirty = true;
+                i.budget_version += 1;
                 let r = self.reserved.load(Ordering::Relaxed);
                 let take = r.min(n);
                 self.reserved.store(r - take, Ordering::Relaxed);
