@@ -188,7 +188,6 @@ pub fn render(s: &Snapshot) -> String {
         None => out.push_str("uploads: active\n"),
         Some(r) => out.push_str(&format!("uploads: paused ({r})\n")),
     }
-    out.push_str(&crate::conditions::governor::render(&s.conditions));
     for (state, c) in &s.counts {
         if c.count == 0 && state != "queued_upload" && state != "synced" {
             continue;
@@ -232,5 +231,6 @@ pub fn render(s: &Snapshot) -> String {
             e.reason.as_deref().unwrap_or("")
         ));
     }
+    out.push_str(&crate::conditions::governor::render(&s.conditions));
     out
 }
