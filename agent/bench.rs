@@ -23,6 +23,9 @@ use crate::uploader::control;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
+    /// Which benchmark: `core` (ingest, drain, idle; the default) or `conditions`
+    /// (probe cost, idle CPU, rate limiter accuracy)
+    pub suite: Option<String>,
     /// Photos for the drain run
     #[arg(long, default_value_t = 1000)]
     pub photos: usize,
@@ -50,6 +53,21 @@ fn err(e: impl std::fmt::Display) -> CliError {
 }
 
 pub fn run(args: BenchArgs) -> Result<i32, CliError> {
+    match args.suite.as_deref() {
+        None | Some("core") => core(args),
+        Some("conditions") => {
+            crate::conditions::bench::run(args.idle_window.as_secs())
+                .map_err(|e| err(format!("conditions: {e}")))?;
+            Ok(exit::OK)
+        }
+        Some(other) => Err(CliError::new(
+            exit::USAGE,
+            format!("bench: unknown suite `{other}` (expected core or conditions)"),
+        )),
+    }
+}
+
+fn core(args: BenchArgs) -> Result<i32, CliError> {
     let tmp;
     let base = match &args.dir {
         Some(d) => d.clone(),

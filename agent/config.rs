@@ -50,6 +50,12 @@ pub struct Config {
     pub remote: Remote,
     #[serde(default)]
     pub log: Log,
+    /// When uploads may run: network, metered budget, battery, disk, schedule, rate.
+    #[serde(default)]
+    pub conditions: crate::conditions::settings::Conditions,
+    /// Which local copies of uploaded files may be deleted.
+    #[serde(default)]
+    pub retention: crate::conditions::settings::Retention,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -341,6 +347,7 @@ impl Config {
             }
             _ => {}
         }
+        self.conditions.validate()?;
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err((
                 "log.level",

@@ -231,5 +231,6 @@ pub fn render(s: &Snapshot) -> String {
             e.reason.as_deref().unwrap_or("")
         ));
     }
+    out.push_str(&crate::conditions::governor::render(&s.conditions));
     out
 }

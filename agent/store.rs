@@ -305,7 +305,22 @@ impl Store {
         conn.busy_timeout(BUSY_TIMEOUT)?;
         // WAL lets the CLI read while the daemon writes; FULL makes every committed state
         // change survive a power cut, which is the point of the queue.
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // Switching a new file to WAL takes an exclusive lock and SQLite does not use the
+        // busy handler for it: another process opening the same new file at that moment
+        // (daemon and CLI at first start) gets SQLITE_BUSY at once, so retry briefly.
+        let mut tries = 0;
+        loop {
+            match conn.pragma_update(None, "journal_mode", "WAL") {
+                Ok(()) => break,
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy && tries < 200 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         // Several connections live in one small process: keep each page cache small.

@@ -8,7 +8,7 @@
 //! keeps no queue state a crash could lose (only which ids are held right now).
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
+use crate::conditions::governor::{Governor, Ticket};
 use crate::conditions::{self, Facts, Reason};
 use crate::config::{Config, Order};
 use crate::ingest::{Ingestor, Outcome};
@@ -149,8 +150,15 @@ pub struct Scheduler {
 impl Scheduler {
     /// Runs until shutdown (or idle, with `until_idle`). Joins its workers before returning.
     pub fn run(self, mut store: Store) -> Result<(), crate::store::StoreError> {
-        let (job_tx, job_rx) = mpsc::channel::<Attachment>();
+        let (job_tx, job_rx) = mpsc::channel::<(Attachment, Ticket)>();
         let job_rx = Arc::new(Mutex::new(job_rx));
+        let gov = Governor::start(
+            &self.cfg,
+            &self.db_path,
+            self.remote.clone(),
+            self.tx.clone(),
+            self.shared.clone(),
+        )?;
         let mut workers = Vec::new();
         for n in 0..self.cfg.upload.concurrency {
             let w = Worker {
@@ -159,6 +167,7 @@ impl Scheduler {
                 remote: self.remote.clone(),
                 ingestor: self.ingestor.clone(),
                 shared: self.shared.clone(),
+                gov: gov.clone(),
             };
             let rx = job_rx.clone();
             let tx = self.tx.clone();
@@ -177,8 +186,13 @@ impl Scheduler {
             operator_paused: store.control_get(control::PAUSED)?.as_deref() == Some("1"),
             ..Facts::default()
         };
-        let mut reason: Option<Reason> = None;
-        self.publish_reason(&store, None, &facts, true)?;
+        let mut reason: Option<Reason>;
+        // Files that may not start now (metered budget or size, charging required), with
+        // why; forgotten whenever the governor's facts or reservations change.
+        let mut deferred: HashMap<String, Reason> = HashMap::new();
+        let mut deferred_gen = gov.generation();
+        let mut recheck = true;
+        let mut last_recheck = Instant::now();
         let mut data_version = store.data_version()?;
         let mut last_sync = Instant::now();
         let mut last_auth_check = Instant::now();
@@ -196,16 +210,20 @@ impl Scheduler {
             let dv = store.data_version()?;
             if dv != data_version {
                 data_version = dv;
+                recheck = true;
                 facts.operator_paused = store.control_get(control::PAUSED)?.as_deref() == Some("1");
             }
 
-            let now_reason = conditions::evaluate(&facts);
-            self.shared
-                .gate_open
-                .store(now_reason.is_none(), Ordering::Relaxed);
-            if now_reason != reason {
-                self.publish_reason(&store, reason, &facts, false)?;
-                reason = now_reason;
+            gov.observe(&mut facts);
+            reason = conditions::evaluate(&facts, gov.policy());
+            self.shared.gate_open.store(
+                !reason.is_some_and(|r| r.stops_running()),
+                Ordering::Relaxed,
+            );
+            if gov.generation() != deferred_gen {
+                deferred_gen = gov.generation();
+                deferred.clear();
+                recheck = true;
             }
 
             if facts.auth_failed && !probing && last_auth_check.elapsed() >= AUTH_RECHECK {
@@ -225,20 +243,59 @@ impl Scheduler {
                 });
             }
 
-            if reason.is_none() && !shutting_down {
-                let free = self.cfg.upload.concurrency as usize - inflight.len();
-                if free > 0 {
-                    cooldown.retain(|_, until| *until > Instant::now());
-                    let held: Vec<String> =
-                        inflight.iter().chain(cooldown.keys()).cloned().collect();
-                    for att in store.due_uploads(now_ms(), free, newest_first, &held)? {
-                        inflight.insert(att.id.clone());
-                        store.set_uploading(&att.id, true)?;
-                        if job_tx.send(att).is_err() {
-                            break;
+            // With files deferred, the queue is only re-read when something changed (or
+            // every 2 s for retries falling due): the same files would be refused again.
+            let slots = self.cfg.upload.concurrency as usize;
+            if reason.is_none()
+                && !shutting_down
+                && (recheck
+                    || deferred.is_empty()
+                    || last_recheck.elapsed() >= Duration::from_secs(2))
+            {
+                recheck = false;
+                last_recheck = Instant::now();
+                cooldown.retain(|_, until| *until > Instant::now());
+                while inflight.len() < slots {
+                    let held: Vec<String> = inflight
+                        .iter()
+                        .chain(deferred.keys())
+                        .chain(cooldown.keys())
+                        .cloned()
+                        .collect();
+                    let due =
+                        store.due_uploads(now_ms(), slots - inflight.len(), newest_first, &held)?;
+                    if due.is_empty() {
+                        break;
+                    }
+                    for att in due {
+                        match gov.admit(&facts, &att) {
+                            Ok(ticket) => {
+                                inflight.insert(att.id.clone());
+                                store.set_uploading(&att.id, true)?;
+                                let _ = job_tx.send((att, ticket));
+                            }
+                            Err(why) => {
+                                debug!(id = %att.id, reason = why.as_str(), "upload deferred");
+                                deferred.insert(att.id, why);
+                            }
                         }
                     }
                 }
+            }
+            let mut deferred_by: BTreeMap<Reason, usize> = BTreeMap::new();
+            for r in deferred.values() {
+                *deferred_by.entry(*r).or_default() += 1;
+            }
+            // When everything that could run waits for a per-file reason, that is why
+            // uploads are not running: show it like a pause.
+            let shown = reason.or_else(|| {
+                (inflight.is_empty())
+                    .then(|| deferred_by.keys().next().copied())
+                    .flatten()
+            });
+            if let Err(e) = gov.publish(&store, &facts, shown, &deferred_by) {
+                // Status lags, uploads do not: the next loop writes it again.
+                warn!(error = %e, "cannot publish the conditions to status");
             }
 
             if last_sync.elapsed() >= self.cfg.upload.sync_interval.0 {
@@ -260,7 +317,10 @@ impl Scheduler {
 
             // Sleep until something can change.
             let mut wait = CONTROL_POLL;
-            if reason.is_none() && inflight.len() < self.cfg.upload.concurrency as usize {
+            if reason.is_none()
+                && deferred.is_empty()
+                && inflight.len() < self.cfg.upload.concurrency as usize
+            {
                 if let Some(due) = store.next_due_at()? {
                     let ms = (due - now_ms()).max(0) as u64;
                     wait = wait.min(Duration::from_millis(ms));
@@ -272,6 +332,7 @@ impl Scheduler {
             }
             match self.rx.recv_timeout(wait) {
                 Ok(msg) => {
+                    recheck = true;
                     let mut handle = |m: Msg, facts: &mut Facts| match m {
                         Msg::Wake => {}
                         Msg::Done { id, outcome } => {
@@ -309,37 +370,7 @@ impl Scheduler {
         for w in workers {
             let _ = w.join();
         }
-        Ok(())
-    }
-
-    /// Records the current pause reason for status/MQTT and logs paused/resumed events.
-    fn publish_reason(
-        &self,
-        store: &Store,
-        old: Option<Reason>,
-        facts: &Facts,
-        initial: bool,
-    ) -> Result<(), crate::store::StoreError> {
-        let new = conditions::evaluate(facts);
-        store.control_set(control::PAUSE_REASON, new.map(|r| r.as_str()).unwrap_or(""))?;
-        store.control_set(
-            control::CONDITIONS,
-            &serde_json::to_string(facts).unwrap_or_default(),
-        )?;
-        if initial && new.is_none() {
-            return Ok(());
-        }
-        match new {
-            Some(r) => {
-                info!(reason = r.as_str(), "uploads paused");
-                store.log_event("paused", "applied", None, Some(r.as_str()))?;
-            }
-            None => {
-                let was = old.map(|r| r.as_str()).unwrap_or("");
-                info!(was, "uploads resumed");
-                store.log_event("resumed", "applied", None, Some(was))?;
-            }
-        }
+        gov.finish(&store);
         Ok(())
     }
 
@@ -368,6 +399,8 @@ struct Worker {
     remote: Arc<dyn Remote>,
     ingestor: Arc<Ingestor>,
     shared: Arc<Shared>,
+    /// Admission, rate limit and metered byte count, and evidence of a dead link.
+    gov: Arc<Governor>,
 }
 
 /// Persists multipart resume state through the worker's store connection.
@@ -404,15 +437,15 @@ impl ResumeLog for StoreResume<'_> {
 }
 
 impl Worker {
-    fn run(self, jobs: Arc<Mutex<Receiver<Attachment>>>, tx: Sender<Msg>) {
+    fn run(self, jobs: Arc<Mutex<Receiver<(Attachment, Ticket)>>>, tx: Sender<Msg>) {
         loop {
             let job = {
                 let rx = jobs.lock().unwrap_or_else(|e| e.into_inner());
                 rx.recv()
             };
-            let Ok(att) = job else { return };
+            let Ok((att, ticket)) = job else { return };
             let id = att.id.clone();
-            let outcome = match self.process(att) {
+            let outcome = match self.process(att, &ticket) {
                 Ok(o) => o,
                 Err(e) => {
                     warn!(id = %id, error = %e, "store error while uploading; will retry");
@@ -420,13 +453,19 @@ impl Worker {
                 }
             };
             let _ = self.store.borrow().set_uploading(&id, false);
+            // Releases the file's metered reservation before the scheduler looks again.
+            drop(ticket);
             if tx.send(Msg::Done { id, outcome }).is_err() {
                 return;
             }
         }
     }
 
-    fn process(&self, mut att: Attachment) -> Result<Done, crate::store::StoreError> {
+    fn process(
+        &self,
+        mut att: Attachment,
+        ticket: &Ticket,
+    ) -> Result<Done, crate::store::StoreError> {
         let path = Path::new(&att.local_uri);
         if att.sha256.is_empty() {
             // Unreadable at ingest and requeued by an operator: hash it now.
@@ -488,7 +527,7 @@ impl Worker {
             }
         };
         let shared = self.shared.clone();
-        let keep_going = move || shared.keep_going();
+        let keep_going = move || shared.keep_going() && ticket.may_continue();
         let mut resume = StoreResume {
             store: &self.store,
             id: &att.id,
@@ -499,7 +538,7 @@ impl Worker {
             &mut UploadCtx {
                 progress: &mut progress,
                 keep_going: &keep_going,
-                throttle: &|_| {},
+                throttle: &|n| ticket.throttle(n),
                 resume: &mut resume,
             },
         );
@@ -543,6 +582,10 @@ impl Worker {
                 Ok(Done::AuthFailed)
             }
             class => {
+                if matches!(class, ErrorClass::Transient { .. }) {
+                    // Every failed request is evidence the link may be down.
+                    self.gov.network_failed();
+                }
                 let attempts = att.attempts as u32 + 1;
                 match verdict(&self.cfg.upload, class, attempts, fastrand::f64()) {
                     Verdict::RetryIn(d) => {

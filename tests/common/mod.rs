@@ -72,6 +72,16 @@ impl Env {
                 remote.display()
             )
         };
+        // The host's battery, route and disk must not decide whether a test uploads:
+        // point the probes at empty fake trees unless the test brings its own.
+        let toml = if toml.contains("[conditions]") {
+            toml
+        } else {
+            format!(
+                "{toml}\n[conditions]\nproc_root = \"{0}/fake/proc\"\nsys_root = \"{0}/fake/sys\"\nmin_free_disk = 0\n",
+                dir.path().display()
+            )
+        };
         let config = dir.path().join("fieldsync.toml");
         fs::write(&config, &toml).unwrap();
         Env {
