@@ -50,6 +50,8 @@ pub struct Config {
     pub remote: Remote,
     #[serde(default)]
     pub log: Log,
+    /// Fleet reporting over MQTT; absent: no MQTT at all (see `crate::mqtt::MqttConfig`).
+    pub mqtt: Option<crate::mqtt::MqttConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -340,6 +342,9 @@ impl Config {
                 ))
             }
             _ => {}
+        }
+        if let Some(m) = &self.mqtt {
+            m.validate()?;
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err((

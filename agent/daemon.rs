@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::ingest::{absolute, Ingestor};
 use crate::remote::{self, Remote};
+use crate::reporter::Reporter;
 use crate::store::{Store, StoreError};
 use crate::uploader::{control, Msg, Scheduler, Shared};
 use crate::util::now_ms;
@@ -41,6 +42,8 @@ pub enum DaemonError {
     Remote(String),
     #[error("watch {path}: {source}")]
     Watch { path: String, source: notify::Error },
+    #[error(transparent)]
+    Reporter(#[from] crate::reporter::ReporterError),
 }
 
 /// How `run` behaves beyond the config.
@@ -172,6 +175,12 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         })?;
     }
 
+    // Fleet reporting: its own threads, stopped after uploads so `offline` comes last.
+    let reporter = match cfg.mqtt {
+        Some(_) => Some(Reporter::spawn(&cfg, &db_path, remote.describe())?),
+        None => None,
+    };
+
     let (tx, rx) = mpsc::channel::<Msg>();
     let (wtx, wrx) = mpsc::channel::<WatchMsg>();
     let _watcher =
@@ -212,6 +221,9 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
     shared.shutdown.store(true, Ordering::Relaxed);
     let _ = wtx.send(WatchMsg::Shutdown);
     let _ = ingest_thread.join();
+    if let Some(r) = reporter {
+        r.stop();
+    }
     info!("fieldsync stopped");
     result.map_err(Into::into)
 }
