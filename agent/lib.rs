@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod fleet;
 pub mod ingest;
 pub mod mqtt;
+pub mod mqtt_bench;
 pub mod remote;
 pub mod reporter;
 pub mod status;

@@ -414,6 +414,20 @@ pub fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, MqttError> {
 
 /// One line saying why a connection attempt failed, for logs and `fleet`.
 pub fn describe(e: &ConnectionError) -> String {
+    // A TLS failure can surface at any layer (handshake, or the first read when the broker
+    // rejects our certificate afterwards): say so plainly wherever it is in the chain.
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        let tls = c.downcast_ref::<rustls::Error>().or_else(|| {
+            c.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(t) = tls {
+            return format!("TLS: {t}");
+        }
+        cause = c.source();
+    }
     match e {
         ConnectionError::ConnectionRefused(code) => {
             let why = match code {
@@ -427,6 +441,7 @@ pub fn describe(e: &ConnectionError) -> String {
             format!("broker refused the connection: {why}")
         }
         ConnectionError::Io(io) => describe_io(io),
+        ConnectionError::MqttState(rumqttc::StateError::Io(io)) => describe_io(io),
         ConnectionError::Tls(t) => match t {
             rumqttc::TlsError::Io(io) => describe_io(io),
             other => format!("TLS: {other}"),
@@ -438,12 +453,6 @@ pub fn describe(e: &ConnectionError) -> String {
 }
 
 fn describe_io(io: &std::io::Error) -> String {
-    if let Some(tls) = io
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    {
-        return format!("TLS: {tls}");
-    }
     match io.kind() {
         std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
         std::io::ErrorKind::ConnectionReset => "connection reset by the broker".into(),

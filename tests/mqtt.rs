@@ -484,6 +484,15 @@ fn tls_with_the_right_ca_connects_and_a_wrong_one_is_refused() {
         "missing client cert refused",
         || d_none.log_text().contains("mqtt cannot connect"),
     );
+    let log = d_none.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("mqtt cannot connect"))
+        .unwrap();
+    assert!(
+        line.contains("TLS: received fatal alert: CertificateRequired"),
+        "{line}"
+    );
     assert_eq!(topic_state("tls-wrong"), None);
     assert_eq!(topic_state("mtls-none"), None);
     // Uploads do not depend on the broker: the refused agent still uploads.
