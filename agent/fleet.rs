@@ -222,8 +222,9 @@ pub fn run(cfg: &Config, args: FleetArgs) -> Result<i32, CliError> {
                 return Ok(exit::OK);
             }
         }
+        // The first view waits for the retained messages too, so it is not empty.
         if args.watch
-            && subscribed
+            && collect_until.is_some_and(|u| now >= u)
             && dirty
             && last_draw.is_none_or(|t| t.elapsed() >= REDRAW_EVERY)
         {

@@ -362,8 +362,10 @@ impl Reporter {
             .name("mqtt-reporter".into())
             .spawn(move || {
                 r.run();
-                // Give the net thread a moment to finish the clean disconnect; it is not
-                // joined, so a broker that stopped answering cannot hold up the stop.
+                // Dropping the client ends the net thread's loop; give it a moment to
+                // close the socket. It is not joined: a broker that stopped answering
+                // cannot hold up the stop.
+                drop(r);
                 let _ = net_done_rx.recv_timeout(STOP_GRACE);
             })
             .expect("spawn mqtt-reporter thread");
