@@ -317,8 +317,13 @@ impl Reporter {
             .and_then(|s| s.parse().ok())
         {
             Some(seq) => seq,
-            // First start with MQTT: history before it is not news.
-            None => store.last_event_seq()?,
+            // First start with MQTT: history before it is not news. Recorded at once, so
+            // what happens from now on is sent even if this run never reaches the broker.
+            None => {
+                let seq = store.last_event_seq()?;
+                store.control_set(ACKED_SEQ_KEY, &seq.to_string())?;
+                seq
+            }
         };
         let (client, connection) = Client::new(opts, REQUEST_CAPACITY);
         let stop = Arc::new(AtomicBool::new(false));

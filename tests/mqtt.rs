@@ -160,10 +160,31 @@ fn kill_publishes_lost_and_clean_stop_publishes_offline() {
         state_is(&sub, "lost")
     });
 
+    // What happens while the agent is down is sent when it is back, in order.
+    env.cli_ok(&["pause"]);
+    env.cli_ok(&["resume"]);
     let mut d = env.spawn();
     wait(&env, &d, &sub, &broker, 30, "online again", || {
         state_is(&sub, "online")
     });
+    wait(
+        &env,
+        &d,
+        &sub,
+        &broker,
+        30,
+        "events from while it was down",
+        || !events(&sub, "resume_requested").is_empty(),
+    );
+    let (p, r) = (
+        &events(&sub, "pause_requested")[0],
+        &events(&sub, "resume_requested")[0],
+    );
+    assert_eq!(
+        (p["reason"].as_str(), r["reason"].as_str()),
+        (Some("cli"), Some("cli"))
+    );
+    assert!(p["seq"].as_i64() < r["seq"].as_i64());
     let (code, _) = d.terminate();
     assert_eq!(code, Some(0), "{}", d.log_text());
     wait(
@@ -230,7 +251,13 @@ fn broker_outage_uploads_go_on_and_status_is_current_after_reconnect() {
         &broker,
         30,
         "the outage's uploads as events",
-        || events(&sub, "uploaded").len() == 3,
+        || {
+            let ids: HashSet<String> = events(&sub, "uploaded")
+                .iter()
+                .map(|e| e["attachment_id"].to_string())
+                .collect();
+            ids.len() == 3
+        },
     );
     assert!(state_is(&sub, "online"));
     let after: Vec<i64> = sub.on("/events")[before..]
