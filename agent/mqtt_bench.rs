@@ -21,6 +21,8 @@ use crate::store::Store;
 const PHOTOS: u64 = 40;
 const PHOTO_BYTES: usize = 256 * 1024;
 /// Idle time after the last upload before sampling (heartbeats and timers have run).
+/// The workload's config rescans every 2 s so a photo whose directory appeared just as it
+/// was written is found quickly: this measures memory, not discovery.
 const SETTLE: Duration = Duration::from_secs(3);
 /// The budget the issue sets for MQTT's extra resident memory.
 const RSS_BUDGET_KIB: i64 = 2 * 1024;
@@ -109,7 +111,7 @@ fn run_mode(root: &Path, mqtt_section: Option<String>) -> Result<ModeResult, Cli
         &config,
         format!(
             "device_id = \"bench-{name}\"\n[paths]\ncapture = \"{}\"\nstate_dir = \"{}\"\n\
-             [ingest]\nsettle = \"200ms\"\nclose_settle = \"100ms\"\n\
+             [ingest]\nsettle = \"200ms\"\nclose_settle = \"100ms\"\nrescan_interval = \"2s\"\n\
              [remote]\nkind = \"file\"\n[remote.file]\npath = \"{}\"\n{}\n",
             capture.display(),
             state.display(),
@@ -132,8 +134,13 @@ fn run_mode(root: &Path, mqtt_section: Option<String>) -> Result<ModeResult, Cli
     let pid = child.id();
     let result = (|| {
         let db = state.join("queue.db");
+        let log = dir.join("daemon.log");
         let start = Instant::now();
-        while !db.exists() {
+        // Started means the store is migrated and the watcher is on.
+        while !fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("fieldsync started")
+        {
             if start.elapsed() > Duration::from_secs(20) {
                 return Err(fail("bench: daemon did not start"));
             }
@@ -145,7 +152,10 @@ fn run_mode(root: &Path, mqtt_section: Option<String>) -> Result<ModeResult, Cli
             let data: Vec<u8> = (0..PHOTO_BYTES)
                 .map(|j| ((j as u64).wrapping_mul(2_654_435_761) >> 13) as u8 ^ i as u8)
                 .collect();
-            fs::write(&p, data).map_err(io)?;
+            // Written aside and renamed in, as capture apps do (`*.tmp` is ignored).
+            let tmp = p.with_extension("jpg.tmp");
+            fs::write(&tmp, data).map_err(io)?;
+            fs::rename(&tmp, &p).map_err(io)?;
         }
         let store = Store::open(&db).map_err(|e| fail(e.to_string()))?;
         let start = Instant::now();
@@ -156,7 +166,11 @@ fn run_mode(root: &Path, mqtt_section: Option<String>) -> Result<ModeResult, Cli
                 break;
             }
             if start.elapsed() > Duration::from_secs(120) {
-                return Err(fail(format!("bench: only {synced} of {PHOTOS} uploaded")));
+                return Err(fail(format!(
+                    "bench: only {synced} of {PHOTOS} uploaded (counts {}; see {})",
+                    serde_json::to_string(&snap.counts).unwrap_or_default(),
+                    dir.display()
+                )));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -265,6 +279,9 @@ pub fn run(broker: Option<&str>) -> Result<i32, CliError> {
         }
         Ok(exit::OK)
     })();
-    let _ = fs::remove_dir_all(&root);
+    if outcome.is_ok() {
+        // Kept after a failure: the daemon logs and databases explain it.
+        let _ = fs::remove_dir_all(&root);
+    }
     outcome
 }
