@@ -362,16 +362,21 @@ impl Reporter {
             data_version: 0,
             events_pending: true,
             last_status: None,
+            closed: false,
         };
         let thread = thread::Builder::new()
             .name("mqtt-reporter".into())
             .spawn(move || {
                 r.run();
-                // Dropping the client ends the net thread's loop; give it a moment to
-                // close the socket. It is not joined: a broker that stopped answering
-                // cannot hold up the stop.
+                let disconnected_cleanly = r.closed;
+                // Dropping the client ends the net thread's loop. After a clean DISCONNECT
+                // give it a moment to close the socket; it is never joined, so a broker
+                // that stopped answering (or a connect attempt under way) cannot hold up
+                // the stop.
                 drop(r);
-                let _ = net_done_rx.recv_timeout(STOP_GRACE);
+                if disconnected_cleanly {
+                    let _ = net_done_rx.recv_timeout(STOP_GRACE);
+                }
             })
             .expect("spawn mqtt-reporter thread");
         Ok(Reporter { stop, thread })
@@ -411,6 +416,8 @@ struct Run {
     /// The event log may hold events not yet handed to the client.
     events_pending: bool,
     last_status: Option<Snapshot>,
+    /// Our DISCONNECT went out (a clean stop).
+    closed: bool,
 }
 
 impl Run {
@@ -470,7 +477,10 @@ impl Run {
                     self.acked_seq = self.acked_seq.max(self.sent_seq);
                 }
             }
-            Net::Closed => self.connected = false,
+            Net::Closed => {
+                self.connected = false;
+                self.closed = true;
+            }
         }
     }
 
