@@ -23,9 +23,13 @@ use crate::uploader::control;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Which benchmark: `core` (ingest, drain, idle; the default) or `conditions`
-    /// (probe cost, idle CPU, rate limiter accuracy)
+    /// Which benchmark: `core` (ingest, drain, idle; the default), `conditions` (probe
+    /// cost, idle CPU, rate limiter accuracy) or `mqtt` (status bytes JSON vs CBOR, RSS
+    /// with MQTT on vs off)
     pub suite: Option<String>,
+    /// Broker for `mqtt` as HOST:PORT [default: start a local mosquitto]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub mqtt_broker: Option<String>,
     /// Photos for the drain run
     #[arg(long, default_value_t = 1000)]
     pub photos: usize,
@@ -60,9 +64,10 @@ pub fn run(args: BenchArgs) -> Result<i32, CliError> {
                 .map_err(|e| err(format!("conditions: {e}")))?;
             Ok(exit::OK)
         }
+        Some("mqtt") => crate::mqtt_bench::run(args.mqtt_broker.as_deref()),
         Some(other) => Err(CliError::new(
             exit::USAGE,
-            format!("bench: unknown suite `{other}` (expected core or conditions)"),
+            format!("bench: unknown suite `{other}` (expected core, conditions or mqtt)"),
         )),
     }
 }

@@ -136,6 +136,8 @@ pub enum Command {
     },
     /// Measure ingest and upload speed, memory and idle cost (prints numbers)
     Bench(crate::bench::BenchArgs),
+    /// Show every device reporting to an MQTT broker: state, pending, last upload, pause
+    Fleet(crate::fleet::FleetArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -458,6 +460,11 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             command: ConfigCommand::Check,
         } => {
             crate::remote::build(&cfg).map_err(|e| CliError::new(exit::USAGE, e))?;
+            if let Some(m) = &cfg.mqtt {
+                // Reads the password file and certificates, as the daemon will.
+                crate::mqtt::options(m, "check", None)
+                    .map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+            }
             let src = cli
                 .config
                 .as_ref()
@@ -473,6 +480,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             Ok(exit::OK)
         }
         Command::Bench(args) => crate::bench::run(args),
+        Command::Fleet(args) => crate::fleet::run(&cfg, args),
     }
 }
 

@@ -56,6 +56,9 @@ pub struct Config {
     /// Which local copies of uploaded files may be deleted.
     #[serde(default)]
     pub retention: crate::conditions::settings::Retention,
+
+    /// Fleet reporting over MQTT; absent: no MQTT at all (see `crate::mqtt::MqttConfig`).
+    pub mqtt: Option<crate::mqtt::MqttConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -348,6 +351,10 @@ impl Config {
             _ => {}
         }
         self.conditions.validate()?;
+
+        if let Some(m) = &self.mqtt {
+            m.validate()?;
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err((
                 "log.level",

@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::ingest::{absolute, Ingestor};
 use crate::publisher::{PublishMsg, Publisher};
 use crate::remote::{self, Remote};
+use crate::reporter::Reporter;
 use crate::store::{Store, StoreError};
 use crate::uploader::{control, Msg, Scheduler, Shared};
 use crate::util::now_ms;
@@ -42,6 +43,8 @@ pub enum DaemonError {
     Remote(String),
     #[error("watch {path}: {source}")]
     Watch { path: String, source: notify::Error },
+    #[error(transparent)]
+    Reporter(#[from] crate::reporter::ReporterError),
 }
 
 /// How `run` behaves beyond the config.
@@ -184,6 +187,12 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         })?;
     }
 
+    // Fleet reporting: its own threads, stopped after uploads so `offline` comes last.
+    let reporter = match cfg.mqtt {
+        Some(_) => Some(Reporter::spawn(&cfg, &db_path, remote.describe())?),
+        None => None,
+    };
+
     let (tx, rx) = mpsc::channel::<Msg>();
     let (wtx, wrx) = mpsc::channel::<WatchMsg>();
     let _watcher =
@@ -249,6 +258,10 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
     }
     let _ = ptx.send(PublishMsg::Shutdown);
     let _ = publish_thread.join();
+
+    if let Some(r) = reporter {
+        r.stop();
+    }
     info!("fieldsync stopped");
     result.map_err(Into::into)
 }

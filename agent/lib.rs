@@ -10,9 +10,14 @@ pub mod commands;
 pub mod conditions;
 pub mod config;
 pub mod daemon;
+pub mod fleet;
 pub mod ingest;
 pub mod publisher;
+
+pub mod mqtt;
+pub mod mqtt_bench;
 pub mod remote;
+pub mod reporter;
 pub mod status;
 pub mod store;
 pub mod uploader;

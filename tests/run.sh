@@ -9,6 +9,7 @@ need_apt=()
 command -v mosquitto >/dev/null 2>&1 || need_apt+=(mosquitto mosquitto-clients)
 command -v rclone >/dev/null 2>&1 || need_apt+=(rclone)
 command -v setpriv >/dev/null 2>&1 || need_apt+=(util-linux)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if ! command -v s3s-fs >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/s3s-fs" ]; then
   [ -x /usr/bin/rustc ] && /usr/bin/rustc --version | grep -q 'rustc 1\.9[6-9]\|rustc 1\.[1-9][0-9][0-9]' || need_apt+=(rustc-web cargo-web)
 fi

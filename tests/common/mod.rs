@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod mqtt;
+
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
