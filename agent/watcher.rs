@@ -186,7 +186,7 @@ impl IngestLoop {
                 }
                 Err(RecvTimeoutError::Timeout) => {}
             }
-            self.settle_pending(ingestor, store, &mut pending, sink);
+            self.settle_pending(ingestor, store, &mut pending, &mut dirs, sink);
         }
     }
 
@@ -260,6 +260,7 @@ impl IngestLoop {
         ingestor: &Ingestor,
         store: &mut Store,
         pending: &mut HashMap<PathBuf, Pending>,
+        dirs: &mut DirMtimes,
         sink: &dyn IngestSink,
     ) {
         let now = Instant::now();
@@ -308,6 +309,11 @@ impl IngestLoop {
                 Ok(Outcome::Enqueued(_)) | Ok(Outcome::Unreadable(_)) => sink.enqueued(),
                 Ok(_) => {}
                 Err(e) => {
+                    // E.g. the state volume is full. Forget the folder's mtime so the next
+                    // periodic rescan looks into it again.
+                    if let Some(parent) = path.parent() {
+                        dirs.remove(parent);
+                    }
                     warn!(path = %path.display(), error = %e, "ingest failed; will retry on the next rescan")
                 }
             }
