@@ -208,12 +208,22 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         rx,
         until_idle: opts.until_idle,
     };
+    // Lock held, queue repaired, capture watched: tell systemd (Type=notify) we are up.
+    sd_notify(crate::systemd::READY);
     let result = scheduler.run(store);
+    sd_notify(crate::systemd::STOPPING);
     shared.shutdown.store(true, Ordering::Relaxed);
     let _ = wtx.send(WatchMsg::Shutdown);
     let _ = ingest_thread.join();
     info!("fieldsync stopped");
     result.map_err(Into::into)
+}
+
+/// Readiness for systemd; a failure is logged, never fatal.
+fn sd_notify(state: &str) {
+    if let Err(e) = crate::systemd::notify(state) {
+        warn!(error = %e, state, "cannot notify systemd");
+    }
 }
 
 fn mkdir(p: &Path) -> Result<(), DaemonError> {

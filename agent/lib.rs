@@ -14,6 +14,7 @@ pub mod ingest;
 pub mod remote;
 pub mod status;
 pub mod store;
+pub mod systemd;
 pub mod uploader;
 pub mod util;
 pub mod verify;
