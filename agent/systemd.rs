@@ -99,7 +99,11 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn sends_to_an_abstract_socket() {
-        let name = format!("fieldsync-test-{}-{}", std::process::id(), fastrand::u64(..));
+        let name = format!(
+            "fieldsync-test-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        );
         let addr = socket_addr(&format!("@{name}")).unwrap();
         let sock = UnixDatagram::bind_addr(&addr).unwrap();
         notify_to(&format!("@{name}"), "STOPPING=1\nSTATUS=bye").unwrap();

@@ -7,6 +7,7 @@
 #
 # Needs only dpkg-deb and readelf (binutils), so it packages a cross-built binary on the
 # build host without cargo-deb or debhelper. Prints the path of the .deb.
+# DEB_COMPRESSION=xz|gzip|none (default xz; the tests use none for a debug binary).
 #
 # Layout (checked by tests/deploy.rs and .ci/arm.sh):
 #   /usr/bin/fieldsync                         0755 root:root
@@ -73,5 +74,5 @@ chmod 0644 "$pkg/DEBIAN/md5sums" "$pkg/DEBIAN/control" "$pkg/DEBIAN/conffiles"
 
 mkdir -p "$out"
 deb="$out/fieldsync_${deb_version}_${arch}.deb"
-dpkg-deb --root-owner-group -Zxz --build "$pkg" "$deb" >/dev/null
+dpkg-deb --root-owner-group -Z"${DEB_COMPRESSION:-xz}" --build "$pkg" "$deb" >/dev/null
 echo "$deb"
