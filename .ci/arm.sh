@@ -27,6 +27,10 @@ summary="$out/summary.txt"
 say() { echo "arm: $*"; }
 note() { echo "$*" | tee -a "$summary"; }
 die() { echo "arm: FAILED: $*" >&2; exit 1; }
+# Daemons started here are stopped on any exit, so a failure leaves nothing running.
+bg_pids=()
+cleanup() { for p in "${bg_pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
 phase() { say "[$((SECONDS - t0))s] $*"; }
 SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -148,8 +152,10 @@ EOF
     note "$name: $v"
     fs config check >/dev/null || die "$name: config check failed"
 
-    fs run >"$dir/daemon.log" 2>&1 &
+    # Not through `fs`: `$!` must be the daemon itself for the SIGTERM below.
+    "${runner[@]}" "$bin" --config "$dir/fieldsync.toml" run >"$dir/daemon.log" 2>&1 &
     local pid=$!
+    bg_pids+=("$pid")
     local i
     for i in $(seq 1 300); do
         grep -q "fieldsync started" "$dir/daemon.log" && break
@@ -191,11 +197,21 @@ assert s["pending"]["count"] == 0, s
     rm -rf "$dir"
 }
 
+# The ARM binaries run on Debian's multiarch runtime (libc6:arm64, pulled in by
+# libstd-rust-web-dev:arm64): the same ld.so and libc a Debian arm64 device has.
+# Not `qemu-aarch64-static -L /usr/aarch64-linux-gnu`: that takes ld.so from
+# libc6-arm64-cross (2.36-8cross1), while the host's /etc/ld.so.cache, which lists the
+# multiarch libc6:arm64 (2.36-9+deb12u*), hands it that package's libc.so.6; the
+# mismatched pair spins forever in the first pthread_create (seen with qemu 7.2 and 10.0).
+qemu_a64=(qemu-aarch64-static)
+qemu_v7=(qemu-arm-static)
+[ -e /lib/ld-linux-aarch64.so.1 ] || die "libc6:arm64 (the arm64 runtime) is not installed"
+
 phase "smoke test aarch64 under qemu"
-smoke aarch64 aarch64-unknown-linux-gnu "$bin_a64" qemu-aarch64-static -L /usr/aarch64-linux-gnu
+smoke aarch64 aarch64-unknown-linux-gnu "$bin_a64" "${qemu_a64[@]}"
 if [ "$armv7" = yes ]; then
     phase "smoke test armv7 under qemu"
-    smoke armv7 armv7-unknown-linux-gnueabihf "$bin_v7" qemu-arm-static -L /usr/arm-linux-gnueabihf
+    smoke armv7 armv7-unknown-linux-gnueabihf "$bin_v7" "${qemu_v7[@]}"
 fi
 
 # ---------------------------------------------------------------- 4. packages
@@ -234,8 +250,8 @@ check_deb() {
     cmp "$x/lib/systemd/system/fieldsync.service" deploy/fieldsync.service || die "$deb: unit differs"
     cmp "$x/etc/fieldsync/fieldsync.toml" config/fieldsync.toml || die "$deb: config differs"
     case $arch in
-    arm64) qemu-aarch64-static -L /usr/aarch64-linux-gnu "$x/usr/bin/fieldsync" --version | grep -q aarch64-unknown-linux-gnu ;;
-    armhf) qemu-arm-static -L /usr/arm-linux-gnueabihf "$x/usr/bin/fieldsync" --version | grep -q armv7-unknown-linux-gnueabihf ;;
+    arm64) "${qemu_a64[@]}" "$x/usr/bin/fieldsync" --version | grep -q aarch64-unknown-linux-gnu ;;
+    armhf) "${qemu_v7[@]}" "$x/usr/bin/fieldsync" --version | grep -q armv7-unknown-linux-gnueabihf ;;
     amd64) "$x/usr/bin/fieldsync" --version | grep -q x86_64-unknown-linux-gnu ;;
     esac || die "$deb: packaged binary is not for $arch"
     rm -rf "$x"
@@ -280,6 +296,7 @@ log="$out/installed-daemon.log"
 setpriv --reuid=fieldsync --regid=fieldsync --clear-groups \
     /usr/bin/fieldsync --config /etc/fieldsync/fieldsync.toml run >"$log" 2>&1 &
 pid=$!
+bg_pids+=("$pid")
 for i in $(seq 1 100); do grep -q "fieldsync started" "$log" && break; sleep 0.1; done
 grep -q "fieldsync started" "$log" || { cat "$log"; die "installed daemon did not start"; }
 mkdir -p /var/spool/fieldsync/capture/ci-check/row-1
