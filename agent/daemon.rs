@@ -248,7 +248,10 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         rx,
         until_idle: opts.until_idle,
     };
+    // Lock held, queue repaired, capture watched: tell systemd (Type=notify) we are up.
+    sd_notify(crate::systemd::READY);
     let result = scheduler.run(store);
+    sd_notify(crate::systemd::STOPPING);
     shared.shutdown.store(true, Ordering::Relaxed);
     let _ = wtx.send(WatchMsg::Shutdown);
     let _ = ingest_thread.join();
@@ -291,6 +294,13 @@ fn watch_wake_file(
         path: state_dir.display().to_string(),
         source,
     })
+}
+
+/// Readiness for systemd; a failure is logged, never fatal.
+fn sd_notify(state: &str) {
+    if let Err(e) = crate::systemd::notify(state) {
+        warn!(error = %e, state, "cannot notify systemd");
+    }
 }
 
 fn mkdir(p: &Path) -> Result<(), DaemonError> {

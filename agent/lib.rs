@@ -20,6 +20,7 @@ pub mod remote;
 pub mod reporter;
 pub mod status;
 pub mod store;
+pub mod systemd;
 pub mod uploader;
 pub mod util;
 pub mod verify;
