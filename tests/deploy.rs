@@ -316,6 +316,18 @@ fn production_config_spells_out_every_default() {
         "remote.file.path",
         "log.format",
         "log.level",
+        "conditions.probe_interval",
+        "conditions.unmetered_interfaces",
+        "conditions.metered_interfaces",
+        "conditions.metered",
+        "conditions.metered_daily_budget",
+        "conditions.min_battery_percent",
+        "conditions.min_free_disk",
+        "conditions.schedule",
+        "conditions.schedule_metered_only",
+        "conditions.bandwidth_limit",
+        "retention.delete_after_upload",
+        "retention.evict_on_disk_low",
     ] {
         let mut v = &toml::Value::Table(doc.clone());
         for part in key.split('.') {
