@@ -35,9 +35,6 @@ const CONTROL_POLL: Duration = Duration::from_millis(400);
 /// fsynced transaction; status only needs a few updates per second).
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
-/// How often an auth pause re-checks the credentials.
-const AUTH_RECHECK: Duration = Duration::from_secs(60);
-
 /// Control keys shared with the CLI.
 pub mod control {
     /// "1" while an operator paused uploads.
@@ -199,7 +196,7 @@ impl Scheduler {
                 reason = now_reason;
             }
 
-            if facts.auth_failed && !probing && last_auth_check.elapsed() >= AUTH_RECHECK {
+            if facts.auth_failed && !probing && last_auth_check.elapsed() >= self.cfg.upload.auth_recheck.0 {
                 probing = true;
                 last_auth_check = Instant::now();
                 let remote = self.remote.clone();
