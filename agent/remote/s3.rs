@@ -541,18 +541,13 @@ impl S3Remote {
                 .limit(16 * MIB)
                 .read_to_string()
                 .map_err(|e| net::transport_error(e, "list parts"))?;
-            let parsed = ListParts::parse_response(&body).map_err(|e| {
-                RemoteError::transient("bad_response", format!("list parts: unreadable answer: {e}"))
-            })?;
-            for p in &parsed.parts {
-                out.insert(u32::from(p.number), (p.size, p.etag.clone()));
+            let (parts, next) = parse_list_parts(&body);
+            for (number, size, etag) in parts {
+                out.insert(number, (size, etag));
             }
-            match parsed.next_part_number_marker {
-                Some(m) if !parsed.parts.is_empty() && Some(m) != marker => marker = Some(m),
+            match next {
+                Some(m) if Some(m) != marker => marker = Some(m),
                 _ => break,
-            }
-            if !body.contains("<IsTruncated>true</IsTruncated>") {
-                break;
             }
         }
         Ok(out)
@@ -562,6 +557,7 @@ impl S3Remote {
         let size = job.size;
         // Resume what the store remembers, cross-checked against the server: a part
         // counts only if the server still holds it with the ETag we committed.
+        let resumed = ctx.resume.current().is_some();
         let (upload_id, part_size, mut done) = match ctx.resume.current() {
             Some((uid, ps)) if (MIN_PART..=MAX_PART).contains(&ps) && size.div_ceil(ps) <= MAX_PARTS => {
                 let server = self.list_parts(&job.key, &uid)?;
@@ -632,6 +628,11 @@ impl S3Remote {
                     }
                 }
             }
+            if resumed && resp.status().as_u16() == 403 && self.probe().is_ok() {
+                // Some stores (s3s-fs among them) answer 403 rather than NoSuchUpload for
+                // an upload id they dropped. The credentials still work, so it is the id.
+                return Err(Fail::NoSuchUpload);
+            }
             if !resp.status().is_success() {
                 return Err(self.answer_error(resp, &what).into());
             }
@@ -665,7 +666,7 @@ impl S3Remote {
             )
             .into());
         }
-        let etag = self.complete(&job.key, &upload_id, &done)?;
+        let etag = self.complete(&job.key, &upload_id, &done, resumed)?;
         ctx.resume.clear();
         Ok(Uploaded {
             etag,
@@ -678,6 +679,7 @@ impl S3Remote {
         key: &str,
         upload_id: &str,
         parts: &BTreeMap<u32, PartRecord>,
+        resumed: bool,
     ) -> Result<Option<String>, Fail> {
         // The body is written here rather than by rusty-s3 so each part can carry its
         // ChecksumSHA256 (AWS requires it when the upload was created with SHA256).
@@ -719,6 +721,9 @@ impl S3Remote {
                     .into()),
             };
         }
+        if resumed && status == 403 && self.probe().is_ok() {
+            return Err(Fail::NoSuchUpload);
+        }
         if !resp.status().is_success() {
             return Err(self.answer_error(resp, "complete multipart upload").into());
         }
@@ -730,6 +735,33 @@ impl S3Remote {
         }
         Ok(net::xml_tag(&body, "ETag"))
     }
+}
+
+/// The parts of a ListParts answer (number, size, ETag) and the marker of the next page
+/// when it is truncated. Parsed by hand: servers differ in which optional fields they send
+/// (s3s-fs omits MaxParts, which rusty-s3's parser requires).
+fn parse_list_parts(body: &str) -> (Vec<(u32, u64, String)>, Option<u16>) {
+    let mut parts = Vec::new();
+    let mut rest = body;
+    while let Some(start) = rest.find("<Part>") {
+        let Some(end) = rest[start..].find("</Part>") else {
+            break;
+        };
+        let part = &rest[start..start + end];
+        let number = net::xml_tag(part, "PartNumber").and_then(|v| v.trim().parse().ok());
+        let size = net::xml_tag(part, "Size").and_then(|v| v.trim().parse().ok());
+        if let (Some(n), Some(sz)) = (number, size) {
+            parts.push((n, sz, net::xml_tag(part, "ETag").unwrap_or_default()));
+        }
+        rest = &rest[start + end..];
+    }
+    let truncated = net::xml_tag(body, "IsTruncated").is_some_and(|v| v.trim() == "true");
+    let next = if truncated {
+        net::xml_tag(body, "NextPartNumberMarker").and_then(|v| v.trim().parse().ok())
+    } else {
+        None
+    };
+    (parts, next)
 }
 
 fn check_sha(sha: &[u8; 32], expect: &str) -> Result<(), RemoteError> {
@@ -934,6 +966,17 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().0, "remote.s3.endpoint");
         let c: S3Config = toml::from_str("endpoint = \"http://x\"\nbucket = \"Bad_Name\"").unwrap();
         assert_eq!(c.validate().unwrap_err().0, "remote.s3.bucket");
+    }
+
+    #[test]
+    fn list_parts_answers_parse_with_or_without_optional_fields() {
+        let body = r#"<ListPartsResult><Bucket>b</Bucket><IsTruncated>true</IsTruncated><NextPartNumberMarker>2</NextPartNumberMarker>
+            <Part><PartNumber>1</PartNumber><ETag>&quot;aa&quot;</ETag><Size>5242880</Size></Part>
+            <Part><ETag>"bb"</ETag><PartNumber>2</PartNumber><Size>7</Size></Part></ListPartsResult>"#;
+        let (parts, next) = parse_list_parts(body);
+        assert_eq!(parts, vec![(1, 5242880, "\"aa\"".to_string()), (2, 7, "\"bb\"".to_string())]);
+        assert_eq!(next, Some(2));
+        assert_eq!(parse_list_parts("<ListPartsResult/>"), (vec![], None));
     }
 
     #[test]

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod s3;
+
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
