@@ -196,7 +196,10 @@ impl Scheduler {
                 reason = now_reason;
             }
 
-            if facts.auth_failed && !probing && last_auth_check.elapsed() >= self.cfg.upload.auth_recheck.0 {
+            if facts.auth_failed
+                && !probing
+                && last_auth_check.elapsed() >= self.cfg.upload.auth_recheck.0
+            {
                 probing = true;
                 last_auth_check = Instant::now();
                 let remote = self.remote.clone();

@@ -28,7 +28,10 @@ fn presigned_uploads_land_and_an_expired_url_is_requested_again() {
     let d = env.spawn();
     let sizes = [0usize, 1, 150_000, 3_000_000];
     for (i, len) in sizes.iter().enumerate() {
-        env.drop_file(&format!("pump-1/row-{i}/IMG_{i}.jpg"), &bytes(i as u64, *len));
+        env.drop_file(
+            &format!("pump-1/row-{i}/IMG_{i}.jpg"),
+            &bytes(i as u64, *len),
+        );
     }
     env.wait(Some(&d), 60, "4 synced", || env.count("synced") == 4);
 
@@ -38,7 +41,10 @@ fn presigned_uploads_land_and_an_expired_url_is_requested_again() {
         let local = std::fs::read(a["local_uri"].as_str().unwrap()).unwrap();
         let body = client.get(key).expect("object in the bucket");
         assert_eq!(sha256_hex(&body), sha256_hex(&local), "bytes of {key}");
-        assert_eq!(client.head(key).unwrap()["x-amz-meta-sha256"], sha256_hex(&local));
+        assert_eq!(
+            client.head(key).unwrap()["x-amz-meta-sha256"],
+            sha256_hex(&local)
+        );
     }
     assert_eq!(client.list("fs/").len(), 4, "one object per photo");
 
@@ -53,7 +59,10 @@ fn presigned_uploads_land_and_an_expired_url_is_requested_again() {
             assert_eq!(presign.count("PUT", key), 1, "{key}");
         }
     }
-    assert!(!env.events().iter().any(|e| e["kind"] == "paused"), "no pause");
+    assert!(
+        !env.events().iter().any(|e| e["kind"] == "paused"),
+        "no pause"
+    );
     assert!(env.status()["pause_reason"].is_null());
     assert!(d.log_text().contains("asking for a new one"));
 }
@@ -78,7 +87,10 @@ fn refused_device_token_pauses_with_auth_and_never_leaks() {
         env.cli_ok(&["status", "--json"]),
         env.cli_ok(&["list", "--json"]),
     );
-    assert!(!seen.contains(wrong) && !seen.contains(TOKEN), "token leaked");
+    assert!(
+        !seen.contains(wrong) && !seen.contains(TOKEN),
+        "token leaked"
+    );
 
     assert_eq!(d.terminate().0, Some(0));
     let fixed = env.toml.replace(wrong, TOKEN);
@@ -87,7 +99,10 @@ fn refused_device_token_pauses_with_auth_and_never_leaks() {
     env.wait(Some(&d), 30, "synced", || env.count("synced") == 1);
     let a = &env.list()[0];
     assert_eq!(
-        server.client().get(a["object_key"].as_str().unwrap()).unwrap(),
+        server
+            .client()
+            .get(a["object_key"].as_str().unwrap())
+            .unwrap(),
         bytes(1, 10_000)
     );
 }

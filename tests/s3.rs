@@ -22,7 +22,9 @@ fn s3_env(endpoint: &str, secret: &str, s3_extra: &str) -> Env {
 
 /// Adds keys to the `[upload]` table of the environment's config.
 fn upload_settings(env: &mut Env, lines: &str) {
-    let t = env.toml.replace("[upload]\n", &format!("[upload]\n{lines}\n"));
+    let t = env
+        .toml
+        .replace("[upload]\n", &format!("[upload]\n{lines}\n"));
     env.write_config(&t);
 }
 
@@ -40,7 +42,11 @@ fn assert_bucket_matches(env: &Env, client: &S3Client) -> Vec<serde_json::Value>
         assert_eq!(sha256_hex(&body), sha256_hex(&local), "bytes of {key}");
         assert_eq!(a["sha256"].as_str().unwrap(), sha256_hex(&local));
         let meta = client.head(key).unwrap();
-        assert_eq!(meta["x-amz-meta-sha256"], sha256_hex(&local), "sha256 metadata of {key}");
+        assert_eq!(
+            meta["x-amz-meta-sha256"],
+            sha256_hex(&local),
+            "sha256 metadata of {key}"
+        );
     }
     list
 }
@@ -108,7 +114,11 @@ fn hundred_photos_of_mixed_sizes_land_byte_identical_under_their_keys() {
             format!("fs/dev1/{checklist}/{row}/{id}.jpg")
         );
     }
-    assert_eq!(client.list("fs/").len(), 100, "exactly one object per photo");
+    assert_eq!(
+        client.list("fs/").len(),
+        100,
+        "exactly one object per photo"
+    );
     let status = env.status();
     assert_eq!(status["pending"]["count"], 0);
     assert_eq!(status["counts"]["failed"]["count"], 0);
@@ -130,7 +140,9 @@ fn killed_mid_multipart_resumes_and_resends_at_most_one_part() {
     // Slow enough that the kill lands mid-upload; fast enough for CI.
     proxy.set_throttle(25_000_000);
     let mut d = env.spawn();
-    env.wait(Some(&d), 120, "30 MB sent", || bytes_sent(&env) >= 30_000_000);
+    env.wait(Some(&d), 120, "30 MB sent", || {
+        bytes_sent(&env) >= 30_000_000
+    });
     d.kill9();
     let before = proxy.up_bytes();
     let (parts, committed) = committed_parts(&env);
@@ -139,7 +151,9 @@ fn killed_mid_multipart_resumes_and_resends_at_most_one_part() {
 
     proxy.set_throttle(0);
     let d = env.spawn();
-    env.wait(Some(&d), 120, "synced after restart", || env.count("synced") == 1);
+    env.wait(Some(&d), 120, "synced after restart", || {
+        env.count("synced") == 1
+    });
     let after = proxy.up_bytes() - before;
 
     let client = server.client();
@@ -172,7 +186,9 @@ fn forgotten_upload_id_starts_a_fresh_multipart_upload() {
     env.drop_file("c/r/big.jpg", &bytes(5, 30_000_000));
     proxy.set_throttle(10_000_000);
     let mut d = env.spawn();
-    env.wait(Some(&d), 60, "a part committed", || committed_parts(&env).0 >= 1);
+    env.wait(Some(&d), 60, "a part committed", || {
+        committed_parts(&env).0 >= 1
+    });
     d.kill9();
     // The server forgets the upload (as after its expiry rule ran).
     let uid = upload_id(&env).unwrap();
@@ -185,7 +201,11 @@ fn forgotten_upload_id_starts_a_fresh_multipart_upload() {
     let client = server.client();
     assert_bucket_matches(&env, &client);
     assert_eq!(client.list("fs/").len(), 1);
-    assert!(d.log_text().contains("starting a fresh one"), "{}", d.log_text());
+    assert!(
+        d.log_text().contains("starting a fresh one"),
+        "{}",
+        d.log_text()
+    );
     assert_eq!(env.count("failed"), 0);
 }
 
@@ -202,13 +222,21 @@ fn dropped_connections_mid_part_and_mid_put_leave_one_good_object() {
     // Mid second part of a three-part upload.
     proxy.reset_after(7_000_000);
     env.drop_file("c/r/multi.jpg", &bytes(1, 12 * MIB));
-    env.wait(Some(&d), 60, "multipart synced", || env.count("synced") == 1);
+    env.wait(Some(&d), 60, "multipart synced", || {
+        env.count("synced") == 1
+    });
     // Mid single PUT.
     proxy.reset_after(1_000_000);
     env.drop_file("c/r/single.jpg", &bytes(2, 3_000_000));
     env.wait(Some(&d), 60, "single synced", || env.count("synced") == 2);
 
-    assert_eq!(proxy.faults.resets.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(
+        proxy
+            .faults
+            .resets
+            .load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
     let client = server.client();
     assert_bucket_matches(&env, &client);
     assert_eq!(client.list("fs/").len(), 2, "no duplicate object");
@@ -236,16 +264,32 @@ fn burst_of_503_is_retried_without_duplicates() {
     }
     let d = env.spawn();
     env.wait(Some(&d), 120, "5 synced", || env.count("synced") == 5);
-    assert_eq!(proxy.faults.served_503.load(std::sync::atomic::Ordering::SeqCst), 8);
+    assert_eq!(
+        proxy
+            .faults
+            .served_503
+            .load(std::sync::atomic::Ordering::SeqCst),
+        8
+    );
     let client = server.client();
     assert_bucket_matches(&env, &client);
     assert_eq!(client.list("fs/").len(), 5, "no duplicate object");
     let slow_down = env
         .events()
         .iter()
-        .filter(|e| e["kind"] == "retry_scheduled" && e["reason"].as_str().unwrap_or("").starts_with("s3_SlowDown"))
+        .filter(|e| {
+            e["kind"] == "retry_scheduled"
+                && e["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("s3_SlowDown")
+        })
         .count();
-    assert!(slow_down >= 1, "503s were retried as SlowDown\n{}", env.dump(Some(&d)));
+    assert!(
+        slow_down >= 1,
+        "503s were retried as SlowDown\n{}",
+        env.dump(Some(&d))
+    );
     assert_eq!(env.count("failed"), 0);
 }
 
@@ -270,7 +314,10 @@ fn wrong_secret_pauses_with_auth_and_never_leaks_credentials() {
     assert_eq!(status["counts"]["synced"]["count"], 0);
     assert_eq!(status["counts"]["queued_upload"]["count"], 3);
     assert!(server.client().list("").is_empty());
-    let last_error = env.list()[0]["last_error_code"].as_str().unwrap_or("").to_string();
+    let last_error = env.list()[0]["last_error_code"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
     assert_eq!(last_error, "s3_SignatureDoesNotMatch");
 
     // No credential in the log, status, list or events.
@@ -301,15 +348,23 @@ fn wrong_secret_pauses_with_auth_and_never_leaks_credentials() {
 fn server_down_then_back_completes_with_growing_backoff() {
     let mut server = S3Server::start();
     let mut env = s3_env(&server.endpoint(), SECRET_KEY, "");
-    upload_settings(&mut env, "initial_backoff = \"500ms\"\nmax_backoff = \"4s\"");
-    let t = env.toml.replace("initial_backoff = \"200ms\"\n", "").replace("max_backoff = \"1s\"\n", "");
+    upload_settings(
+        &mut env,
+        "initial_backoff = \"500ms\"\nmax_backoff = \"4s\"",
+    );
+    let t = env
+        .toml
+        .replace("initial_backoff = \"200ms\"\n", "")
+        .replace("max_backoff = \"1s\"\n", "");
     env.write_config(&t);
     server.stop();
     env.drop_file("c/r/a.jpg", &bytes(1, 300_000));
     env.drop_file("c/r/b.jpg", &bytes(2, 9 * MIB));
     let d = env.spawn();
     env.wait(Some(&d), 30, "first failures", || {
-        env.list().iter().all(|a| a["attempts"].as_i64().unwrap_or(0) >= 1)
+        env.list()
+            .iter()
+            .all(|a| a["attempts"].as_i64().unwrap_or(0) >= 1)
     });
     std::thread::sleep(Duration::from_secs(8));
 
@@ -353,7 +408,9 @@ fn sigterm_during_large_upload_exits_zero_fast_and_resumes_without_resending_par
     env.drop_file("c/r/VID_0002.mp4", &bytes(9, size as usize));
     proxy.set_throttle(8_000_000);
     let mut d = env.spawn();
-    env.wait(Some(&d), 60, "2 parts committed", || committed_parts(&env).0 >= 2);
+    env.wait(Some(&d), 60, "2 parts committed", || {
+        committed_parts(&env).0 >= 2
+    });
     let (code, took) = d.terminate();
     assert_eq!(code, Some(0), "clean exit\n{}", d.log_text());
     assert!(took < Duration::from_secs(10), "stopped in {took:?}");
@@ -397,15 +454,25 @@ fn object_stored_but_answer_lost_is_not_sent_again() {
     // Let the start-up probe finish, then lose the answer to the next request: the server
     // stores the photo, the daemon never hears back (an unknown outcome).
     std::thread::sleep(Duration::from_millis(800));
-    proxy.faults.swallow_responses.store(1, std::sync::atomic::Ordering::SeqCst);
+    proxy
+        .faults
+        .swallow_responses
+        .store(1, std::sync::atomic::Ordering::SeqCst);
     let before = proxy.up_bytes();
     env.drop_file("c/r/once.jpg", &bytes(8, 2_000_000));
     env.wait(Some(&d), 60, "synced", || env.count("synced") == 1);
     assert_bucket_matches(&env, &server.client());
     assert_eq!(server.client().list("fs/").len(), 1);
-    let uploaded = env.events().into_iter().find(|e| e["kind"] == "uploaded").unwrap();
+    let uploaded = env
+        .events()
+        .into_iter()
+        .find(|e| e["kind"] == "uploaded")
+        .unwrap();
     assert_eq!(uploaded["reason"], "already_present", "{uploaded}");
-    assert!(proxy.up_bytes() - before < 2 * 2_000_000, "sent once, not twice");
+    assert!(
+        proxy.up_bytes() - before < 2 * 2_000_000,
+        "sent once, not twice"
+    );
 }
 
 #[test]
@@ -420,7 +487,9 @@ fn abandoned_multipart_upload_is_aborted() {
     let p = env.drop_file("c/r/gone.jpg", &bytes(6, 40_000_000));
     proxy.set_throttle(8_000_000);
     let d = env.spawn();
-    env.wait(Some(&d), 60, "a part committed", || committed_parts(&env).0 >= 1);
+    env.wait(Some(&d), 60, "a part committed", || {
+        committed_parts(&env).0 >= 1
+    });
     let uid = upload_id(&env).unwrap();
     assert!(server.stored_parts(&uid) >= 1);
     // The inspector deletes the photo before it is uploaded.

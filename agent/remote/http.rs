@@ -77,7 +77,10 @@ impl HttpConfig {
             return Err(("remote.http.token", "expected a non-empty token".into()));
         }
         if self.connect_timeout.0.is_zero() {
-            return Err(("remote.http.connect_timeout", "expected more than 0s".into()));
+            return Err((
+                "remote.http.connect_timeout",
+                "expected more than 0s".into(),
+            ));
         }
         if self.read_timeout.0 < std::time::Duration::from_secs(1) {
             return Err(("remote.http.read_timeout", "expected at least 1s".into()));
@@ -137,10 +140,15 @@ impl HttpRemote {
                     .map_err(|e| format!("remote.http.token_file {}: {e}", p.display()))?
                     .trim(),
             ),
-            (None, None) => Secret::new(std::env::var("FIELDSYNC_DEVICE_TOKEN").unwrap_or_default()),
+            (None, None) => {
+                Secret::new(std::env::var("FIELDSYNC_DEVICE_TOKEN").unwrap_or_default())
+            }
         };
         if token.is_empty() {
-            return Err("remote.http: no device token: set token, token_file or FIELDSYNC_DEVICE_TOKEN".into());
+            return Err(
+                "remote.http: no device token: set token, token_file or FIELDSYNC_DEVICE_TOKEN"
+                    .into(),
+            );
         }
         let agent = net::agent(
             cfg.ca_bundle.as_deref(),
@@ -174,7 +182,12 @@ impl HttpRemote {
         let status = resp.status().as_u16();
         let retry_after = net::header(&resp, "retry-after");
         let says = net::parse_error_body(&net::read_body(&mut resp));
-        self.scrub(net::status_error(status, retry_after.as_deref(), &says, what))
+        self.scrub(net::status_error(
+            status,
+            retry_after.as_deref(),
+            &says,
+            what,
+        ))
     }
 
     /// Asks the backend for a presigned request. 401/403 here mean the device token was
@@ -218,7 +231,11 @@ impl HttpRemote {
         }
     }
 
-    fn simple(&self, method: &'static str, key: &str) -> Result<(PresignResponse, Resp), RemoteError> {
+    fn simple(
+        &self,
+        method: &'static str,
+        key: &str,
+    ) -> Result<(PresignResponse, Resp), RemoteError> {
         let what = format!("{} object", method.to_ascii_lowercase());
         let mut last = None;
         for _ in 0..2 {
@@ -232,12 +249,17 @@ impl HttpRemote {
                 content_md5: None,
                 content_type: None,
             })?;
-            let mut req = ureq::http::Request::builder().method(method).uri(p.url.as_str());
+            let mut req = ureq::http::Request::builder()
+                .method(method)
+                .uri(p.url.as_str());
             for (k, v) in &p.headers {
                 req = req.header(k.as_str(), v.as_str());
             }
             let req = req.body(()).map_err(|_| {
-                RemoteError::transient("bad_response", format!("{what}: the backend returned an invalid URL or header"))
+                RemoteError::transient(
+                    "bad_response",
+                    format!("{what}: the backend returned an invalid URL or header"),
+                )
             })?;
             let resp = self
                 .agent
@@ -297,7 +319,11 @@ impl Remote for HttpRemote {
             if job.size > 0 {
                 req = req.header("expect", "100-continue");
             }
-            if !p.headers.keys().any(|k| k.eq_ignore_ascii_case("content-md5")) {
+            if !p
+                .headers
+                .keys()
+                .any(|k| k.eq_ignore_ascii_case("content-md5"))
+            {
                 req = req.header("content-md5", md5.as_str());
             }
             for (k, v) in &p.headers {
@@ -394,7 +420,11 @@ impl Remote for HttpRemote {
                 content_type: Some(media_type),
             })?;
             let mut req = self.agent.put(p.url.as_str());
-            if !p.headers.keys().any(|k| k.eq_ignore_ascii_case("content-md5")) {
+            if !p
+                .headers
+                .keys()
+                .any(|k| k.eq_ignore_ascii_case("content-md5"))
+            {
                 req = req.header("content-md5", md5.as_str());
             }
             for (k, v) in &p.headers {
@@ -437,8 +467,10 @@ mod tests {
 
     #[test]
     fn config_is_validated_and_token_never_debug_prints() {
-        let c: HttpConfig =
-            toml::from_str("endpoint = \"https://api.example.com/presign\"\ntoken = \"tok-very-secret\"").unwrap();
+        let c: HttpConfig = toml::from_str(
+            "endpoint = \"https://api.example.com/presign\"\ntoken = \"tok-very-secret\"",
+        )
+        .unwrap();
         c.validate().unwrap();
         assert!(!format!("{c:?}").contains("tok-very-secret"));
         let r = HttpRemote::new(&c, "dev1", "fs").unwrap();

@@ -63,13 +63,11 @@ pub const MIB: u64 = 1024 * 1024;
 impl ByteSize {
     pub fn parse(s: &str) -> Result<ByteSize, String> {
         let s = s.trim();
-        let split = s
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(s.len());
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("invalid size \"{s}\"; expected e.g. 8388608, \"8MiB\" or \"5 MB\""))?;
+        let n: u64 = num.parse().map_err(|_| {
+            format!("invalid size \"{s}\"; expected e.g. 8388608, \"8MiB\" or \"5 MB\"")
+        })?;
         let mult = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kb" => 1000,
@@ -78,7 +76,9 @@ impl ByteSize {
             "mib" => MIB,
             "g" | "gb" => 1000 * 1000 * 1000,
             "gib" => 1024 * MIB,
-            other => return Err(format!("unknown size unit \"{other}\" in \"{s}\"; expected B, KiB, MiB, GiB, kB, MB or GB")),
+            other => return Err(format!(
+                "unknown size unit \"{other}\" in \"{s}\"; expected B, KiB, MiB, GiB, kB, MB or GB"
+            )),
         };
         n.checked_mul(mult)
             .map(ByteSize)
@@ -121,8 +121,7 @@ pub fn agent(
     use ureq::tls::{RootCerts, TlsConfig, TlsProvider};
     let mut tls = TlsConfig::builder().provider(TlsProvider::Rustls);
     if let Some(path) = ca_bundle {
-        let pem = std::fs::read(path)
-            .map_err(|e| format!("ca_bundle {}: {e}", path.display()))?;
+        let pem = std::fs::read(path).map_err(|e| format!("ca_bundle {}: {e}", path.display()))?;
         let mut certs = Vec::new();
         for item in ureq::tls::parse_pem(&pem) {
             match item {
@@ -439,7 +438,9 @@ fn parse_http_date(v: &str) -> Option<u64> {
     let doy = (153 * mp + 2) / 5 + day as i64 - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
-    u64::try_from(days).ok().map(|d| d * 86_400 + h * 3600 + m * 60 + s)
+    u64::try_from(days)
+        .ok()
+        .map(|d| d * 86_400 + h * 3600 + m * 60 + s)
 }
 
 /// Server text may span lines or be long; status and MQTT want one short line.
@@ -496,7 +497,10 @@ mod tests {
                 "put",
             )
         };
-        assert_eq!(c(403, Some("SignatureDoesNotMatch")).class, ErrorClass::Auth);
+        assert_eq!(
+            c(403, Some("SignatureDoesNotMatch")).class,
+            ErrorClass::Auth
+        );
         assert_eq!(status_error(401, None, &none, "x").class, ErrorClass::Auth);
         assert_eq!(c(400, Some("ExpiredToken")).class, ErrorClass::Auth);
         assert_eq!(
@@ -507,7 +511,9 @@ mod tests {
         );
         assert!(matches!(
             c(429, None).class,
-            ErrorClass::Transient { retry_after: Some(_) }
+            ErrorClass::Transient {
+                retry_after: Some(_)
+            }
         ));
         assert!(matches!(
             c(400, Some("BadDigest")).class,
@@ -528,8 +534,14 @@ mod tests {
         assert_eq!(s.message.as_deref(), Some("gone & away"));
         let j = parse_error_body(r#"{"error":"bad token"}"#);
         assert_eq!(j.message.as_deref(), Some("bad token"));
-        assert_eq!(parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"), Some(784111777));
-        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"), Some(Duration::ZERO));
+        assert_eq!(
+            parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(784111777)
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("5"), Some(Duration::from_secs(5)));
         assert_eq!(parse_retry_after("soon"), None);
     }

@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusty_s3::actions::{
-    AbortMultipartUpload, CompleteMultipartUpload, CreateMultipartUpload, DeleteObject,
-    GetObject, HeadBucket, HeadObject, ListParts, PutObject, S3Action, UploadPart,
+    AbortMultipartUpload, CompleteMultipartUpload, CreateMultipartUpload, DeleteObject, GetObject,
+    HeadBucket, HeadObject, ListParts, PutObject, S3Action, UploadPart,
 };
 use rusty_s3::{Bucket, Credentials, UrlStyle};
 use serde::Deserialize;
@@ -31,9 +31,7 @@ use sha2::{Digest, Sha256};
 use tracing::{debug, info};
 
 use super::net::{self, b64, ByteSize, Secret, MIB};
-use super::{
-    ErrorClass, Remote, RemoteError, RemoteObject, UploadCtx, UploadJob, Uploaded,
-};
+use super::{ErrorClass, Remote, RemoteError, RemoteObject, UploadCtx, UploadJob, Uploaded};
 use crate::config::Dur;
 use crate::store::PartRecord;
 use crate::util::hex;
@@ -163,7 +161,10 @@ impl S3Config {
             }
         }
         if self.region.trim().is_empty() {
-            return Err(("remote.s3.region", "expected a region such as \"us-east-1\"".into()));
+            return Err((
+                "remote.s3.region",
+                "expected a region such as \"us-east-1\"".into(),
+            ));
         }
         let b = &self.bucket;
         if b.len() < 3
@@ -346,17 +347,25 @@ impl S3Remote {
         Self::with_env(cfg, &|k| std::env::var(k).ok())
     }
 
-    pub fn with_env(cfg: &S3Config, env: &dyn Fn(&str) -> Option<String>) -> Result<S3Remote, String> {
+    pub fn with_env(
+        cfg: &S3Config,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<S3Remote, String> {
         cfg.validate().map_err(|(k, m)| format!("{k}: {m}"))?;
         let (creds, source) = resolve_credentials(cfg, env)?;
-        let endpoint = url::Url::parse(&cfg.endpoint)
-            .map_err(|e| format!("remote.s3.endpoint: {e}"))?;
+        let endpoint =
+            url::Url::parse(&cfg.endpoint).map_err(|e| format!("remote.s3.endpoint: {e}"))?;
         let style = match cfg.addressing {
             Addressing::Path => UrlStyle::Path,
             Addressing::VirtualHost => UrlStyle::VirtualHost,
         };
-        let bucket = Bucket::new(endpoint.clone(), style, cfg.bucket.clone(), cfg.region.clone())
-            .map_err(|e| format!("remote.s3.endpoint: {e}"))?;
+        let bucket = Bucket::new(
+            endpoint.clone(),
+            style,
+            cfg.bucket.clone(),
+            cfg.region.clone(),
+        )
+        .map_err(|e| format!("remote.s3.endpoint: {e}"))?;
         let agent = net::agent(
             cfg.ca_bundle.as_deref(),
             cfg.connect_timeout.0,
@@ -396,7 +405,12 @@ impl S3Remote {
         let status = resp.status().as_u16();
         let retry_after = net::header(&resp, "retry-after");
         let says = net::parse_error_body(&net::read_body(&mut resp));
-        self.scrub(net::status_error(status, retry_after.as_deref(), &says, what))
+        self.scrub(net::status_error(
+            status,
+            retry_after.as_deref(),
+            &says,
+            what,
+        ))
     }
 
     fn is_no_such_upload(resp: &mut Resp) -> Option<String> {
@@ -446,7 +460,11 @@ impl S3Remote {
             .map_err(|e| body.explain(e, what))
     }
 
-    fn single_put(&self, job: &UploadJob, ctx: &mut UploadCtx<'_>) -> Result<Uploaded, RemoteError> {
+    fn single_put(
+        &self,
+        job: &UploadJob,
+        ctx: &mut UploadCtx<'_>,
+    ) -> Result<Uploaded, RemoteError> {
         let (md5, sha) = net::digest_range(&job.path, 0, job.size, None)?;
         check_sha(&sha, &job.sha256)?;
         if !(ctx.keep_going)() {
@@ -509,7 +527,12 @@ impl S3Remote {
             .map_err(|e| net::transport_error(e, "create multipart upload"))?;
         CreateMultipartUpload::parse_response(&body)
             .map(|r| r.upload_id().to_string())
-            .map_err(|e| RemoteError::transient("bad_response", format!("create multipart upload: unreadable answer: {e}")))
+            .map_err(|e| {
+                RemoteError::transient(
+                    "bad_response",
+                    format!("create multipart upload: unreadable answer: {e}"),
+                )
+            })
     }
 
     /// The parts the server holds for `upload_id` (number → (size, etag)).
@@ -559,7 +582,9 @@ impl S3Remote {
         // counts only if the server still holds it with the ETag we committed.
         let resumed = ctx.resume.current().is_some();
         let (upload_id, part_size, mut done) = match ctx.resume.current() {
-            Some((uid, ps)) if (MIN_PART..=MAX_PART).contains(&ps) && size.div_ceil(ps) <= MAX_PARTS => {
+            Some((uid, ps))
+                if (MIN_PART..=MAX_PART).contains(&ps) && size.div_ceil(ps) <= MAX_PARTS =>
+            {
                 let server = self.list_parts(&job.key, &uid)?;
                 let mut done = BTreeMap::new();
                 for p in ctx.resume.parts() {
@@ -567,7 +592,9 @@ impl S3Remote {
                         Some((sz, etag)) if *sz == p.size && same_etag(etag, &p.etag) => {
                             done.insert(p.part_number, p);
                         }
-                        _ => debug!(id = %job.id, part = p.part_number, "part not on the server; sending it again"),
+                        _ => {
+                            debug!(id = %job.id, part = p.part_number, "part not on the server; sending it again")
+                        }
                     }
                 }
                 info!(id = %job.id, parts_done = done.len(), "resuming multipart upload");
@@ -600,8 +627,13 @@ impl S3Remote {
             }
             let (md5, sha) = net::digest_range(&job.path, offset, len, Some(&mut whole))?;
             let headers = self.checksum_headers(&md5, &sha);
-            let mut action =
-                UploadPart::new(&self.bucket, Some(&self.creds), &job.key, pn as u16, &upload_id);
+            let mut action = UploadPart::new(
+                &self.bucket,
+                Some(&self.creds),
+                &job.key,
+                pn as u16,
+                &upload_id,
+            );
             for (k, v) in &headers {
                 action.headers_mut().insert(*k, v.clone());
             }
@@ -624,7 +656,9 @@ impl S3Remote {
                     None => return Err(Fail::NoSuchUpload),
                     Some(b) => {
                         let says = net::parse_error_body(&b);
-                        return Err(self.scrub(net::status_error(404, None, &says, &what)).into());
+                        return Err(self
+                            .scrub(net::status_error(404, None, &says, &what))
+                            .into());
                     }
                 }
             }
@@ -637,7 +671,11 @@ impl S3Remote {
                 return Err(self.answer_error(resp, &what).into());
             }
             let Some(etag) = net::header(&resp, "etag") else {
-                return Err(RemoteError::transient("bad_response", format!("{what}: no ETag in the answer")).into());
+                return Err(RemoteError::transient(
+                    "bad_response",
+                    format!("{what}: no ETag in the answer"),
+                )
+                .into());
             };
             let mut checksum = format!("md5:{}", b64(&md5));
             if self.checksum.sha256() {
@@ -691,7 +729,11 @@ impl S3Remote {
                 xml_escape(&p.etag)
             ));
             if self.checksum.sha256() {
-                if let Some(s) = p.checksum.split(' ').find_map(|c| c.strip_prefix("sha256:")) {
+                if let Some(s) = p
+                    .checksum
+                    .split(' ')
+                    .find_map(|c| c.strip_prefix("sha256:"))
+                {
                     xml.push_str(&format!("<ChecksumSHA256>{s}</ChecksumSHA256>"));
                 }
             }
@@ -717,7 +759,12 @@ impl S3Remote {
             return match Self::is_no_such_upload(&mut resp) {
                 None => Err(Fail::NoSuchUpload),
                 Some(b) => Err(self
-                    .scrub(net::status_error(404, None, &net::parse_error_body(&b), "complete multipart upload"))
+                    .scrub(net::status_error(
+                        404,
+                        None,
+                        &net::parse_error_body(&b),
+                        "complete multipart upload",
+                    ))
                     .into()),
             };
         }
@@ -731,7 +778,14 @@ impl S3Remote {
         let body = net::read_body(&mut resp);
         if body.contains("<Error>") {
             let says = net::parse_error_body(&body);
-            return Err(self.scrub(net::status_error(500, None, &says, "complete multipart upload")).into());
+            return Err(self
+                .scrub(net::status_error(
+                    500,
+                    None,
+                    &says,
+                    "complete multipart upload",
+                ))
+                .into());
         }
         Ok(net::xml_tag(&body, "ETag"))
     }
@@ -782,7 +836,9 @@ fn same_etag(a: &str, b: &str) -> bool {
 }
 
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 impl Remote for S3Remote {
@@ -958,10 +1014,18 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_key() {
-        assert!(cfg("part_size = \"1MiB\"").unwrap_err().starts_with("remote.s3.part_size"));
-        assert!(cfg("access_key_id = \"AK\"").unwrap_err().starts_with("remote.s3.secret_access_key"));
-        let e = toml::from_str::<S3Config>("endpoint = \"x\"\nbucket = \"b\"\nchecksum = \"crc\"").unwrap_err();
-        assert!(e.to_string().contains("checksum") || e.to_string().contains("crc"), "{e}");
+        assert!(cfg("part_size = \"1MiB\"")
+            .unwrap_err()
+            .starts_with("remote.s3.part_size"));
+        assert!(cfg("access_key_id = \"AK\"")
+            .unwrap_err()
+            .starts_with("remote.s3.secret_access_key"));
+        let e = toml::from_str::<S3Config>("endpoint = \"x\"\nbucket = \"b\"\nchecksum = \"crc\"")
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("checksum") || e.to_string().contains("crc"),
+            "{e}"
+        );
         let c: S3Config = toml::from_str("endpoint = \"ftp://x\"\nbucket = \"photos\"").unwrap();
         assert_eq!(c.validate().unwrap_err().0, "remote.s3.endpoint");
         let c: S3Config = toml::from_str("endpoint = \"http://x\"\nbucket = \"Bad_Name\"").unwrap();
@@ -974,7 +1038,13 @@ mod tests {
             <Part><PartNumber>1</PartNumber><ETag>&quot;aa&quot;</ETag><Size>5242880</Size></Part>
             <Part><ETag>"bb"</ETag><PartNumber>2</PartNumber><Size>7</Size></Part></ListPartsResult>"#;
         let (parts, next) = parse_list_parts(body);
-        assert_eq!(parts, vec![(1, 5242880, "\"aa\"".to_string()), (2, 7, "\"bb\"".to_string())]);
+        assert_eq!(
+            parts,
+            vec![
+                (1, 5242880, "\"aa\"".to_string()),
+                (2, 7, "\"bb\"".to_string())
+            ]
+        );
         assert_eq!(next, Some(2));
         assert_eq!(parse_list_parts("<ListPartsResult/>"), (vec![], None));
     }
@@ -992,7 +1062,8 @@ mod tests {
     #[test]
     fn credentials_come_from_config_file_or_env_and_never_debug_print() {
         let no_env = |_: &str| None;
-        let c = cfg("access_key_id = \"AKIDINLINE\"\nsecret_access_key = \"inline-secret-value\"").unwrap();
+        let c = cfg("access_key_id = \"AKIDINLINE\"\nsecret_access_key = \"inline-secret-value\"")
+            .unwrap();
         let (cr, src) = resolve_credentials(&c, &no_env).unwrap();
         assert_eq!((cr.key(), src), ("AKIDINLINE", CredentialSource::Config));
         assert!(!format!("{c:?}").contains("inline-secret-value"));
@@ -1001,9 +1072,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("creds");
         fs::write(&f, "[default]\naws_access_key_id = A1\naws_secret_access_key = s1\n[profile field]\naws_access_key_id=A2\naws_secret_access_key=s2\naws_session_token=t2\n").unwrap();
-        let c = cfg(&format!("credentials_file = \"{}\"\nprofile = \"field\"", f.display())).unwrap();
+        let c = cfg(&format!(
+            "credentials_file = \"{}\"\nprofile = \"field\"",
+            f.display()
+        ))
+        .unwrap();
         let (cr, src) = resolve_credentials(&c, &no_env).unwrap();
-        assert_eq!((cr.key(), cr.secret(), cr.token(), src), ("A2", "s2", Some("t2"), CredentialSource::File));
+        assert_eq!(
+            (cr.key(), cr.secret(), cr.token(), src),
+            ("A2", "s2", Some("t2"), CredentialSource::File)
+        );
 
         let c = cfg("").unwrap();
         let env = |k: &str| match k {

@@ -113,11 +113,20 @@ impl S3Server {
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start s3s-fs ({}): {e}; install it with tests/run.sh", s3s_fs_bin().display()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start s3s-fs ({}): {e}; install it with tests/run.sh",
+                    s3s_fs_bin().display()
+                )
+            });
         self.child = Some(child);
         let start = Instant::now();
         while TcpStream::connect(self.addr()).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(20), "s3s-fs did not start:\n{}", self.log_text());
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "s3s-fs did not start:\n{}",
+                self.log_text()
+            );
             thread::sleep(Duration::from_millis(25));
         }
     }
@@ -167,8 +176,13 @@ const TTL: Duration = Duration::from_secs(600);
 impl S3Client {
     pub fn new(endpoint: &str) -> S3Client {
         S3Client {
-            bucket: Bucket::new(endpoint.parse().unwrap(), UrlStyle::Path, BUCKET, "us-east-1")
-                .unwrap(),
+            bucket: Bucket::new(
+                endpoint.parse().unwrap(),
+                UrlStyle::Path,
+                BUCKET,
+                "us-east-1",
+            )
+            .unwrap(),
             creds: Credentials::new(ACCESS_KEY, SECRET_KEY),
             agent: ureq::Agent::config_builder()
                 .http_status_as_error(false)
@@ -228,14 +242,20 @@ impl S3Client {
     }
 
     pub fn abort_multipart(&self, key: &str, upload_id: &str) {
-        let url = AbortMultipartUpload::new(&self.bucket, Some(&self.creds), key, upload_id).sign(TTL);
+        let url =
+            AbortMultipartUpload::new(&self.bucket, Some(&self.creds), key, upload_id).sign(TTL);
         let r = self.agent.delete(url.as_str()).call().unwrap();
         assert!(r.status().is_success(), "abort {key}: {}", r.status());
     }
 
     pub fn bucket_ok(&self) -> bool {
         let url = HeadBucket::new(&self.bucket, Some(&self.creds)).sign(TTL);
-        self.agent.head(url.as_str()).call().unwrap().status().is_success()
+        self.agent
+            .head(url.as_str())
+            .call()
+            .unwrap()
+            .status()
+            .is_success()
     }
 
     /// Every object key (and size) under `prefix`, following continuation tokens.
@@ -485,7 +505,8 @@ impl PresignService {
                         (requests.clone(), client.clone(), token.clone());
                     let (expire_next, expired) = (expire_next.clone(), expired.clone());
                     thread::spawn(move || {
-                        let _ = presign_conn(conn, &client, &token, &requests, &expire_next, &expired);
+                        let _ =
+                            presign_conn(conn, &client, &token, &requests, &expire_next, &expired);
                     });
                 }
             });
@@ -554,7 +575,10 @@ fn presign_conn(
         let mut body = vec![0u8; len];
         r.read_exact(&mut body)?;
         let (status, json) = if auth != format!("Bearer {token}") {
-            (401, serde_json::json!({"code": "unauthorized", "message": "device token refused"}))
+            (
+                401,
+                serde_json::json!({"code": "unauthorized", "message": "device token refused"}),
+            )
         } else {
             let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
             let method = req["method"].as_str().unwrap_or("").to_string();
@@ -595,12 +619,19 @@ fn presign_conn(
                 "DELETE" => DeleteObject::new(b, c, &key).sign(TTL),
                 _ => {
                     let body = br#"{"code":"bad_method","message":"unknown method"}"#;
-                    write!(w, "HTTP/1.1 400 Bad Request\r\nContent-Length: {}\r\n\r\n", body.len())?;
+                    write!(
+                        w,
+                        "HTTP/1.1 400 Bad Request\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    )?;
                     w.write_all(body)?;
                     continue;
                 }
             };
-            (200, serde_json::json!({"url": url.as_str(), "headers": headers}))
+            (
+                200,
+                serde_json::json!({"url": url.as_str(), "headers": headers}),
+            )
         };
         let body = serde_json::to_vec(&json).unwrap();
         write!(
