@@ -43,7 +43,14 @@ struct Result {
     rss_kb: u64,
 }
 
-fn run_fieldsync(bin: &Path, server: &S3Server, files: usize, size: usize, seed: u64) -> Result {
+fn run_fieldsync(
+    bin: &Path,
+    server: &S3Server,
+    files: usize,
+    size: usize,
+    seed: u64,
+    concurrency: u32,
+) -> Result {
     let dir = tempfile::tempdir().unwrap();
     let capture = dir.path().join("capture");
     let state = dir.path().join("state");
@@ -52,7 +59,7 @@ fn run_fieldsync(bin: &Path, server: &S3Server, files: usize, size: usize, seed:
     fs::write(
         &cfg,
         format!(
-            "device_id = \"bench\"\n[paths]\ncapture = \"{}\"\nstate_dir = \"{}\"\n[ingest]\nsettle = \"200ms\"\n[log]\nlevel = \"warn\"\n{}",
+            "device_id = \"bench\"\n[paths]\ncapture = \"{}\"\nstate_dir = \"{}\"\n[ingest]\nsettle = \"200ms\"\n[upload]\nconcurrency = {concurrency}\n[log]\nlevel = \"warn\"\n{}",
             capture.display(),
             state.display(),
             S3Server::remote_toml(&server.endpoint(), SECRET_KEY, "")
@@ -145,7 +152,7 @@ fn run_rclone(server: &S3Server, files: usize, size: usize, seed: u64) -> Result
 fn line(tool: &str, files: usize, size: usize, r: &Result) -> String {
     let mb = (files * size) as f64 / MB as f64;
     format!(
-        "{tool:<10} {files:>4} x {:>4} MB  {:>7.2} s  {:>7.1} MB/s  peak RSS {:>6.1} MB",
+        "{tool:<24} {files:>4} x {:>4} MB  {:>7.2} s  {:>7.1} MB/s  peak RSS {:>6.1} MB",
         size / MB,
         r.secs,
         mb / r.secs,
@@ -162,10 +169,13 @@ fn bench_s3_against_rclone() {
     let server = S3Server::start();
     let mut report = vec![format!("fieldsync binary: {}", bin.display())];
     for (files, size, seed) in [(200, 2 * MB, 1000), (4, 100 * MB, 2000)] {
-        let f = run_fieldsync(&bin, &server, files, size, seed);
+        // The device default (2 uploads at once), and rclone's default of 4 transfers.
+        let f2 = run_fieldsync(&bin, &server, files, size, seed, 2);
+        let f4 = run_fieldsync(&bin, &server, files, size, seed + 100, 4);
         let r = run_rclone(&server, files, size, seed);
-        report.push(line("fieldsync", files, size, &f));
-        report.push(line("rclone", files, size, &r));
+        report.push(line("fieldsync concurrency 2", files, size, &f2));
+        report.push(line("fieldsync concurrency 4", files, size, &f4));
+        report.push(line("rclone --transfers 4", files, size, &r));
     }
     println!("\n{}\n", report.join("\n"));
 }

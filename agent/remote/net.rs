@@ -231,19 +231,30 @@ impl Read for BodyReader<'_> {
     }
 }
 
-/// MD5 and SHA-256 of `len` bytes of `path` from `offset`; `also` (the whole-object hash)
-/// is fed the same bytes. A short read means the file shrank: it changed since ingest.
+/// Digests of one range of a file, computed in a single read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Digests {
+    pub md5: Option<[u8; 16]>,
+    pub sha256: Option<[u8; 32]>,
+}
+
+/// The MD5 and/or SHA-256 (as asked) of `len` bytes of `path` from `offset`; `also` (the
+/// whole-object hash) is fed the same bytes. Only what is needed is computed: hashing is
+/// most of the CPU an upload costs on a small ARM core. A short read means the file
+/// shrank: it changed since ingest.
 pub fn digest_range(
     path: &Path,
     offset: u64,
     len: u64,
+    want_md5: bool,
+    want_sha256: bool,
     also: Option<&mut Sha256>,
-) -> Result<([u8; 16], [u8; 32]), RemoteError> {
+) -> Result<Digests, RemoteError> {
     let mut f = File::open(path).map_err(local_read_error)?;
     f.seek(SeekFrom::Start(offset)).map_err(local_read_error)?;
     let mut f = f.take(len);
-    let mut md5 = Md5::new();
-    let mut sha = Sha256::new();
+    let mut md5 = want_md5.then(Md5::new);
+    let mut sha = want_sha256.then(Sha256::new);
     let mut also = also;
     let mut buf = vec![0u8; 4 * CHUNK];
     let mut total = 0u64;
@@ -254,8 +265,12 @@ pub fn digest_range(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(local_read_error(e)),
         };
-        md5.update(&buf[..n]);
-        sha.update(&buf[..n]);
+        if let Some(h) = md5.as_mut() {
+            h.update(&buf[..n]);
+        }
+        if let Some(h) = sha.as_mut() {
+            h.update(&buf[..n]);
+        }
         if let Some(h) = also.as_deref_mut() {
             h.update(&buf[..n]);
         }
@@ -265,10 +280,15 @@ pub fn digest_range(
         return Err(RemoteError::new(
             ErrorClass::LocalChanged,
             "checksum_mismatch",
-            format!("file is shorter than when it was hashed ({total} of {len} bytes at offset {offset})"),
+            format!(
+                "file is shorter than when it was hashed ({total} of {len} bytes at offset {offset})"
+            ),
         ));
     }
-    Ok((md5.finalize().into(), sha.finalize().into()))
+    Ok(Digests {
+        md5: md5.map(|h| h.finalize().into()),
+        sha256: sha.map(|h| h.finalize().into()),
+    })
 }
 
 pub fn b64(bytes: &[u8]) -> String {

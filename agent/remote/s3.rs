@@ -424,13 +424,13 @@ impl S3Remote {
     }
 
     /// Headers of a body PUT: checksums per the mode, plus the ones given.
-    fn checksum_headers(&self, md5: &[u8; 16], sha: &[u8; 32]) -> Vec<(&'static str, String)> {
+    fn checksum_headers(&self, d: &net::Digests) -> Vec<(&'static str, String)> {
         let mut h = Vec::new();
-        if self.checksum.md5() {
-            h.push(("content-md5", b64(md5)));
+        if let (true, Some(md5)) = (self.checksum.md5(), d.md5) {
+            h.push(("content-md5", b64(&md5)));
         }
-        if self.checksum.sha256() {
-            h.push(("x-amz-checksum-sha256", b64(sha)));
+        if let (true, Some(sha)) = (self.checksum.sha256(), d.sha256) {
+            h.push(("x-amz-checksum-sha256", b64(&sha)));
         }
         h
     }
@@ -465,12 +465,13 @@ impl S3Remote {
         job: &UploadJob,
         ctx: &mut UploadCtx<'_>,
     ) -> Result<Uploaded, RemoteError> {
-        let (md5, sha) = net::digest_range(&job.path, 0, job.size, None)?;
-        check_sha(&sha, &job.sha256)?;
+        // The sha256 is always needed: the bytes about to go must be the ingested ones.
+        let d = net::digest_range(&job.path, 0, job.size, self.checksum.md5(), true, None)?;
+        check_sha(&d.sha256.unwrap_or_default(), &job.sha256)?;
         if !(ctx.keep_going)() {
             return Err(RemoteError::interrupted());
         }
-        let mut headers = self.checksum_headers(&md5, &sha);
+        let mut headers = self.checksum_headers(&d);
         headers.push((META_SHA256, job.sha256.clone()));
         headers.push(("content-type", job.media_type.clone()));
         let mut action = PutObject::new(&self.bucket, Some(&self.creds), &job.key);
@@ -618,15 +619,22 @@ impl S3Remote {
             if let Some(p) = done.get(&pn) {
                 if p.size == len {
                     // Already on the server: only hash it, for the whole-file check.
-                    net::digest_range(&job.path, offset, len, Some(&mut whole))?;
+                    net::digest_range(&job.path, offset, len, false, false, Some(&mut whole))?;
                     continue;
                 }
             }
             if !(ctx.keep_going)() {
                 return Err(RemoteError::interrupted().into());
             }
-            let (md5, sha) = net::digest_range(&job.path, offset, len, Some(&mut whole))?;
-            let headers = self.checksum_headers(&md5, &sha);
+            let d = net::digest_range(
+                &job.path,
+                offset,
+                len,
+                self.checksum.md5(),
+                self.checksum.sha256(),
+                Some(&mut whole),
+            )?;
+            let headers = self.checksum_headers(&d);
             let mut action = UploadPart::new(
                 &self.bucket,
                 Some(&self.creds),
@@ -677,10 +685,14 @@ impl S3Remote {
                 )
                 .into());
             };
-            let mut checksum = format!("md5:{}", b64(&md5));
-            if self.checksum.sha256() {
-                checksum = format!("{checksum} sha256:{}", b64(&sha));
-            }
+            let checksum = [
+                d.md5.map(|m| format!("md5:{}", b64(&m))),
+                d.sha256.map(|s| format!("sha256:{}", b64(&s))),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" ");
             let rec = PartRecord {
                 part_number: pn,
                 size: len,
@@ -939,7 +951,10 @@ impl Remote for S3Remote {
     fn put_bytes(&self, key: &str, bytes: &[u8], media_type: &str) -> Result<(), RemoteError> {
         let md5: [u8; 16] = md5::Md5::digest(bytes).into();
         let sha: [u8; 32] = Sha256::digest(bytes).into();
-        let mut headers = self.checksum_headers(&md5, &sha);
+        let mut headers = self.checksum_headers(&net::Digests {
+            md5: Some(md5),
+            sha256: Some(sha),
+        });
         headers.push((META_SHA256, hex(&sha)));
         headers.push(("content-type", media_type.to_string()));
         let mut action = PutObject::new(&self.bucket, Some(&self.creds), key);
@@ -1000,6 +1015,46 @@ mod tests {
         let c: S3Config = toml::from_str(&text).map_err(|e| e.to_string())?;
         c.validate().map_err(|(k, m)| format!("{k}: {m}"))?;
         Ok(c)
+    }
+
+    #[test]
+    fn annotated_example_config_is_valid() {
+        let text = include_str!("../../config/s3.example.toml");
+        let c = crate::config::Config::parse(text, "s3.example.toml").unwrap();
+        let s3 = c.remote.s3.unwrap();
+        assert_eq!(s3.bucket, "inspection-photos");
+        assert_eq!(c.upload.auth_recheck.0, Duration::from_secs(60));
+        // The commented-out http variant is valid too.
+        let (_, http) = text.split_once("# --- or:").unwrap();
+        let http: String = http
+            .lines()
+            .skip(1)
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = crate::config::Config::parse(&http, "http").unwrap();
+        assert_eq!(c.remote.kind, crate::config::RemoteKind::Http);
+    }
+
+    #[test]
+    fn unusable_ca_bundle_is_one_clear_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.pem");
+        fs::write(&not_pem, "not a certificate").unwrap();
+        let env = |_: &str| None;
+        for (path, want) in [
+            (not_pem.clone(), "no PEM certificate"),
+            (dir.path().join("missing.pem"), "No such file"),
+        ] {
+            let c = cfg(&format!(
+                "access_key_id = \"A\"\nsecret_access_key = \"S\"\nca_bundle = \"{}\"",
+                path.display()
+            ))
+            .unwrap();
+            let e = S3Remote::with_env(&c, &env).err().unwrap();
+            assert!(e.starts_with("remote.s3.ca_bundle "), "{e}");
+            assert!(e.contains(want) && !e.contains('\n'), "{e}");
+        }
     }
 
     #[test]
