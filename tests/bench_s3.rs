@@ -81,27 +81,30 @@ fn run_fieldsync(
     let mut rss = 0;
     loop {
         rss = rss.max(vm_hwm_kb(pid).unwrap_or(0));
-        let synced: i64 = rusqlite::Connection::open_with_flags(
-            &db,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .and_then(|c| {
-            c.query_row(
-                "SELECT COUNT(*) FROM attachments WHERE state='synced'",
-                [],
-                |r| r.get(0),
-            )
-        })
-        .unwrap_or(0);
+        let synced: i64 =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .and_then(|c| {
+                    c.query_row(
+                        "SELECT COUNT(*) FROM attachments WHERE state='synced'",
+                        [],
+                        |r| r.get(0),
+                    )
+                })
+                .unwrap_or(0);
         if synced as usize == files {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(1200), "fieldsync bench timed out");
+        assert!(
+            start.elapsed() < Duration::from_secs(1200),
+            "fieldsync bench timed out"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let secs = start.elapsed().as_secs_f64();
     rss = rss.max(vm_hwm_kb(pid).unwrap_or(0));
-    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
     let _ = child.wait();
     assert_eq!(
         server.client().list(&format!("fieldsync-{seed}/")).len(),
@@ -123,7 +126,15 @@ fn run_rclone(server: &S3Server, files: usize, size: usize, seed: u64) -> Result
         .arg("%M")
         .arg("-o")
         .arg(&out)
-        .args(["env", "-u", "AWS_CA_BUNDLE", "rclone", "copy", "--config", "/dev/null"])
+        .args([
+            "env",
+            "-u",
+            "AWS_CA_BUNDLE",
+            "rclone",
+            "copy",
+            "--config",
+            "/dev/null",
+        ])
         .arg(&src)
         .arg(format!("bench:{BUCKET}/rclone-{seed}"))
         .env("RCLONE_CONFIG_BENCH_TYPE", "s3")
@@ -137,7 +148,10 @@ fn run_rclone(server: &S3Server, files: usize, size: usize, seed: u64) -> Result
         .unwrap();
     let secs = start.elapsed().as_secs_f64();
     assert!(st.success(), "rclone failed");
-    assert_eq!(server.client().list(&format!("rclone-{seed}/")).len(), files);
+    assert_eq!(
+        server.client().list(&format!("rclone-{seed}/")).len(),
+        files
+    );
     let rss_kb = fs::read_to_string(&out)
         .unwrap()
         .trim()

@@ -76,9 +76,11 @@ impl ByteSize {
             "mib" => MIB,
             "g" | "gb" => 1000 * 1000 * 1000,
             "gib" => 1024 * MIB,
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "unknown size unit \"{other}\" in \"{s}\"; expected B, KiB, MiB, GiB, kB, MB or GB"
-            )),
+            ))
+            }
         };
         n.checked_mul(mult)
             .map(ByteSize)
@@ -402,7 +404,16 @@ pub fn status_error(
         (_, "BadDigest" | "InvalidDigest" | "XAmzContentChecksumMismatch" | "RequestTimeout") => {
             ErrorClass::Transient { retry_after: None }
         }
-        (400, "ExpiredToken" | "InvalidToken" | "TokenRefreshRequired") => ErrorClass::Auth,
+        // Credentials or signing set-up (expired session token, wrong region in the
+        // signature): every file would fail the same way, so pause rather than fail each.
+        (
+            400,
+            "ExpiredToken"
+            | "InvalidToken"
+            | "TokenRefreshRequired"
+            | "AuthorizationHeaderMalformed"
+            | "AuthorizationQueryParametersError",
+        ) => ErrorClass::Auth,
         (401 | 403, _) => ErrorClass::Auth,
         (408 | 429, _) | (500..=599, _) => ErrorClass::Transient {
             retry_after: retry_after.and_then(parse_retry_after),
