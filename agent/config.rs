@@ -130,6 +130,8 @@ pub struct Upload {
     pub permanent_attempts: u32,
     /// Attempts before a transient error marks it `failed`; 0 retries forever.
     pub transient_attempts: u32,
+    /// While the remote refuses the credentials (`auth` pause), how often to re-check.
+    pub auth_recheck: Dur,
 }
 
 impl Default for Upload {
@@ -142,6 +144,7 @@ impl Default for Upload {
             max_backoff: Dur::secs(300),
             permanent_attempts: 3,
             transient_attempts: 0,
+            auth_recheck: Dur::secs(60),
         }
     }
 }
@@ -150,6 +153,8 @@ impl Default for Upload {
 #[serde(rename_all = "snake_case")]
 pub enum RemoteKind {
     File,
+    S3,
+    Http,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -160,6 +165,8 @@ pub struct Remote {
     /// First component of every object key.
     pub prefix: String,
     pub file: Option<FileRemote>,
+    pub s3: Option<crate::remote::s3::S3Config>,
+    pub http: Option<crate::remote::http::HttpConfig>,
 }
 
 impl Default for Remote {
@@ -168,6 +175,8 @@ impl Default for Remote {
             kind: RemoteKind::File,
             prefix: "fieldsync".into(),
             file: None,
+            s3: None,
+            http: None,
         }
     }
 }
@@ -348,6 +357,24 @@ impl Config {
                     "expected a [remote.file] table with `path` when remote.kind = \"file\"".into(),
                 ))
             }
+            RemoteKind::S3 => match &self.remote.s3 {
+                None => {
+                    return Err((
+                        "remote.s3",
+                        "expected a [remote.s3] table when remote.kind = \"s3\"".into(),
+                    ))
+                }
+                Some(s3) => s3.validate()?,
+            },
+            RemoteKind::Http => match &self.remote.http {
+                None => {
+                    return Err((
+                        "remote.http",
+                        "expected a [remote.http] table when remote.kind = \"http\"".into(),
+                    ))
+                }
+                Some(h) => h.validate()?,
+            },
             _ => {}
         }
         self.conditions.validate()?;

@@ -40,9 +40,6 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// How long a row whose outcome could not be recorded is held back.
 const STORE_COOLDOWN: Duration = Duration::from_secs(10);
 
-/// How often an auth pause re-checks the credentials.
-const AUTH_RECHECK: Duration = Duration::from_secs(60);
-
 /// Control keys shared with the CLI.
 pub mod control {
     /// "1" while an operator paused uploads.
@@ -226,7 +223,10 @@ impl Scheduler {
                 recheck = true;
             }
 
-            if facts.auth_failed && !probing && last_auth_check.elapsed() >= AUTH_RECHECK {
+            if facts.auth_failed
+                && !probing
+                && last_auth_check.elapsed() >= self.cfg.upload.auth_recheck.0
+            {
                 probing = true;
                 last_auth_check = Instant::now();
                 let remote = self.remote.clone();

@@ -510,12 +510,14 @@ impl Governor {
             let now = Instant::now();
             let mut changed = false;
             if next_remote.is_some_and(|t| t <= now) {
+                let mut failure = None;
                 let reachable = match self.remote.probe() {
                     Ok(()) => true,
                     // Credentials are the scheduler's `auth` condition; the link is fine.
                     Err(e) if e.class == ErrorClass::Auth => true,
                     Err(e) => {
                         tracing::debug!(error = %e, retry_in = ?backoff, "remote not reachable");
+                        failure = Some(e);
                         false
                     }
                 };
@@ -536,6 +538,16 @@ impl Governor {
                     backoff = OFFLINE_PROBE_MIN;
                 } else {
                     next_remote = Some(Instant::now() + backoff);
+                    // Each failed probe is in the event log with its next delay, so an
+                    // operator sees the backoff (and that nothing hammers a dead link).
+                    if let Some(e) = failure {
+                        let _ = store.log_event(
+                            "probe_failed",
+                            "skipped",
+                            None,
+                            Some(&format!("{e}; next probe in {}ms", backoff.as_millis())),
+                        );
+                    }
                     backoff = (backoff * 2).min(OFFLINE_PROBE_MAX);
                 }
             }

@@ -11,6 +11,9 @@ use crate::config;
 use crate::store::PartRecord;
 
 pub mod file;
+pub mod http;
+mod net;
+pub mod s3;
 
 /// Why a remote operation did not succeed; drives the retry decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +164,26 @@ pub fn build(cfg: &config::Config) -> Result<Box<dyn Remote>, String> {
                 .as_ref()
                 .ok_or("remote.file: missing [remote.file] table")?;
             Ok(Box::new(file::FileRemote::new(f.path.clone())))
+        }
+        config::RemoteKind::S3 => {
+            let c = cfg
+                .remote
+                .s3
+                .as_ref()
+                .ok_or("remote.s3: missing [remote.s3] table")?;
+            Ok(Box::new(s3::S3Remote::new(c)?))
+        }
+        config::RemoteKind::Http => {
+            let c = cfg
+                .remote
+                .http
+                .as_ref()
+                .ok_or("remote.http: missing [remote.http] table")?;
+            Ok(Box::new(http::HttpRemote::new(
+                c,
+                &cfg.device_id,
+                &cfg.remote.prefix,
+            )?))
         }
     }
 }

@@ -9,6 +9,8 @@
 
 pub mod mqtt;
 
+pub mod s3;
+
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,507 @@
+//! The `http` remote: storage credentials stay off the device.
+//!
+//! For every object operation the device POSTs a small JSON request, authenticated with
+//! its device token, to a backend's presign endpoint; the backend answers with a
+//! presigned URL (and the headers to send with it) for the storage, and the device
+//! performs the request there. The format is documented in the README (`## S3 and HTTP
+//! remotes`).
+//!
+//! A presigned URL can expire between the answer and its use (a slow link, a paused
+//! queue, a clock far off): storage then answers 403. That is not the device's
+//! credentials failing, so it asks for a fresh URL once and, if storage refuses again,
+//! retries later like any transient error. Only a 401/403 from the backend itself (the
+//! device token was refused) pauses the queue with reason `auth`.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use super::net::{self, b64, Secret};
+use super::{ErrorClass, Remote, RemoteError, RemoteObject, UploadCtx, UploadJob, Uploaded};
+use crate::config::Dur;
+use crate::util::hex;
+
+/// `[remote.http]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// The backend's presign endpoint, e.g. `https://api.example.com/fieldsync/presign`.
+    pub endpoint: String,
+    /// The device token, sent as `Authorization: Bearer …`. Prefer `token_file` or the
+    /// `FIELDSYNC_DEVICE_TOKEN` environment variable.
+    #[serde(default)]
+    pub token: Option<Secret>,
+    /// A file holding the device token (surrounding whitespace ignored).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// PEM CA certificates to trust for the backend and the storage (private CA).
+    #[serde(default)]
+    pub ca_bundle: Option<PathBuf>,
+    /// Default 10s.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Dur,
+    /// Default 60s.
+    #[serde(default = "default_read_timeout")]
+    pub read_timeout: Dur,
+}
+
+fn default_connect_timeout() -> Dur {
+    Dur::secs(10)
+}
+fn default_read_timeout() -> Dur {
+    Dur::secs(60)
+}
+
+impl HttpConfig {
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        match url::Url::parse(&self.endpoint) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {}
+            _ => {
+                return Err((
+                    "remote.http.endpoint",
+                    "expected an http:// or https:// URL of the presign endpoint".into(),
+                ))
+            }
+        }
+        if self.token.is_some() && self.token_file.is_some() {
+            return Err((
+                "remote.http.token_file",
+                "expected either token or token_file, not both".into(),
+            ));
+        }
+        if self.token.as_ref().is_some_and(Secret::is_empty) {
+            return Err(("remote.http.token", "expected a non-empty token".into()));
+        }
+        if self.connect_timeout.0.is_zero() {
+            return Err((
+                "remote.http.connect_timeout",
+                "expected more than 0s".into(),
+            ));
+        }
+        if self.read_timeout.0 < std::time::Duration::from_secs(1) {
+            return Err(("remote.http.read_timeout", "expected at least 1s".into()));
+        }
+        Ok(())
+    }
+}
+
+/// What the device asks the backend for (the README documents it).
+#[derive(Debug, Serialize)]
+pub struct PresignRequest<'a> {
+    pub device_id: &'a str,
+    /// `PUT`, `HEAD`, `GET` or `DELETE`.
+    pub method: &'a str,
+    pub key: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attachment_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content_md5: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<&'a str>,
+}
+
+/// The backend's answer.
+#[derive(Debug, Deserialize)]
+pub struct PresignResponse {
+    pub url: String,
+    /// Headers to send with the request, exactly as given (they may be signed).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+pub struct HttpRemote {
+    endpoint: String,
+    token: Secret,
+    device_id: String,
+    /// A key the probe asks about: under this device's prefix, so a backend that checks
+    /// keys accepts it.
+    probe_key: String,
+    agent: ureq::Agent,
+    describe: String,
+}
+
+type Resp = ureq::http::Response<ureq::Body>;
+
+impl HttpRemote {
+    pub fn new(cfg: &HttpConfig, device_id: &str, prefix: &str) -> Result<HttpRemote, String> {
+        cfg.validate().map_err(|(k, m)| format!("{k}: {m}"))?;
+        let token = match (&cfg.token, &cfg.token_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(p)) => Secret::new(
+                fs::read_to_string(p)
+                    .map_err(|e| format!("remote.http.token_file {}: {e}", p.display()))?
+                    .trim(),
+            ),
+            (None, None) => {
+                Secret::new(std::env::var("FIELDSYNC_DEVICE_TOKEN").unwrap_or_default())
+            }
+        };
+        if token.is_empty() {
+            return Err(
+                "remote.http: no device token: set token, token_file or FIELDSYNC_DEVICE_TOKEN"
+                    .into(),
+            );
+        }
+        let agent = net::agent(
+            cfg.ca_bundle.as_deref(),
+            cfg.connect_timeout.0,
+            cfg.read_timeout.0,
+        )
+        .map_err(|e| format!("remote.http.{e}"))?;
+        let host = url::Url::parse(&cfg.endpoint)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default();
+        let probe_key = super::object_key(prefix, device_id, ".probe", "", "probe", "");
+        Ok(HttpRemote {
+            endpoint: cfg.endpoint.clone(),
+            token,
+            device_id: device_id.to_string(),
+            probe_key,
+            agent,
+            describe: format!("http presign via {host}"),
+        })
+    }
+
+    fn scrub(&self, e: RemoteError) -> RemoteError {
+        RemoteError {
+            message: net::scrub(e.message, &[self.token.expose()]),
+            ..e
+        }
+    }
+
+    fn answer_error(&self, mut resp: Resp, what: &str) -> RemoteError {
+        let status = resp.status().as_u16();
+        let retry_after = net::header(&resp, "retry-after");
+        let says = net::parse_error_body(&net::read_body(&mut resp));
+        self.scrub(net::status_error(
+            status,
+            retry_after.as_deref(),
+            &says,
+            what,
+        ))
+    }
+
+    /// Asks the backend for a presigned request. 401/403 here mean the device token was
+    /// refused: the `auth` pause.
+    fn presign(&self, req: &PresignRequest<'_>) -> Result<PresignResponse, RemoteError> {
+        let body = serde_json::to_vec(req).expect("presign request serialises");
+        let mut resp = self
+            .agent
+            .post(&self.endpoint)
+            .header("authorization", format!("Bearer {}", self.token.expose()))
+            .header("content-type", "application/json")
+            .header("accept", "application/json")
+            .send(&body[..])
+            .map_err(|e| net::transport_error(e, "presign"))?;
+        if !resp.status().is_success() {
+            return Err(self.answer_error(resp, "presign"));
+        }
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(256 * 1024)
+            .read_to_string()
+            .map_err(|e| net::transport_error(e, "presign"))?;
+        serde_json::from_str(&text).map_err(|e| {
+            RemoteError::transient("bad_response", format!("presign: unreadable answer: {e}"))
+        })
+    }
+
+    /// An error from the storage behind a presigned URL: the storage's 401/403 is about
+    /// the URL (expired, signed by a backend with bad keys), not the device, so it never
+    /// pauses the queue.
+    fn storage_error(&self, resp: Resp, what: &str) -> RemoteError {
+        let e = self.answer_error(resp, what);
+        match e.class {
+            ErrorClass::Auth => RemoteError {
+                class: ErrorClass::Transient { retry_after: None },
+                code: "presigned_rejected".into(),
+                ..e
+            },
+            _ => e,
+        }
+    }
+
+    fn simple(
+        &self,
+        method: &'static str,
+        key: &str,
+    ) -> Result<(PresignResponse, Resp), RemoteError> {
+        let what = format!("{} object", method.to_ascii_lowercase());
+        let mut last = None;
+        for _ in 0..2 {
+            let p = self.presign(&PresignRequest {
+                device_id: &self.device_id,
+                method,
+                key,
+                attachment_id: None,
+                size: None,
+                sha256: None,
+                content_md5: None,
+                content_type: None,
+            })?;
+            let mut req = ureq::http::Request::builder()
+                .method(method)
+                .uri(p.url.as_str());
+            for (k, v) in &p.headers {
+                req = req.header(k.as_str(), v.as_str());
+            }
+            let req = req.body(()).map_err(|_| {
+                RemoteError::transient(
+                    "bad_response",
+                    format!("{what}: the backend returned an invalid URL or header"),
+                )
+            })?;
+            let resp = self
+                .agent
+                .run(req)
+                .map_err(|e| net::transport_error(e, &what))?;
+            if matches!(resp.status().as_u16(), 401 | 403) {
+                last = Some(self.storage_error(resp, &what));
+                continue;
+            }
+            return Ok((p, resp));
+        }
+        Err(last.expect("loop ran"))
+    }
+}
+
+impl Remote for HttpRemote {
+    fn kind(&self) -> &'static str {
+        "http"
+    }
+
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn upload(&self, job: &UploadJob, ctx: &mut UploadCtx<'_>) -> Result<Uploaded, RemoteError> {
+        // One PUT per file (storage accepts up to 5 GiB so); the backend signs the
+        // Content-MD5 we send, so the storage verifies the bytes.
+        let d = net::digest_range(&job.path, 0, job.size, true, true, None)?;
+        let (md5, sha) = (d.md5.unwrap_or_default(), d.sha256.unwrap_or_default());
+        if hex(&sha) != job.sha256 {
+            return Err(RemoteError::new(
+                ErrorClass::LocalChanged,
+                "checksum_mismatch",
+                format!("local bytes hash to {}, expected {}", hex(&sha), job.sha256),
+            ));
+        }
+        let md5 = b64(&md5);
+        let mut sent_total = 0u64;
+        let mut last = None;
+        for round in 0..2 {
+            if !(ctx.keep_going)() {
+                return Err(RemoteError::interrupted());
+            }
+            let p = self.presign(&PresignRequest {
+                device_id: &self.device_id,
+                method: "PUT",
+                key: &job.key,
+                attachment_id: Some(&job.id),
+                size: Some(job.size),
+                sha256: Some(&job.sha256),
+                content_md5: Some(&md5),
+                content_type: Some(&job.media_type),
+            })?;
+            let mut req = self
+                .agent
+                .put(p.url.as_str())
+                .header("content-length", job.size.to_string());
+            if job.size > 0 {
+                req = req.header("expect", "100-continue");
+            }
+            if !p
+                .headers
+                .keys()
+                .any(|k| k.eq_ignore_ascii_case("content-md5"))
+            {
+                req = req.header("content-md5", md5.as_str());
+            }
+            for (k, v) in &p.headers {
+                req = req.header(k.as_str(), v.as_str());
+            }
+            let mut body = net::BodyReader::open(
+                &job.path,
+                0,
+                job.size,
+                0,
+                ctx.throttle,
+                ctx.keep_going,
+                ctx.progress,
+            )?;
+            let result = req.send(ureq::SendBody::from_reader(&mut body));
+            sent_total += body.sent;
+            let resp = result.map_err(|e| body.explain(e, "put object"))?;
+            let status = resp.status().as_u16();
+            if resp.status().is_success() {
+                return Ok(Uploaded {
+                    etag: net::header(&resp, "etag"),
+                    bytes_sent: sent_total,
+                });
+            }
+            let e = self.storage_error(resp, "put object");
+            if matches!(status, 401 | 403) && round == 0 {
+                info!(id = %job.id, "storage refused the presigned URL (expired?); asking for a new one");
+                last = Some(e);
+                continue;
+            }
+            return Err(e);
+        }
+        Err(last.expect("loop ran"))
+    }
+
+    fn head(&self, key: &str) -> Result<Option<RemoteObject>, RemoteError> {
+        let (_, resp) = self.simple("HEAD", key)?;
+        match resp.status().as_u16() {
+            404 => Ok(None),
+            s if (200..300).contains(&s) => Ok(Some(RemoteObject {
+                size: net::header(&resp, "content-length")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+                etag: net::header(&resp, "etag"),
+                sha256: net::header(&resp, "x-amz-meta-sha256"),
+            })),
+            _ => Err(self.storage_error(resp, "head object")),
+        }
+    }
+
+    fn download(&self, key: &str, dest: &Path) -> Result<u64, RemoteError> {
+        let (_, mut resp) = self.simple("GET", key)?;
+        if !resp.status().is_success() {
+            return Err(self.storage_error(resp, "get object"));
+        }
+        let tmp = dest.with_extension("fieldsync-download");
+        let io_err = |what: &str, e: io::Error| {
+            RemoteError::transient("local_io", format!("{what} {}: {e}", tmp.display()))
+        };
+        let mut out = fs::File::create(&tmp).map_err(|e| io_err("create", e))?;
+        let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
+        let n = io::copy(&mut reader, &mut out).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            RemoteError::transient("connection", format!("get object: {e}"))
+        })?;
+        out.sync_all().map_err(|e| io_err("fsync", e))?;
+        fs::rename(&tmp, dest).map_err(|e| io_err("rename", e))?;
+        Ok(n)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), RemoteError> {
+        let (_, resp) = self.simple("DELETE", key)?;
+        match resp.status().as_u16() {
+            404 => Ok(()),
+            s if (200..300).contains(&s) => Ok(()),
+            _ => Err(self.storage_error(resp, "delete object")),
+        }
+    }
+
+    fn put_bytes(&self, key: &str, bytes: &[u8], media_type: &str) -> Result<(), RemoteError> {
+        use md5::Digest as _;
+        let md5 = b64(&md5::Md5::digest(bytes));
+        let sha = hex(&sha2::Sha256::digest(bytes));
+        let mut last = None;
+        for _ in 0..2 {
+            let p = self.presign(&PresignRequest {
+                device_id: &self.device_id,
+                method: "PUT",
+                key,
+                attachment_id: None,
+                size: Some(bytes.len() as u64),
+                sha256: Some(&sha),
+                content_md5: Some(&md5),
+                content_type: Some(media_type),
+            })?;
+            let mut req = self.agent.put(p.url.as_str());
+            if !p
+                .headers
+                .keys()
+                .any(|k| k.eq_ignore_ascii_case("content-md5"))
+            {
+                req = req.header("content-md5", md5.as_str());
+            }
+            for (k, v) in &p.headers {
+                req = req.header(k.as_str(), v.as_str());
+            }
+            let resp = req
+                .send(bytes)
+                .map_err(|e| net::transport_error(e, "put object"))?;
+            if resp.status().is_success() {
+                return Ok(());
+            }
+            let status = resp.status().as_u16();
+            let e = self.storage_error(resp, "put object");
+            if !matches!(status, 401 | 403) {
+                return Err(e);
+            }
+            last = Some(e);
+        }
+        Err(last.expect("loop ran"))
+    }
+
+    fn probe(&self) -> Result<(), RemoteError> {
+        self.presign(&PresignRequest {
+            device_id: &self.device_id,
+            method: "HEAD",
+            key: &self.probe_key,
+            attachment_id: None,
+            size: None,
+            sha256: None,
+            content_md5: None,
+            content_type: None,
+        })
+        .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_is_validated_and_token_never_debug_prints() {
+        let c: HttpConfig = toml::from_str(
+            "endpoint = \"https://api.example.com/presign\"\ntoken = \"tok-very-secret\"",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert!(!format!("{c:?}").contains("tok-very-secret"));
+        let r = HttpRemote::new(&c, "dev1", "fs").unwrap();
+        assert_eq!(r.describe(), "http presign via api.example.com");
+        assert_eq!(r.probe_key, "fs/dev1/.probe/probe");
+        let c: HttpConfig = toml::from_str("endpoint = \"presign\"").unwrap();
+        assert_eq!(c.validate().unwrap_err().0, "remote.http.endpoint");
+        assert!(toml::from_str::<HttpConfig>("endpoint = \"http://x\"\ntokn = \"a\"").is_err());
+    }
+
+    #[test]
+    fn request_json_has_the_documented_fields() {
+        let r = PresignRequest {
+            device_id: "dev1",
+            method: "PUT",
+            key: "fs/dev1/c/r/id.jpg",
+            attachment_id: Some("id"),
+            size: Some(5),
+            sha256: Some("ab"),
+            content_md5: Some("md"),
+            content_type: Some("image/jpeg"),
+        };
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"device_id":"dev1","method":"PUT","key":"fs/dev1/c/r/id.jpg",
+                "attachment_id":"id","size":5,"sha256":"ab","content_md5":"md","content_type":"image/jpeg"})
+        );
+        let p: PresignResponse =
+            serde_json::from_str(r#"{"url":"https://s/x","headers":{"content-md5":"m"}}"#).unwrap();
+        assert_eq!(p.headers["content-md5"], "m");
+    }
+}

@@ -1,0 +1,1152 @@
+//! The `s3` remote: any S3-compatible store (AWS S3, MinIO, R2, Ceph RGW, Garage).
+//!
+//! Requests are signed with SigV4 by `rusty-s3` (sans-IO: it only produces presigned
+//! URLs) and sent with a blocking `ureq` agent over rustls. Files at or below
+//! `multipart_threshold` go in one PUT; larger ones use a multipart upload whose id and
+//! acknowledged parts are committed through the [`ResumeLog`] as each part finishes, so a
+//! crash, kill -9 or reboot resumes at the next missing part. An upload id the server no
+//! longer knows (expired, aborted, completed) starts a fresh multipart upload.
+//!
+//! Integrity: every PUT and part carries Content-MD5 and/or x-amz-checksum-sha256 that
+//! the server verifies; the whole file is hashed again while it is sent and must match the
+//! ingest sha256, which is also stored as `x-amz-meta-sha256` so `head` can prove that an
+//! object left by an attempt with an unknown outcome is the right one.
+//!
+//! Credentials come from the config, a credentials file or the standard AWS environment
+//! variables; they are never printed (see [`Secret`]) and are scrubbed from server text.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusty_s3::actions::{
+    AbortMultipartUpload, CompleteMultipartUpload, CreateMultipartUpload, DeleteObject, GetObject,
+    HeadBucket, HeadObject, ListParts, PutObject, S3Action, UploadPart,
+};
+use rusty_s3::{Bucket, Credentials, UrlStyle};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tracing::{debug, info};
+
+use super::net::{self, b64, ByteSize, Secret, MIB};
+use super::{ErrorClass, Remote, RemoteError, RemoteObject, UploadCtx, UploadJob, Uploaded};
+use crate::config::Dur;
+use crate::store::PartRecord;
+use crate::util::hex;
+
+/// S3's limits on multipart uploads.
+const MIN_PART: u64 = 5 * MIB;
+const MAX_PART: u64 = 5 * 1024 * MIB;
+const MAX_PARTS: u64 = 10_000;
+/// The largest object a single PUT may create.
+const MAX_SINGLE_PUT: u64 = 5 * 1024 * MIB;
+
+/// Lifetime of the presigned URL of one request. The signature is checked when a request
+/// starts, so this only has to cover the gap between signing and sending; short limits the
+/// damage of a URL that leaks.
+const SIGN_EXPIRY: Duration = Duration::from_secs(15 * 60);
+
+/// Metadata key holding the ingest sha256 (hex) of every object fieldsync writes.
+const META_SHA256: &str = "x-amz-meta-sha256";
+
+/// `[remote.s3]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// `https://s3.eu-central-1.amazonaws.com`, `http://minio.local:9000`, …
+    pub endpoint: String,
+    /// SigV4 signing region. Default `us-east-1` (what MinIO, Garage and Ceph expect).
+    #[serde(default = "default_region")]
+    pub region: String,
+    pub bucket: String,
+    /// `path` (`endpoint/bucket/key`, default: every S3-compatible store supports it) or
+    /// `virtual_host` (`bucket.endpoint/key`).
+    #[serde(default)]
+    pub addressing: Addressing,
+    /// Inline credentials; both or neither. Prefer `credentials_file` or the environment.
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    #[serde(default)]
+    pub secret_access_key: Option<Secret>,
+    #[serde(default)]
+    pub session_token: Option<Secret>,
+    /// An AWS shared-credentials file (`[profile]` with `aws_access_key_id`, …).
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
+    /// Section of `credentials_file`. Default `default`.
+    #[serde(default = "default_profile")]
+    pub profile: String,
+    /// PEM file of CA certificates to trust instead of the built-in roots (private CA).
+    #[serde(default)]
+    pub ca_bundle: Option<PathBuf>,
+    /// Default 10s.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Dur,
+    /// A read or write that makes no progress this long fails the request. Default 60s.
+    #[serde(default = "default_read_timeout")]
+    pub read_timeout: Dur,
+    /// Files larger than this use multipart upload. Default 8 MiB.
+    #[serde(default = "default_part")]
+    pub multipart_threshold: ByteSize,
+    /// Part size of multipart uploads (5 MiB ..= 5 GiB); raised for files that would
+    /// need more than 10,000 parts. Default 8 MiB.
+    #[serde(default = "default_part")]
+    pub part_size: ByteSize,
+    /// Which checksum the server verifies on every PUT and part. Default `md5`.
+    #[serde(default)]
+    pub checksum: ChecksumMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Addressing {
+    #[default]
+    Path,
+    VirtualHost,
+}
+
+/// `md5` (Content-MD5: understood by every S3-compatible store, the safe default),
+/// `sha256` (x-amz-checksum-sha256: AWS and recent MinIO/Ceph/R2), or `both`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChecksumMode {
+    #[default]
+    Md5,
+    Sha256,
+    Both,
+}
+
+impl ChecksumMode {
+    fn md5(self) -> bool {
+        matches!(self, ChecksumMode::Md5 | ChecksumMode::Both)
+    }
+    fn sha256(self) -> bool {
+        matches!(self, ChecksumMode::Sha256 | ChecksumMode::Both)
+    }
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn default_profile() -> String {
+    "default".into()
+}
+fn default_connect_timeout() -> Dur {
+    Dur::secs(10)
+}
+fn default_read_timeout() -> Dur {
+    Dur::secs(60)
+}
+fn default_part() -> ByteSize {
+    ByteSize(8 * MIB)
+}
+
+impl S3Config {
+    /// Checks values the types cannot; returns the key (below `remote.s3`) and what is
+    /// expected.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        match url::Url::parse(&self.endpoint) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {
+                if u.query().is_some() {
+                    return Err(("remote.s3.endpoint", "expected a URL without a query".into()));
+                }
+            }
+            _ => {
+                return Err((
+                    "remote.s3.endpoint",
+                    "expected an http:// or https:// URL such as \"https://s3.eu-central-1.amazonaws.com\"".into(),
+                ))
+            }
+        }
+        if self.region.trim().is_empty() {
+            return Err((
+                "remote.s3.region",
+                "expected a region such as \"us-east-1\"".into(),
+            ));
+        }
+        let b = &self.bucket;
+        if b.len() < 3
+            || b.len() > 63
+            || !b
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        {
+            return Err((
+                "remote.s3.bucket",
+                "expected a bucket name of 3 to 63 lowercase letters, digits, `-` or `.`".into(),
+            ));
+        }
+        match (&self.access_key_id, &self.secret_access_key) {
+            (Some(_), None) => {
+                return Err((
+                    "remote.s3.secret_access_key",
+                    "expected it too when access_key_id is set".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err((
+                    "remote.s3.access_key_id",
+                    "expected it too when secret_access_key is set".into(),
+                ))
+            }
+            (Some(k), Some(s)) if k.is_empty() || s.is_empty() => {
+                return Err((
+                    "remote.s3.access_key_id",
+                    "expected non-empty access_key_id and secret_access_key".into(),
+                ))
+            }
+            _ => {}
+        }
+        if self.access_key_id.is_some() && self.credentials_file.is_some() {
+            return Err((
+                "remote.s3.credentials_file",
+                "expected either inline keys or a credentials_file, not both".into(),
+            ));
+        }
+        if self.connect_timeout.0.is_zero() {
+            return Err(("remote.s3.connect_timeout", "expected more than 0s".into()));
+        }
+        if self.read_timeout.0 < Duration::from_secs(1) {
+            return Err(("remote.s3.read_timeout", "expected at least 1s".into()));
+        }
+        if !(MIN_PART..=MAX_PART).contains(&self.part_size.0) {
+            return Err((
+                "remote.s3.part_size",
+                "expected a size from 5 MiB to 5 GiB (S3's part limits)".into(),
+            ));
+        }
+        if self.multipart_threshold.0 > MAX_SINGLE_PUT {
+            return Err((
+                "remote.s3.multipart_threshold",
+                "expected at most 5 GiB (S3's single PUT limit)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where the credentials came from, for the start-up log (never the values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialSource {
+    Config,
+    File,
+    Environment,
+}
+
+impl CredentialSource {
+    fn as_str(self) -> &'static str {
+        match self {
+            CredentialSource::Config => "config",
+            CredentialSource::File => "credentials_file",
+            CredentialSource::Environment => "environment",
+        }
+    }
+}
+
+/// Inline keys, else the credentials file, else `AWS_ACCESS_KEY_ID` /
+/// `AWS_SECRET_ACCESS_KEY` (/ `AWS_SESSION_TOKEN`).
+pub fn resolve_credentials(
+    cfg: &S3Config,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Credentials, CredentialSource), String> {
+    let make = |k: String, s: String, t: Option<String>| match t.filter(|t| !t.is_empty()) {
+        Some(t) => Credentials::new_with_token(k, s, t),
+        None => Credentials::new(k, s),
+    };
+    if let (Some(k), Some(s)) = (&cfg.access_key_id, &cfg.secret_access_key) {
+        let t = cfg.session_token.as_ref().map(|t| t.expose().to_string());
+        return Ok((
+            make(k.clone(), s.expose().to_string(), t),
+            CredentialSource::Config,
+        ));
+    }
+    if let Some(path) = &cfg.credentials_file {
+        let text = fs::read_to_string(path)
+            .map_err(|e| format!("remote.s3.credentials_file {}: {e}", path.display()))?;
+        let section = ini_section(&text, &cfg.profile);
+        let get = |k: &str| section.get(k).cloned().filter(|v| !v.is_empty());
+        return match (get("aws_access_key_id"), get("aws_secret_access_key")) {
+            (Some(k), Some(s)) => Ok((
+                make(k, s, get("aws_session_token")),
+                CredentialSource::File,
+            )),
+            _ => Err(format!(
+                "remote.s3.credentials_file {}: no aws_access_key_id and aws_secret_access_key in [{}]",
+                path.display(),
+                cfg.profile
+            )),
+        };
+    }
+    match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
+        (Some(k), Some(s)) if !k.is_empty() && !s.is_empty() => Ok((
+            make(k, s, env("AWS_SESSION_TOKEN")),
+            CredentialSource::Environment,
+        )),
+        _ => Err("remote.s3: no credentials: set access_key_id and secret_access_key, or credentials_file, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY".into()),
+    }
+}
+
+/// `key = value` pairs of one `[section]` of an INI file (the AWS credentials format).
+fn ini_section(text: &str, want: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut inside = false;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            let name = name.trim();
+            inside = name == want || name == format!("profile {want}");
+            continue;
+        }
+        if inside {
+            if let Some((k, v)) = line.split_once('=') {
+                out.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+            }
+        }
+    }
+    out
+}
+
+/// The part size for a file: the configured one, raised (in whole MiB) so the file fits
+/// in S3's 10,000 parts.
+pub fn part_size_for(size: u64, configured: u64) -> u64 {
+    let min_for_count = size.div_ceil(MAX_PARTS).div_ceil(MIB) * MIB;
+    configured.max(min_for_count).clamp(MIN_PART, MAX_PART)
+}
+
+pub struct S3Remote {
+    bucket: Bucket,
+    creds: Credentials,
+    agent: ureq::Agent,
+    threshold: u64,
+    part_size: u64,
+    checksum: ChecksumMode,
+    describe: String,
+}
+
+/// Why a multipart attempt stopped: a remote error, or the server forgot the upload id.
+enum Fail {
+    Remote(RemoteError),
+    NoSuchUpload,
+}
+
+impl From<RemoteError> for Fail {
+    fn from(e: RemoteError) -> Fail {
+        Fail::Remote(e)
+    }
+}
+
+type Resp = ureq::http::Response<ureq::Body>;
+
+impl S3Remote {
+    pub fn new(cfg: &S3Config) -> Result<S3Remote, String> {
+        Self::with_env(cfg, &|k| std::env::var(k).ok())
+    }
+
+    pub fn with_env(
+        cfg: &S3Config,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<S3Remote, String> {
+        cfg.validate().map_err(|(k, m)| format!("{k}: {m}"))?;
+        let (creds, source) = resolve_credentials(cfg, env)?;
+        let endpoint =
+            url::Url::parse(&cfg.endpoint).map_err(|e| format!("remote.s3.endpoint: {e}"))?;
+        let style = match cfg.addressing {
+            Addressing::Path => UrlStyle::Path,
+            Addressing::VirtualHost => UrlStyle::VirtualHost,
+        };
+        let bucket = Bucket::new(
+            endpoint.clone(),
+            style,
+            cfg.bucket.clone(),
+            cfg.region.clone(),
+        )
+        .map_err(|e| format!("remote.s3.endpoint: {e}"))?;
+        let agent = net::agent(
+            cfg.ca_bundle.as_deref(),
+            cfg.connect_timeout.0,
+            cfg.read_timeout.0,
+        )
+        .map_err(|e| format!("remote.s3.{e}"))?;
+        info!(credentials = source.as_str(), bucket = %cfg.bucket, "s3 remote configured");
+        Ok(S3Remote {
+            bucket,
+            creds,
+            agent,
+            threshold: cfg.multipart_threshold.0,
+            part_size: cfg.part_size.0,
+            checksum: cfg.checksum,
+            describe: format!(
+                "s3://{}/ at {}",
+                cfg.bucket,
+                endpoint.host_str().unwrap_or_default()
+            ),
+        })
+    }
+
+    /// Server text with any credential removed.
+    fn scrub(&self, e: RemoteError) -> RemoteError {
+        let mut secrets = vec![self.creds.secret()];
+        if let Some(t) = self.creds.token() {
+            secrets.push(t);
+        }
+        RemoteError {
+            message: net::scrub(e.message, &secrets),
+            ..e
+        }
+    }
+
+    /// The error for a non-2xx answer, with the server's code and message.
+    fn answer_error(&self, mut resp: Resp, what: &str) -> RemoteError {
+        let status = resp.status().as_u16();
+        let retry_after = net::header(&resp, "retry-after");
+        let says = net::parse_error_body(&net::read_body(&mut resp));
+        self.scrub(net::status_error(
+            status,
+            retry_after.as_deref(),
+            &says,
+            what,
+        ))
+    }
+
+    fn is_no_such_upload(resp: &mut Resp) -> Option<String> {
+        let body = net::read_body(resp);
+        let says = net::parse_error_body(&body);
+        if says.code.as_deref() == Some("NoSuchUpload") {
+            None
+        } else {
+            Some(body)
+        }
+    }
+
+    /// Headers of a body PUT: checksums per the mode, plus the ones given.
+    fn checksum_headers(&self, d: &net::Digests) -> Vec<(&'static str, String)> {
+        let mut h = Vec::new();
+        if let (true, Some(md5)) = (self.checksum.md5(), d.md5) {
+            h.push(("content-md5", b64(&md5)));
+        }
+        if let (true, Some(sha)) = (self.checksum.sha256(), d.sha256) {
+            h.push(("x-amz-checksum-sha256", b64(&sha)));
+        }
+        h
+    }
+
+    /// Sends `len` bytes of `path` from `offset` as the body of a signed PUT to `url`.
+    fn put_file(
+        &self,
+        url: &url::Url,
+        headers: &[(&'static str, String)],
+        body: &mut net::BodyReader<'_>,
+        len: u64,
+        what: &str,
+    ) -> Result<Resp, RemoteError> {
+        let mut req = self
+            .agent
+            .put(url.as_str())
+            .header("content-length", len.to_string());
+        if len > 0 {
+            // Lets the server refuse (bad signature, no such upload) before the body is
+            // sent: otherwise a 403 arrives as a reset halfway through a large part.
+            req = req.header("expect", "100-continue");
+        }
+        for (k, v) in headers {
+            req = req.header(*k, v.as_str());
+        }
+        req.send(ureq::SendBody::from_reader(body))
+            .map_err(|e| body.explain(e, what))
+    }
+
+    fn single_put(
+        &self,
+        job: &UploadJob,
+        ctx: &mut UploadCtx<'_>,
+    ) -> Result<Uploaded, RemoteError> {
+        // The sha256 is always needed: the bytes about to go must be the ingested ones.
+        let d = net::digest_range(&job.path, 0, job.size, self.checksum.md5(), true, None)?;
+        check_sha(&d.sha256.unwrap_or_default(), &job.sha256)?;
+        if !(ctx.keep_going)() {
+            return Err(RemoteError::interrupted());
+        }
+        let mut headers = self.checksum_headers(&d);
+        headers.push((META_SHA256, job.sha256.clone()));
+        headers.push(("content-type", job.media_type.clone()));
+        let mut action = PutObject::new(&self.bucket, Some(&self.creds), &job.key);
+        for (k, v) in &headers {
+            action.headers_mut().insert(*k, v.clone());
+        }
+        let url = action.sign(SIGN_EXPIRY);
+        let mut body = net::BodyReader::open(
+            &job.path,
+            0,
+            job.size,
+            0,
+            ctx.throttle,
+            ctx.keep_going,
+            ctx.progress,
+        )?;
+        let resp = self.put_file(&url, &headers, &mut body, job.size, "put object")?;
+        let sent = body.sent;
+        if !resp.status().is_success() {
+            return Err(self.answer_error(resp, "put object"));
+        }
+        Ok(Uploaded {
+            etag: net::header(&resp, "etag"),
+            bytes_sent: sent,
+        })
+    }
+
+    fn create_multipart(&self, job: &UploadJob) -> Result<String, RemoteError> {
+        let mut action = CreateMultipartUpload::new(&self.bucket, Some(&self.creds), &job.key);
+        let mut headers: Vec<(&'static str, String)> = vec![
+            (META_SHA256, job.sha256.clone()),
+            ("content-type", job.media_type.clone()),
+        ];
+        if self.checksum.sha256() {
+            headers.push(("x-amz-checksum-algorithm", "SHA256".into()));
+        }
+        for (k, v) in &headers {
+            action.headers_mut().insert(*k, v.clone());
+        }
+        let url = action.sign(SIGN_EXPIRY);
+        let mut req = self.agent.post(url.as_str());
+        for (k, v) in &headers {
+            req = req.header(*k, v.as_str());
+        }
+        let mut resp = req
+            .send_empty()
+            .map_err(|e| net::transport_error(e, "create multipart upload"))?;
+        if !resp.status().is_success() {
+            return Err(self.answer_error(resp, "create multipart upload"));
+        }
+        let body = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| net::transport_error(e, "create multipart upload"))?;
+        CreateMultipartUpload::parse_response(&body)
+            .map(|r| r.upload_id().to_string())
+            .map_err(|e| {
+                RemoteError::transient(
+                    "bad_response",
+                    format!("create multipart upload: unreadable answer: {e}"),
+                )
+            })
+    }
+
+    /// The parts the server holds for `upload_id` (number → (size, etag)).
+    fn list_parts(&self, key: &str, upload_id: &str) -> Result<BTreeMap<u32, (u64, String)>, Fail> {
+        let mut out = BTreeMap::new();
+        let mut marker: Option<u16> = None;
+        loop {
+            let mut action = ListParts::new(&self.bucket, Some(&self.creds), key, upload_id);
+            if let Some(m) = marker {
+                action.set_part_number_marker(m);
+            }
+            let url = action.sign(SIGN_EXPIRY);
+            let mut resp = self
+                .agent
+                .get(url.as_str())
+                .call()
+                .map_err(|e| net::transport_error(e, "list parts"))?;
+            if resp.status().as_u16() == 404 {
+                // NoSuchUpload (expired, aborted, completed); a missing bucket surfaces
+                // with its own error when the fresh upload is created.
+                return Err(Fail::NoSuchUpload);
+            }
+            if !resp.status().is_success() {
+                return Err(self.answer_error(resp, "list parts").into());
+            }
+            let body = resp
+                .body_mut()
+                .with_config()
+                .limit(16 * MIB)
+                .read_to_string()
+                .map_err(|e| net::transport_error(e, "list parts"))?;
+            let (parts, next) = parse_list_parts(&body);
+            for (number, size, etag) in parts {
+                out.insert(number, (size, etag));
+            }
+            match next {
+                Some(m) if Some(m) != marker => marker = Some(m),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    fn multipart(&self, job: &UploadJob, ctx: &mut UploadCtx<'_>) -> Result<Uploaded, Fail> {
+        let size = job.size;
+        // Resume what the store remembers, cross-checked against the server: a part
+        // counts only if the server still holds it with the ETag we committed.
+        let resumed = ctx.resume.current().is_some();
+        let (upload_id, part_size, mut done) = match ctx.resume.current() {
+            Some((uid, ps))
+                if (MIN_PART..=MAX_PART).contains(&ps) && size.div_ceil(ps) <= MAX_PARTS =>
+            {
+                let server = self.list_parts(&job.key, &uid)?;
+                let mut done = BTreeMap::new();
+                for p in ctx.resume.parts() {
+                    match server.get(&p.part_number) {
+                        Some((sz, etag)) if *sz == p.size && same_etag(etag, &p.etag) => {
+                            done.insert(p.part_number, p);
+                        }
+                        _ => {
+                            debug!(id = %job.id, part = p.part_number, "part not on the server; sending it again")
+                        }
+                    }
+                }
+                info!(id = %job.id, parts_done = done.len(), "resuming multipart upload");
+                (uid, ps, done)
+            }
+            _ => {
+                let ps = part_size_for(size, self.part_size);
+                let uid = self.create_multipart(job)?;
+                ctx.resume.begin(&uid, ps);
+                (uid, ps, BTreeMap::new())
+            }
+        };
+        let n_parts = size.div_ceil(part_size).max(1);
+        let mut whole = Sha256::new();
+        let mut confirmed: u64 = done.values().map(|p: &PartRecord| p.size).sum();
+        let mut sent_now = 0u64;
+        (ctx.progress)(confirmed);
+        for pn in 1..=n_parts as u32 {
+            let offset = (pn as u64 - 1) * part_size;
+            let len = part_size.min(size - offset);
+            if let Some(p) = done.get(&pn) {
+                if p.size == len {
+                    // Already on the server: only hash it, for the whole-file check.
+                    net::digest_range(&job.path, offset, len, false, false, Some(&mut whole))?;
+                    continue;
+                }
+            }
+            if !(ctx.keep_going)() {
+                return Err(RemoteError::interrupted().into());
+            }
+            let d = net::digest_range(
+                &job.path,
+                offset,
+                len,
+                self.checksum.md5(),
+                self.checksum.sha256(),
+                Some(&mut whole),
+            )?;
+            let headers = self.checksum_headers(&d);
+            let mut action = UploadPart::new(
+                &self.bucket,
+                Some(&self.creds),
+                &job.key,
+                pn as u16,
+                &upload_id,
+            );
+            for (k, v) in &headers {
+                action.headers_mut().insert(*k, v.clone());
+            }
+            let url = action.sign(SIGN_EXPIRY);
+            let mut body = net::BodyReader::open(
+                &job.path,
+                offset,
+                len,
+                confirmed,
+                ctx.throttle,
+                ctx.keep_going,
+                ctx.progress,
+            )?;
+            let what = format!("upload part {pn} of {n_parts}");
+            let result = self.put_file(&url, &headers, &mut body, len, &what);
+            sent_now += body.sent;
+            let mut resp = result?;
+            if resp.status().as_u16() == 404 {
+                match Self::is_no_such_upload(&mut resp) {
+                    None => return Err(Fail::NoSuchUpload),
+                    Some(b) => {
+                        let says = net::parse_error_body(&b);
+                        return Err(self
+                            .scrub(net::status_error(404, None, &says, &what))
+                            .into());
+                    }
+                }
+            }
+            if resumed && resp.status().as_u16() == 403 && self.probe().is_ok() {
+                // Some stores (s3s-fs among them) answer 403 rather than NoSuchUpload for
+                // an upload id they dropped. The credentials still work, so it is the id.
+                return Err(Fail::NoSuchUpload);
+            }
+            if !resp.status().is_success() {
+                return Err(self.answer_error(resp, &what).into());
+            }
+            let Some(etag) = net::header(&resp, "etag") else {
+                return Err(RemoteError::transient(
+                    "bad_response",
+                    format!("{what}: no ETag in the answer"),
+                )
+                .into());
+            };
+            let checksum = [
+                d.md5.map(|m| format!("md5:{}", b64(&m))),
+                d.sha256.map(|s| format!("sha256:{}", b64(&s))),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" ");
+            let rec = PartRecord {
+                part_number: pn,
+                size: len,
+                etag,
+                checksum,
+            };
+            ctx.resume.part_done(&rec);
+            done.insert(pn, rec);
+            confirmed += len;
+            (ctx.progress)(confirmed);
+        }
+        let got = hex(&whole.finalize());
+        if got != job.sha256 {
+            // The file changed under us: never complete it as a mix of versions.
+            let _ = self.abort_upload(&job.key, &upload_id);
+            ctx.resume.clear();
+            return Err(RemoteError::new(
+                ErrorClass::LocalChanged,
+                "checksum_mismatch",
+                format!("local bytes hash to {got}, expected {}", job.sha256),
+            )
+            .into());
+        }
+        let etag = self.complete(&job.key, &upload_id, &done, resumed)?;
+        ctx.resume.clear();
+        Ok(Uploaded {
+            etag,
+            bytes_sent: sent_now,
+        })
+    }
+
+    fn complete(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &BTreeMap<u32, PartRecord>,
+        resumed: bool,
+    ) -> Result<Option<String>, Fail> {
+        // The body is written here rather than by rusty-s3 so each part can carry its
+        // ChecksumSHA256 (AWS requires it when the upload was created with SHA256).
+        let mut xml = String::from("<CompleteMultipartUpload>");
+        for p in parts.values() {
+            xml.push_str(&format!(
+                "<Part><PartNumber>{}</PartNumber><ETag>{}</ETag>",
+                p.part_number,
+                xml_escape(&p.etag)
+            ));
+            if self.checksum.sha256() {
+                if let Some(s) = p
+                    .checksum
+                    .split(' ')
+                    .find_map(|c| c.strip_prefix("sha256:"))
+                {
+                    xml.push_str(&format!("<ChecksumSHA256>{s}</ChecksumSHA256>"));
+                }
+            }
+            xml.push_str("</Part>");
+        }
+        xml.push_str("</CompleteMultipartUpload>");
+        let action = CompleteMultipartUpload::new(
+            &self.bucket,
+            Some(&self.creds),
+            key,
+            upload_id,
+            std::iter::empty::<&str>(),
+        );
+        let url = action.sign(SIGN_EXPIRY);
+        let mut resp = self
+            .agent
+            .post(url.as_str())
+            .header("content-type", "application/xml")
+            .send(xml.as_bytes())
+            .map_err(|e| net::transport_error(e, "complete multipart upload"))?;
+        let status = resp.status().as_u16();
+        if status == 404 {
+            return match Self::is_no_such_upload(&mut resp) {
+                None => Err(Fail::NoSuchUpload),
+                Some(b) => Err(self
+                    .scrub(net::status_error(
+                        404,
+                        None,
+                        &net::parse_error_body(&b),
+                        "complete multipart upload",
+                    ))
+                    .into()),
+            };
+        }
+        if resumed && status == 403 && self.probe().is_ok() {
+            return Err(Fail::NoSuchUpload);
+        }
+        if !resp.status().is_success() {
+            return Err(self.answer_error(resp, "complete multipart upload").into());
+        }
+        // S3 may answer 200 and still report an error in the body.
+        let body = net::read_body(&mut resp);
+        if body.contains("<Error>") {
+            let says = net::parse_error_body(&body);
+            return Err(self
+                .scrub(net::status_error(
+                    500,
+                    None,
+                    &says,
+                    "complete multipart upload",
+                ))
+                .into());
+        }
+        Ok(net::xml_tag(&body, "ETag"))
+    }
+}
+
+/// The parts of a ListParts answer (number, size, ETag) and the marker of the next page
+/// when it is truncated. Parsed by hand: servers differ in which optional fields they send
+/// (s3s-fs omits MaxParts, which rusty-s3's parser requires).
+fn parse_list_parts(body: &str) -> (Vec<(u32, u64, String)>, Option<u16>) {
+    let mut parts = Vec::new();
+    let mut rest = body;
+    while let Some(start) = rest.find("<Part>") {
+        let Some(end) = rest[start..].find("</Part>") else {
+            break;
+        };
+        let part = &rest[start..start + end];
+        let number = net::xml_tag(part, "PartNumber").and_then(|v| v.trim().parse().ok());
+        let size = net::xml_tag(part, "Size").and_then(|v| v.trim().parse().ok());
+        if let (Some(n), Some(sz)) = (number, size) {
+            parts.push((n, sz, net::xml_tag(part, "ETag").unwrap_or_default()));
+        }
+        rest = &rest[start + end..];
+    }
+    let truncated = net::xml_tag(body, "IsTruncated").is_some_and(|v| v.trim() == "true");
+    let next = if truncated {
+        net::xml_tag(body, "NextPartNumberMarker").and_then(|v| v.trim().parse().ok())
+    } else {
+        None
+    };
+    (parts, next)
+}
+
+fn check_sha(sha: &[u8; 32], expect: &str) -> Result<(), RemoteError> {
+    let got = hex(sha);
+    if got != expect {
+        return Err(RemoteError::new(
+            ErrorClass::LocalChanged,
+            "checksum_mismatch",
+            format!("local bytes hash to {got}, expected {expect}"),
+        ));
+    }
+    Ok(())
+}
+
+/// ETags compare without their quotes (some servers list them unquoted).
+fn same_etag(a: &str, b: &str) -> bool {
+    a.trim_matches('"') == b.trim_matches('"')
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+impl Remote for S3Remote {
+    fn kind(&self) -> &'static str {
+        "s3"
+    }
+
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn upload(&self, job: &UploadJob, ctx: &mut UploadCtx<'_>) -> Result<Uploaded, RemoteError> {
+        if job.size <= self.threshold {
+            // A multipart upload left over from a larger threshold is of no use now.
+            if let Some((uid, _)) = ctx.resume.current() {
+                let _ = self.abort_upload(&job.key, &uid);
+                ctx.resume.clear();
+            }
+            return self.single_put(job, ctx);
+        }
+        // Twice at most: once with what the store remembers, once fresh if the server
+        // forgot that upload.
+        for _ in 0..2 {
+            match self.multipart(job, ctx) {
+                Ok(u) => return Ok(u),
+                Err(Fail::Remote(e)) => return Err(e),
+                Err(Fail::NoSuchUpload) => {
+                    info!(id = %job.id, "server no longer knows the multipart upload; starting a fresh one");
+                    ctx.resume.clear();
+                }
+            }
+        }
+        Err(RemoteError::transient(
+            "no_such_upload",
+            "the server forgot a new multipart upload at once",
+        ))
+    }
+
+    fn head(&self, key: &str) -> Result<Option<RemoteObject>, RemoteError> {
+        let url = HeadObject::new(&self.bucket, Some(&self.creds), key).sign(SIGN_EXPIRY);
+        let resp = self
+            .agent
+            .head(url.as_str())
+            .call()
+            .map_err(|e| net::transport_error(e, "head object"))?;
+        match resp.status().as_u16() {
+            404 => Ok(None),
+            s if (200..300).contains(&s) => Ok(Some(RemoteObject {
+                size: net::header(&resp, "content-length")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+                etag: net::header(&resp, "etag"),
+                sha256: net::header(&resp, META_SHA256),
+            })),
+            _ => Err(self.answer_error(resp, "head object")),
+        }
+    }
+
+    fn download(&self, key: &str, dest: &Path) -> Result<u64, RemoteError> {
+        let url = GetObject::new(&self.bucket, Some(&self.creds), key).sign(SIGN_EXPIRY);
+        let mut resp = self
+            .agent
+            .get(url.as_str())
+            .call()
+            .map_err(|e| net::transport_error(e, "get object"))?;
+        if !resp.status().is_success() {
+            return Err(self.answer_error(resp, "get object"));
+        }
+        let tmp = dest.with_extension("fieldsync-download");
+        let io_err = |what: &str, e: io::Error| {
+            RemoteError::transient("local_io", format!("{what} {}: {e}", tmp.display()))
+        };
+        let mut out = fs::File::create(&tmp).map_err(|e| io_err("create", e))?;
+        let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
+        let n = io::copy(&mut reader, &mut out).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            RemoteError::transient("connection", format!("get object: {e}"))
+        })?;
+        out.sync_all().map_err(|e| io_err("fsync", e))?;
+        fs::rename(&tmp, dest).map_err(|e| io_err("rename", e))?;
+        Ok(n)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), RemoteError> {
+        let url = DeleteObject::new(&self.bucket, Some(&self.creds), key).sign(SIGN_EXPIRY);
+        let resp = self
+            .agent
+            .delete(url.as_str())
+            .call()
+            .map_err(|e| net::transport_error(e, "delete object"))?;
+        match resp.status().as_u16() {
+            404 => Ok(()),
+            s if (200..300).contains(&s) => Ok(()),
+            _ => Err(self.answer_error(resp, "delete object")),
+        }
+    }
+
+    fn put_bytes(&self, key: &str, bytes: &[u8], media_type: &str) -> Result<(), RemoteError> {
+        let md5: [u8; 16] = md5::Md5::digest(bytes).into();
+        let sha: [u8; 32] = Sha256::digest(bytes).into();
+        let mut headers = self.checksum_headers(&net::Digests {
+            md5: Some(md5),
+            sha256: Some(sha),
+        });
+        headers.push((META_SHA256, hex(&sha)));
+        headers.push(("content-type", media_type.to_string()));
+        let mut action = PutObject::new(&self.bucket, Some(&self.creds), key);
+        for (k, v) in &headers {
+            action.headers_mut().insert(*k, v.clone());
+        }
+        let url = action.sign(SIGN_EXPIRY);
+        let mut req = self.agent.put(url.as_str());
+        for (k, v) in &headers {
+            req = req.header(*k, v.as_str());
+        }
+        let resp = req
+            .send(bytes)
+            .map_err(|e| net::transport_error(e, "put object"))?;
+        if !resp.status().is_success() {
+            return Err(self.answer_error(resp, "put object"));
+        }
+        Ok(())
+    }
+
+    fn abort_upload(&self, key: &str, upload_id: &str) -> Result<(), RemoteError> {
+        let url = AbortMultipartUpload::new(&self.bucket, Some(&self.creds), key, upload_id)
+            .sign(SIGN_EXPIRY);
+        let resp = self
+            .agent
+            .delete(url.as_str())
+            .call()
+            .map_err(|e| net::transport_error(e, "abort multipart upload"))?;
+        match resp.status().as_u16() {
+            // Already gone: what we wanted.
+            404 => Ok(()),
+            s if (200..300).contains(&s) => Ok(()),
+            _ => Err(self.answer_error(resp, "abort multipart upload")),
+        }
+    }
+
+    fn probe(&self) -> Result<(), RemoteError> {
+        let url = HeadBucket::new(&self.bucket, Some(&self.creds)).sign(SIGN_EXPIRY);
+        let resp = self
+            .agent
+            .head(url.as_str())
+            .call()
+            .map_err(|e| net::transport_error(e, "head bucket"))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(self.answer_error(resp, "head bucket"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(extra: &str) -> Result<S3Config, String> {
+        let text = format!("endpoint = \"http://127.0.0.1:9\"\nbucket = \"photos\"\n{extra}");
+        let c: S3Config = toml::from_str(&text).map_err(|e| e.to_string())?;
+        c.validate().map_err(|(k, m)| format!("{k}: {m}"))?;
+        Ok(c)
+    }
+
+    #[test]
+    fn annotated_example_config_is_valid() {
+        let text = include_str!("../../config/s3.example.toml");
+        let c = crate::config::Config::parse(text, "s3.example.toml").unwrap();
+        let s3 = c.remote.s3.unwrap();
+        assert_eq!(s3.bucket, "inspection-photos");
+        assert_eq!(c.upload.auth_recheck.0, Duration::from_secs(60));
+        // The commented-out http variant is valid too.
+        let (_, http) = text.split_once("# --- or:").unwrap();
+        let http: String = http
+            .lines()
+            .skip(1)
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = crate::config::Config::parse(&http, "http").unwrap();
+        assert_eq!(c.remote.kind, crate::config::RemoteKind::Http);
+    }
+
+    #[test]
+    fn unusable_ca_bundle_is_one_clear_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.pem");
+        fs::write(&not_pem, "not a certificate").unwrap();
+        let env = |_: &str| None;
+        for (path, want) in [
+            (not_pem.clone(), "no PEM certificate"),
+            (dir.path().join("missing.pem"), "No such file"),
+        ] {
+            let c = cfg(&format!(
+                "access_key_id = \"A\"\nsecret_access_key = \"S\"\nca_bundle = \"{}\"",
+                path.display()
+            ))
+            .unwrap();
+            let e = S3Remote::with_env(&c, &env).err().unwrap();
+            assert!(e.starts_with("remote.s3.ca_bundle "), "{e}");
+            assert!(e.contains(want) && !e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn defaults_are_safe() {
+        let c = cfg("").unwrap();
+        assert_eq!(c.region, "us-east-1");
+        assert_eq!(c.addressing, Addressing::Path);
+        assert_eq!(c.checksum, ChecksumMode::Md5);
+        assert_eq!(c.part_size.0, 8 * MIB);
+        assert_eq!(c.multipart_threshold.0, 8 * MIB);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        assert!(cfg("part_size = \"1MiB\"")
+            .unwrap_err()
+            .starts_with("remote.s3.part_size"));
+        assert!(cfg("access_key_id = \"AK\"")
+            .unwrap_err()
+            .starts_with("remote.s3.secret_access_key"));
+        let e = toml::from_str::<S3Config>("endpoint = \"x\"\nbucket = \"b\"\nchecksum = \"crc\"")
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("checksum") || e.to_string().contains("crc"),
+            "{e}"
+        );
+        let c: S3Config = toml::from_str("endpoint = \"ftp://x\"\nbucket = \"photos\"").unwrap();
+        assert_eq!(c.validate().unwrap_err().0, "remote.s3.endpoint");
+        let c: S3Config = toml::from_str("endpoint = \"http://x\"\nbucket = \"Bad_Name\"").unwrap();
+        assert_eq!(c.validate().unwrap_err().0, "remote.s3.bucket");
+    }
+
+    #[test]
+    fn list_parts_answers_parse_with_or_without_optional_fields() {
+        let body = r#"<ListPartsResult><Bucket>b</Bucket><IsTruncated>true</IsTruncated><NextPartNumberMarker>2</NextPartNumberMarker>
+            <Part><PartNumber>1</PartNumber><ETag>&quot;aa&quot;</ETag><Size>5242880</Size></Part>
+            <Part><ETag>"bb"</ETag><PartNumber>2</PartNumber><Size>7</Size></Part></ListPartsResult>"#;
+        let (parts, next) = parse_list_parts(body);
+        assert_eq!(
+            parts,
+            vec![
+                (1, 5242880, "\"aa\"".to_string()),
+                (2, 7, "\"bb\"".to_string())
+            ]
+        );
+        assert_eq!(next, Some(2));
+        assert_eq!(parse_list_parts("<ListPartsResult/>"), (vec![], None));
+    }
+
+    #[test]
+    fn part_size_grows_for_huge_files() {
+        assert_eq!(part_size_for(100 * MIB, 8 * MIB), 8 * MIB);
+        // 200 GiB in 8 MiB parts would be 25,600 parts.
+        let ps = part_size_for(200 * 1024 * MIB, 8 * MIB);
+        assert!((200 * 1024 * MIB).div_ceil(ps) <= MAX_PARTS);
+        assert_eq!(ps % MIB, 0);
+        assert_eq!(part_size_for(1, 1), MIN_PART);
+    }
+
+    #[test]
+    fn credentials_come_from_config_file_or_env_and_never_debug_print() {
+        let no_env = |_: &str| None;
+        let c = cfg("access_key_id = \"AKIDINLINE\"\nsecret_access_key = \"inline-secret-value\"")
+            .unwrap();
+        let (cr, src) = resolve_credentials(&c, &no_env).unwrap();
+        assert_eq!((cr.key(), src), ("AKIDINLINE", CredentialSource::Config));
+        assert!(!format!("{c:?}").contains("inline-secret-value"));
+        assert!(!format!("{cr:?}").contains("inline-secret-value"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("creds");
+        fs::write(&f, "[default]\naws_access_key_id = A1\naws_secret_access_key = s1\n[profile field]\naws_access_key_id=A2\naws_secret_access_key=s2\naws_session_token=t2\n").unwrap();
+        let c = cfg(&format!(
+            "credentials_file = \"{}\"\nprofile = \"field\"",
+            f.display()
+        ))
+        .unwrap();
+        let (cr, src) = resolve_credentials(&c, &no_env).unwrap();
+        assert_eq!(
+            (cr.key(), cr.secret(), cr.token(), src),
+            ("A2", "s2", Some("t2"), CredentialSource::File)
+        );
+
+        let c = cfg("").unwrap();
+        let env = |k: &str| match k {
+            "AWS_ACCESS_KEY_ID" => Some("A3".to_string()),
+            "AWS_SECRET_ACCESS_KEY" => Some("s3".to_string()),
+            _ => None,
+        };
+        let (cr, src) = resolve_credentials(&c, &env).unwrap();
+        assert_eq!((cr.key(), src), ("A3", CredentialSource::Environment));
+        let e = resolve_credentials(&c, &no_env).unwrap_err();
+        assert!(e.contains("no credentials") && !e.contains('\n'), "{e}");
+    }
+}

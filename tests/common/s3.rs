@@ -1,0 +1,645 @@
+//! Real S3 peers for the integration tests: an `s3s-fs` server (real SigV4 and
+//! Content-MD5 checking) on an ephemeral port, a client that reads back what landed, a
+//! TCP fault proxy that sits between the daemon and the server (delay, throttle, drop the
+//! connection after N bytes, bursts of 503), and a tiny presign backend for the `http`
+//! remote. Faults come from the proxy or from stopping the real server, never from a fake
+//! client. Everything stops on drop.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rusty_s3::actions::{
+    AbortMultipartUpload, DeleteObject, GetObject, HeadBucket, HeadObject, ListObjectsV2,
+    PutObject, S3Action,
+};
+use rusty_s3::{Bucket, Credentials, UrlStyle};
+
+pub const ACCESS_KEY: &str = "fieldsync-test-key";
+pub const SECRET_KEY: &str = "s3cr3t-Test-Value-9f8e7d";
+pub const BUCKET: &str = "inspections";
+
+fn s3s_fs_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("S3S_FS") {
+        return p.into();
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let p = PathBuf::from(home).join(".cargo/bin/s3s-fs");
+    if p.exists() {
+        p
+    } else {
+        "s3s-fs".into()
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `s3s-fs` with one bucket.
+pub struct S3Server {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl S3Server {
+    pub fn start() -> S3Server {
+        let dir = tempfile::Builder::new()
+            .prefix("fieldsync-s3-")
+            .tempdir()
+            .unwrap();
+        // s3s-fs serves each directory under its root as a bucket.
+        fs::create_dir_all(dir.path().join("data").join(BUCKET)).unwrap();
+        let mut s = S3Server {
+            log: dir.path().join("s3s-fs.log"),
+            dir,
+            port: free_port(),
+            child: None,
+        };
+        s.resume();
+        s
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        format!("127.0.0.1:{}", self.port).parse().unwrap()
+    }
+
+    /// Stops the server (kill): the port goes dark.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts (again) on the same port and data directory.
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none());
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(s3s_fs_bin())
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--access-key",
+                ACCESS_KEY,
+                "--secret-key",
+                SECRET_KEY,
+            ])
+            .arg(self.dir.path().join("data"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start s3s-fs ({}): {e}; install it with tests/run.sh",
+                    s3s_fs_bin().display()
+                )
+            });
+        self.child = Some(child);
+        let start = Instant::now();
+        while TcpStream::connect(self.addr()).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "s3s-fs did not start:\n{}",
+                self.log_text()
+            );
+            thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Part files the server keeps for an unfinished multipart upload (s3s-fs stores
+    /// them as `.upload_id-<id>.part-<n>` in its root): the storage an abort frees.
+    pub fn stored_parts(&self, upload_id: &str) -> usize {
+        let prefix = format!(".upload_id-{upload_id}.part-");
+        fs::read_dir(self.dir.path().join("data"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .count()
+    }
+
+    pub fn client(&self) -> S3Client {
+        S3Client::new(&self.endpoint())
+    }
+
+    /// The `[remote]` config for this server (through `endpoint`, e.g. a proxy).
+    pub fn remote_toml(endpoint: &str, secret: &str, extra: &str) -> String {
+        format!(
+            "[remote]\nkind = \"s3\"\nprefix = \"fs\"\n\n[remote.s3]\nendpoint = \"{endpoint}\"\nbucket = \"{BUCKET}\"\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{secret}\"\nconnect_timeout = \"2s\"\nread_timeout = \"5s\"\n{extra}\n"
+        )
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Reads back what the daemon stored, with its own correctly signed requests.
+pub struct S3Client {
+    bucket: Bucket,
+    creds: Credentials,
+    agent: ureq::Agent,
+}
+
+const TTL: Duration = Duration::from_secs(600);
+
+impl S3Client {
+    pub fn new(endpoint: &str) -> S3Client {
+        S3Client {
+            bucket: Bucket::new(
+                endpoint.parse().unwrap(),
+                UrlStyle::Path,
+                BUCKET,
+                "us-east-1",
+            )
+            .unwrap(),
+            creds: Credentials::new(ACCESS_KEY, SECRET_KEY),
+            agent: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .new_agent(),
+        }
+    }
+
+    pub fn bucket(&self) -> &Bucket {
+        &self.bucket
+    }
+
+    pub fn credentials(&self) -> &Credentials {
+        &self.creds
+    }
+
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let url = GetObject::new(&self.bucket, Some(&self.creds), key).sign(TTL);
+        let mut r = self.agent.get(url.as_str()).call().unwrap();
+        match r.status().as_u16() {
+            404 => None,
+            200 => Some(
+                r.body_mut()
+                    .with_config()
+                    .limit(u64::MAX)
+                    .read_to_vec()
+                    .unwrap(),
+            ),
+            s => panic!("GET {key}: HTTP {s}"),
+        }
+    }
+
+    /// The `x-amz-meta-*` headers and size of an object.
+    pub fn head(&self, key: &str) -> Option<HashMap<String, String>> {
+        let url = HeadObject::new(&self.bucket, Some(&self.creds), key).sign(TTL);
+        let r = self.agent.head(url.as_str()).call().unwrap();
+        if r.status().as_u16() == 404 {
+            return None;
+        }
+        Some(
+            r.headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                .collect(),
+        )
+    }
+
+    pub fn put(&self, key: &str, body: &[u8]) {
+        let url = PutObject::new(&self.bucket, Some(&self.creds), key).sign(TTL);
+        let r = self.agent.put(url.as_str()).send(body).unwrap();
+        assert!(r.status().is_success(), "PUT {key}: {}", r.status());
+    }
+
+    pub fn delete(&self, key: &str) {
+        let url = DeleteObject::new(&self.bucket, Some(&self.creds), key).sign(TTL);
+        self.agent.delete(url.as_str()).call().unwrap();
+    }
+
+    pub fn abort_multipart(&self, key: &str, upload_id: &str) {
+        let url =
+            AbortMultipartUpload::new(&self.bucket, Some(&self.creds), key, upload_id).sign(TTL);
+        let r = self.agent.delete(url.as_str()).call().unwrap();
+        assert!(r.status().is_success(), "abort {key}: {}", r.status());
+    }
+
+    pub fn bucket_ok(&self) -> bool {
+        let url = HeadBucket::new(&self.bucket, Some(&self.creds)).sign(TTL);
+        self.agent
+            .head(url.as_str())
+            .call()
+            .unwrap()
+            .status()
+            .is_success()
+    }
+
+    /// Every object key (and size) under `prefix`, following continuation tokens.
+    pub fn list(&self, prefix: &str) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut a = ListObjectsV2::new(&self.bucket, Some(&self.creds));
+            a.with_prefix(prefix);
+            if let Some(t) = &token {
+                a.with_continuation_token(t.clone());
+            }
+            let url = a.sign(TTL);
+            let mut r = self.agent.get(url.as_str()).call().unwrap();
+            assert!(r.status().is_success(), "list: {}", r.status());
+            let body = r.body_mut().read_to_string().unwrap();
+            let parsed = ListObjectsV2::parse_response(&body).unwrap();
+            for c in parsed.contents {
+                out.push((c.key, c.size.unwrap_or(0)));
+            }
+            match parsed.next_continuation_token {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+/// Faults the proxy injects; tests change them while it runs.
+#[derive(Default)]
+pub struct Faults {
+    /// Upload bandwidth in bytes per second; 0 is unlimited.
+    pub throttle_bps: AtomicU64,
+    /// Drop the connection once this many more bytes went upstream (one shot; -1 off).
+    pub reset_after: AtomicI64,
+    /// Answer this many more connections with `503 Slow Down` instead of forwarding.
+    pub fail_503: AtomicU32,
+    /// Swallow this many more responses: the request reached the server, the client
+    /// never hears back (an unknown outcome).
+    pub swallow_responses: AtomicU32,
+    /// Delay before each new connection is forwarded, in ms.
+    pub delay_ms: AtomicU64,
+    /// Bytes forwarded client → server (request lines, headers and bodies).
+    pub up_bytes: AtomicU64,
+    pub served_503: AtomicU32,
+    pub resets: AtomicU32,
+    pub connections: AtomicU32,
+}
+
+/// A TCP proxy on 127.0.0.1 in front of `upstream`.
+pub struct FaultProxy {
+    pub port: u16,
+    pub faults: Arc<Faults>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FaultProxy {
+    pub fn start(upstream: SocketAddr) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let faults = Arc::new(Faults::default());
+        faults.reset_after.store(-1, Ordering::SeqCst);
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let faults = faults.clone();
+            let stop = stop.clone();
+            thread::spawn(move || {
+                for conn in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(client) = conn else { continue };
+                    let faults = faults.clone();
+                    thread::spawn(move || handle(client, upstream, faults));
+                }
+            });
+        }
+        FaultProxy { port, faults, stop }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn up_bytes(&self) -> u64 {
+        self.faults.up_bytes.load(Ordering::SeqCst)
+    }
+
+    pub fn set_throttle(&self, bps: u64) {
+        self.faults.throttle_bps.store(bps, Ordering::SeqCst);
+    }
+
+    pub fn reset_after(&self, bytes: i64) {
+        self.faults.reset_after.store(bytes, Ordering::SeqCst);
+    }
+
+    pub fn fail_503(&self, n: u32) {
+        self.faults.fail_503.store(n, Ordering::SeqCst);
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn handle(client: TcpStream, upstream: SocketAddr, f: Arc<Faults>) {
+    f.connections.fetch_add(1, Ordering::SeqCst);
+    let delay = f.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        thread::sleep(Duration::from_millis(delay));
+    }
+    let take_503 = f
+        .fail_503
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    if take_503 {
+        // Read the request head, answer 503 and close: the client sees a real answer
+        // (bodies wait for `100 Continue`, which never comes).
+        let mut r = BufReader::new(client.try_clone().unwrap());
+        let mut line = String::new();
+        while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+            if line == "\r\n" {
+                break;
+            }
+            line.clear();
+        }
+        let mut c = client;
+        let body = "<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+        let _ = write!(c, "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        f.served_503.fetch_add(1, Ordering::SeqCst);
+        let _ = c.shutdown(Shutdown::Both);
+        return;
+    }
+    let Ok(server) = TcpStream::connect(upstream) else {
+        let _ = client.shutdown(Shutdown::Both);
+        return;
+    };
+    let _ = server.set_nodelay(true);
+    let _ = client.set_nodelay(true);
+    // server → client, unless a response is to be swallowed.
+    {
+        let mut s = server.try_clone().unwrap();
+        let mut c = client.try_clone().unwrap();
+        let f = f.clone();
+        thread::spawn(move || {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                // `100 Continue` is not the answer; the final status line is.
+                let interim = buf[..n].starts_with(b"HTTP/1.1 100");
+                if !interim
+                    && buf[..n].starts_with(b"HTTP/")
+                    && f.swallow_responses
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok()
+                {
+                    let _ = c.shutdown(Shutdown::Both);
+                    let _ = s.shutdown(Shutdown::Both);
+                    return;
+                }
+                if c.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = c.shutdown(Shutdown::Write);
+        });
+    }
+    // client → server, with the faults.
+    let mut c = client;
+    let mut s = server;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut n = n;
+        let mut drop_now = false;
+        let armed = f.reset_after.load(Ordering::SeqCst);
+        if armed >= 0 {
+            if (n as i64) >= armed {
+                n = armed as usize;
+                drop_now = true;
+                f.reset_after.store(-1, Ordering::SeqCst);
+            } else {
+                f.reset_after.store(armed - n as i64, Ordering::SeqCst);
+            }
+        }
+        if s.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        f.up_bytes.fetch_add(n as u64, Ordering::SeqCst);
+        if drop_now {
+            f.resets.fetch_add(1, Ordering::SeqCst);
+            let _ = c.shutdown(Shutdown::Both);
+            let _ = s.shutdown(Shutdown::Both);
+            return;
+        }
+        let bps = f.throttle_bps.load(Ordering::SeqCst);
+        if bps > 0 {
+            thread::sleep(Duration::from_secs_f64(n as f64 / bps as f64));
+        }
+    }
+    let _ = s.shutdown(Shutdown::Write);
+}
+
+/// A minimal presign backend for the `http` remote, in the test process: it checks the
+/// device token, signs with the S3 server's credentials (rusty-s3) and answers the JSON the
+/// README documents. The next `expire_next` PUT URLs it hands out are already expired when
+/// the device gets them; their keys are recorded in `expired`.
+pub struct PresignService {
+    pub port: u16,
+    pub requests: Arc<Mutex<Vec<(String, String)>>>,
+    pub expire_next: Arc<AtomicU32>,
+    pub expired: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl PresignService {
+    pub fn start(s3_endpoint: &str, token: &str) -> PresignService {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let expire_next = Arc::new(AtomicU32::new(0));
+        let expired: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let client = Arc::new(S3Client::new(s3_endpoint));
+        let token = token.to_string();
+        {
+            let (requests, stop) = (requests.clone(), stop.clone());
+            let (expire_next, expired) = (expire_next.clone(), expired.clone());
+            thread::spawn(move || {
+                for conn in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    let (requests, client, token) =
+                        (requests.clone(), client.clone(), token.clone());
+                    let (expire_next, expired) = (expire_next.clone(), expired.clone());
+                    thread::spawn(move || {
+                        let _ =
+                            presign_conn(conn, &client, &token, &requests, &expire_next, &expired);
+                    });
+                }
+            });
+        }
+        PresignService {
+            port,
+            requests,
+            expire_next,
+            expired,
+            stop,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}/v1/presign", self.port)
+    }
+
+    /// How many presign requests named `method` and `key`.
+    pub fn count(&self, method: &str, key: &str) -> usize {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, k)| m == method && k == key)
+            .count()
+    }
+}
+
+impl Drop for PresignService {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn presign_conn(
+    conn: TcpStream,
+    client: &S3Client,
+    token: &str,
+    requests: &Mutex<Vec<(String, String)>>,
+    expire_next: &AtomicU32,
+    expired: &Mutex<Vec<String>>,
+) -> io::Result<()> {
+    let mut r = BufReader::new(conn.try_clone()?);
+    let mut w = conn;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut len = 0usize;
+        let mut auth = String::new();
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h)?;
+            if h == "\r\n" || h.is_empty() {
+                break;
+            }
+            let (k, v) = h.split_once(':').unwrap_or((&h, ""));
+            match k.trim().to_ascii_lowercase().as_str() {
+                "content-length" => len = v.trim().parse().unwrap_or(0),
+                "authorization" => auth = v.trim().to_string(),
+                _ => {}
+            }
+        }
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body)?;
+        let (status, json) = if auth != format!("Bearer {token}") {
+            (
+                401,
+                serde_json::json!({"code": "unauthorized", "message": "device token refused"}),
+            )
+        } else {
+            let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let method = req["method"].as_str().unwrap_or("").to_string();
+            let key = req["key"].as_str().unwrap_or("").to_string();
+            requests.lock().unwrap().push((method.clone(), key.clone()));
+            let b = client.bucket();
+            let c = Some(client.credentials());
+            let mut headers = serde_json::Map::new();
+            let url = match method.as_str() {
+                "PUT" => {
+                    let mut a = PutObject::new(b, c, &key);
+                    for (field, header) in [
+                        ("content_md5", "content-md5"),
+                        ("sha256", "x-amz-meta-sha256"),
+                        ("content_type", "content-type"),
+                    ] {
+                        if let Some(v) = req[field].as_str() {
+                            a.headers_mut().insert(header, v.to_string());
+                            headers.insert(header.into(), v.into());
+                        }
+                    }
+                    let expire = expire_next
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok();
+                    if expire {
+                        expired.lock().unwrap().push(key.clone());
+                        // Valid for one second, handed out after two: a URL that
+                        // expired on its way to the device.
+                        let u = a.sign(Duration::from_secs(1));
+                        thread::sleep(Duration::from_millis(2100));
+                        u
+                    } else {
+                        a.sign(TTL)
+                    }
+                }
+                "HEAD" => HeadObject::new(b, c, &key).sign(TTL),
+                "GET" => GetObject::new(b, c, &key).sign(TTL),
+                "DELETE" => DeleteObject::new(b, c, &key).sign(TTL),
+                _ => {
+                    let body = br#"{"code":"bad_method","message":"unknown method"}"#;
+                    write!(
+                        w,
+                        "HTTP/1.1 400 Bad Request\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    )?;
+                    w.write_all(body)?;
+                    continue;
+                }
+            };
+            (
+                200,
+                serde_json::json!({"url": url.as_str(), "headers": headers}),
+            )
+        };
+        let body = serde_json::to_vec(&json).unwrap();
+        write!(
+            w,
+            "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            if status == 200 { "OK" } else { "Unauthorized" },
+            body.len()
+        )?;
+        w.write_all(&body)?;
+    }
+}

@@ -1,0 +1,519 @@
+//! The `s3` remote against a real S3 server (`s3s-fs`: SigV4 and Content-MD5 checked),
+//! with faults injected by a TCP proxy in front of it or by stopping the server. Every test
+//! reads back what landed in the bucket.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::s3::*;
+use common::*;
+
+const MIB: usize = 1024 * 1024;
+
+/// Slack for request lines and headers (presigned URLs are long) on top of body bytes.
+const OVERHEAD: u64 = 256 * 1024;
+
+/// An environment uploading to `endpoint` (the server or a proxy in front of it).
+fn s3_env(endpoint: &str, secret: &str, s3_extra: &str) -> Env {
+    Env::new(&S3Server::remote_toml(endpoint, secret, s3_extra))
+}
+
+/// Adds keys to the `[upload]` table of the environment's config.
+fn upload_settings(env: &mut Env, lines: &str) {
+    let t = env
+        .toml
+        .replace("[upload]\n", &format!("[upload]\n{lines}\n"));
+    env.write_config(&t);
+}
+
+/// Every synced attachment's object, read back with GET, equals its local file.
+fn assert_bucket_matches(env: &Env, client: &S3Client) -> Vec<serde_json::Value> {
+    let list = env.list();
+    for a in &list {
+        assert_eq!(a["state"], "synced", "{a}");
+        let key = a["object_key"].as_str().unwrap();
+        let local = std::fs::read(a["local_uri"].as_str().unwrap()).unwrap();
+        let body = client
+            .get(key)
+            .unwrap_or_else(|| panic!("{key} is not in the bucket"));
+        assert_eq!(body.len(), local.len(), "size of {key}");
+        assert_eq!(sha256_hex(&body), sha256_hex(&local), "bytes of {key}");
+        assert_eq!(a["sha256"].as_str().unwrap(), sha256_hex(&local));
+        let meta = client.head(key).unwrap();
+        assert_eq!(
+            meta["x-amz-meta-sha256"],
+            sha256_hex(&local),
+            "sha256 metadata of {key}"
+        );
+    }
+    list
+}
+
+/// The queue database, for what the CLI does not show (multipart parts).
+fn committed_parts(env: &Env) -> (i64, i64) {
+    let db = rusqlite::Connection::open(env.state.join("queue.db")).unwrap();
+    db.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM upload_parts",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}
+
+fn upload_id(env: &Env) -> Option<String> {
+    let db = rusqlite::Connection::open(env.state.join("queue.db")).unwrap();
+    db.query_row(
+        "SELECT upload_id FROM attachments WHERE upload_id IS NOT NULL",
+        [],
+        |r| r.get(0),
+    )
+    .ok()
+}
+
+fn bytes_sent(env: &Env) -> i64 {
+    env.list()
+        .iter()
+        .map(|a| a["bytes_sent"].as_i64().unwrap_or(0))
+        .sum()
+}
+
+#[test]
+fn hundred_photos_of_mixed_sizes_land_byte_identical_under_their_keys() {
+    let server = S3Server::start();
+    let env = s3_env(&server.endpoint(), SECRET_KEY, "");
+    let d = env.spawn();
+    // 0 B, a 40 MB video-sized photo, exactly the multipart threshold, just above it (two
+    // parts), and 96 ordinary photos of 1 kB .. 480 kB: about 80 MB in all.
+    let mut want = HashMap::new();
+    for i in 0..100u64 {
+        let len = match i {
+            0 => 0,
+            1 => 40_000_000,
+            2 => 8 * MIB,
+            3 => 8 * MIB + 1,
+            _ => 1000 + (i as usize * 4_919) % 480_000,
+        };
+        let rel = format!("check-{}/row-{}/IMG_{i:04}.jpg", i % 4, i % 7);
+        env.drop_file(&rel, &bytes(i, len));
+        want.insert(env.capture.join(&rel).display().to_string(), rel);
+    }
+    env.wait(Some(&d), 240, "100 synced", || env.count("synced") == 100);
+
+    let client = server.client();
+    let list = assert_bucket_matches(&env, &client);
+    assert_eq!(list.len(), 100);
+    for a in &list {
+        let rel = &want[a["local_uri"].as_str().unwrap()];
+        let mut p = rel.split('/');
+        let (checklist, row) = (p.next().unwrap(), p.next().unwrap());
+        let id = a["id"].as_str().unwrap();
+        assert_eq!(
+            a["object_key"].as_str().unwrap(),
+            format!("fs/dev1/{checklist}/{row}/{id}.jpg")
+        );
+    }
+    assert_eq!(
+        client.list("fs/").len(),
+        100,
+        "exactly one object per photo"
+    );
+    let status = env.status();
+    assert_eq!(status["pending"]["count"], 0);
+    assert_eq!(status["counts"]["failed"]["count"], 0);
+}
+
+#[test]
+fn killed_mid_multipart_resumes_and_resends_at_most_one_part() {
+    let server = S3Server::start();
+    let proxy = FaultProxy::start(server.addr());
+    let part = 5 * MIB as u64;
+    let env = s3_env(
+        &proxy.endpoint(),
+        SECRET_KEY,
+        "multipart_threshold = \"5MiB\"\npart_size = \"5MiB\"",
+    );
+    let size = 100_000_000u64;
+    let data = bytes(42, size as usize);
+    env.drop_file("pump-7/row-3/VID_0001.mp4", &data);
+    // Slow enough that the kill lands mid-upload; fast enough for CI.
+    proxy.set_throttle(25_000_000);
+    let mut d = env.spawn();
+    env.wait(Some(&d), 120, "30 MB sent", || {
+        bytes_sent(&env) >= 30_000_000
+    });
+    d.kill9();
+    let before = proxy.up_bytes();
+    let (parts, committed) = committed_parts(&env);
+    assert!(parts >= 4, "parts committed before the kill: {parts}");
+    assert!(upload_id(&env).is_some(), "upload id kept for resume");
+
+    proxy.set_throttle(0);
+    let d = env.spawn();
+    env.wait(Some(&d), 120, "synced after restart", || {
+        env.count("synced") == 1
+    });
+    let after = proxy.up_bytes() - before;
+
+    let client = server.client();
+    assert_bucket_matches(&env, &client);
+    assert_eq!(client.list("fs/").len(), 1, "one object");
+    // The restart sent only what was not committed (no completed part again) …
+    assert!(
+        after <= size - committed as u64 + OVERHEAD,
+        "sent {after} after restart; {committed} of {size} were committed"
+    );
+    // … so over both runs at most one part went twice.
+    let total = before + after;
+    assert!(
+        total <= size + part + OVERHEAD,
+        "{total} bytes forwarded for a {size} byte file (part {part})"
+    );
+    assert!(d.log_text().contains("resuming multipart upload"));
+    assert_eq!(committed_parts(&env).0, 0, "parts forgotten once complete");
+}
+
+#[test]
+fn forgotten_upload_id_starts_a_fresh_multipart_upload() {
+    let server = S3Server::start();
+    let proxy = FaultProxy::start(server.addr());
+    let env = s3_env(
+        &proxy.endpoint(),
+        SECRET_KEY,
+        "multipart_threshold = \"5MiB\"\npart_size = \"5MiB\"",
+    );
+    env.drop_file("c/r/big.jpg", &bytes(5, 30_000_000));
+    proxy.set_throttle(10_000_000);
+    let mut d = env.spawn();
+    env.wait(Some(&d), 60, "a part committed", || {
+        committed_parts(&env).0 >= 1
+    });
+    d.kill9();
+    // The server forgets the upload (as after its expiry rule ran).
+    let uid = upload_id(&env).unwrap();
+    let key = env.list()[0]["object_key"].as_str().unwrap().to_string();
+    server.client().abort_multipart(&key, &uid);
+
+    proxy.set_throttle(0);
+    let d = env.spawn();
+    env.wait(Some(&d), 60, "synced", || env.count("synced") == 1);
+    let client = server.client();
+    assert_bucket_matches(&env, &client);
+    assert_eq!(client.list("fs/").len(), 1);
+    assert!(
+        d.log_text().contains("starting a fresh one"),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(env.count("failed"), 0);
+}
+
+#[test]
+fn dropped_connections_mid_part_and_mid_put_leave_one_good_object() {
+    let server = S3Server::start();
+    let proxy = FaultProxy::start(server.addr());
+    let env = s3_env(
+        &proxy.endpoint(),
+        SECRET_KEY,
+        "multipart_threshold = \"5MiB\"\npart_size = \"5MiB\"",
+    );
+    let d = env.spawn();
+    // Mid second part of a three-part upload.
+    proxy.reset_after(7_000_000);
+    env.drop_file("c/r/multi.jpg", &bytes(1, 12 * MIB));
+    env.wait(Some(&d), 60, "multipart synced", || {
+        env.count("synced") == 1
+    });
+    // Mid single PUT.
+    proxy.reset_after(1_000_000);
+    env.drop_file("c/r/single.jpg", &bytes(2, 3_000_000));
+    env.wait(Some(&d), 60, "single synced", || env.count("synced") == 2);
+
+    assert_eq!(
+        proxy
+            .faults
+            .resets
+            .load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+    let client = server.client();
+    assert_bucket_matches(&env, &client);
+    assert_eq!(client.list("fs/").len(), 2, "no duplicate object");
+    let retries = env
+        .events()
+        .iter()
+        .filter(|e| e["kind"] == "retry_scheduled")
+        .count();
+    assert!(retries >= 2, "each drop was a retried attempt: {retries}");
+}
+
+#[test]
+fn burst_of_503_is_retried_without_duplicates() {
+    let server = S3Server::start();
+    let proxy = FaultProxy::start(server.addr());
+    let env = s3_env(
+        &proxy.endpoint(),
+        SECRET_KEY,
+        "multipart_threshold = \"5MiB\"\npart_size = \"5MiB\"",
+    );
+    proxy.fail_503(8);
+    env.drop_file("c/r/multi.jpg", &bytes(1, 11 * MIB));
+    for i in 0..4 {
+        env.drop_file(&format!("c/r/p{i}.jpg"), &bytes(10 + i, 200_000));
+    }
+    let d = env.spawn();
+    env.wait(Some(&d), 120, "5 synced", || env.count("synced") == 5);
+    assert_eq!(
+        proxy
+            .faults
+            .served_503
+            .load(std::sync::atomic::Ordering::SeqCst),
+        8
+    );
+    let client = server.client();
+    assert_bucket_matches(&env, &client);
+    assert_eq!(client.list("fs/").len(), 5, "no duplicate object");
+    let slow_down = env
+        .events()
+        .iter()
+        .filter(|e| {
+            e["kind"] == "retry_scheduled"
+                && e["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("s3_SlowDown")
+        })
+        .count();
+    assert!(
+        slow_down >= 1,
+        "503s were retried as SlowDown\n{}",
+        env.dump(Some(&d))
+    );
+    assert_eq!(env.count("failed"), 0);
+}
+
+#[test]
+fn wrong_secret_pauses_with_auth_and_never_leaks_credentials() {
+    let server = S3Server::start();
+    let wrong = "WRONG-secret-Zq8vX31pLk";
+    let mut env = s3_env(&server.endpoint(), wrong, "");
+    upload_settings(&mut env, "auth_recheck = \"1s\"");
+    for i in 0..3 {
+        env.drop_file(&format!("c/r/p{i}.jpg"), &bytes(i, 50_000 + i as usize));
+    }
+    let mut d = env.spawn();
+    env.wait(Some(&d), 30, "paused with reason auth", || {
+        env.status()["pause_reason"] == "auth"
+    });
+    // Re-probes (every second here) keep it paused; nothing is given up or uploaded.
+    std::thread::sleep(Duration::from_secs(3));
+    let status = env.status();
+    assert_eq!(status["pause_reason"], "auth", "{status}");
+    assert_eq!(status["counts"]["failed"]["count"], 0);
+    assert_eq!(status["counts"]["synced"]["count"], 0);
+    assert_eq!(status["counts"]["queued_upload"]["count"], 3);
+    assert!(server.client().list("").is_empty());
+    let last_error = env.list()[0]["last_error_code"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert_eq!(last_error, "s3_SignatureDoesNotMatch");
+
+    // No credential in the log, status, list or events.
+    let seen = format!(
+        "{}\n{}\n{}\n{}\n{}",
+        d.log_text(),
+        env.cli_ok(&["status", "--json"]),
+        env.cli_ok(&["status"]),
+        env.cli_ok(&["list", "--json"]),
+        env.cli_ok(&["events", "--json"]),
+    );
+    for secret in [wrong, SECRET_KEY, ACCESS_KEY] {
+        assert!(!seen.contains(secret), "credential {secret} leaked");
+    }
+
+    // Fix the config and restart: everything goes up.
+    let (code, _) = d.terminate();
+    assert_eq!(code, Some(0));
+    let fixed = env.toml.replace(wrong, SECRET_KEY);
+    env.write_config(&fixed);
+    let d = env.spawn();
+    env.wait(Some(&d), 30, "3 synced", || env.count("synced") == 3);
+    assert_bucket_matches(&env, &server.client());
+    assert!(env.status()["pause_reason"].is_null());
+}
+
+#[test]
+fn server_down_then_back_completes_with_growing_backoff() {
+    let mut server = S3Server::start();
+    let mut env = s3_env(&server.endpoint(), SECRET_KEY, "");
+    upload_settings(
+        &mut env,
+        "initial_backoff = \"500ms\"\nmax_backoff = \"4s\"",
+    );
+    let t = env
+        .toml
+        .replace("initial_backoff = \"200ms\"\n", "")
+        .replace("max_backoff = \"1s\"\n", "");
+    env.write_config(&t);
+    server.stop();
+    env.drop_file("c/r/a.jpg", &bytes(1, 300_000));
+    env.drop_file("c/r/b.jpg", &bytes(2, 9 * MIB));
+    let d = env.spawn();
+    env.wait(Some(&d), 30, "first failures", || {
+        env.list()
+            .iter()
+            .all(|a| a["attempts"].as_i64().unwrap_or(0) >= 1)
+    });
+    std::thread::sleep(Duration::from_secs(8));
+
+    // The failed requests told the conditions the remote is unreachable: the queue waits
+    // with reason `offline` instead of burning attempts, and a probe checks the link with
+    // a growing delay. Both are in the event log; nothing is a tight loop.
+    assert_eq!(env.status()["pause_reason"], "offline");
+    let events = env.events();
+    let attempts = |id: &str| {
+        events
+            .iter()
+            .filter(|e| e["kind"] == "retry_scheduled" && e["attachment_id"] == id)
+            .count()
+    };
+    let list = env.list();
+    let total: usize = list
+        .iter()
+        .map(|a| attempts(a["id"].as_str().unwrap()))
+        .sum();
+    // A photo enqueued after the link was found offline is not even tried.
+    assert!(
+        (1..=10).contains(&total),
+        "{total} upload attempts in ~9 s\n{}",
+        env.dump(Some(&d))
+    );
+    for a in &list {
+        let id = a["id"].as_str().unwrap();
+        if attempts(id) > 0 {
+            assert!(events.iter().any(|e| e["attachment_id"] == id
+                && e["reason"].as_str().unwrap_or("").starts_with("connect")));
+        }
+    }
+    let probes: Vec<i64> = events
+        .iter()
+        .filter(|e| e["kind"] == "probe_failed")
+        .map(|e| e["time"].as_i64().unwrap())
+        .collect();
+    assert!((2..=10).contains(&probes.len()), "probes: {probes:?}");
+    let gaps: Vec<i64> = probes.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.iter().all(|g| *g >= 500), "probe gaps {gaps:?}");
+    assert!(gaps.last() >= gaps.first(), "probe gaps grow: {gaps:?}");
+    assert_eq!(env.count("failed"), 0);
+
+    server.resume();
+    env.wait(Some(&d), 60, "2 synced", || env.count("synced") == 2);
+    assert_bucket_matches(&env, &server.client());
+}
+
+#[test]
+fn sigterm_during_large_upload_exits_zero_fast_and_resumes_without_resending_parts() {
+    let server = S3Server::start();
+    let proxy = FaultProxy::start(server.addr());
+    let env = s3_env(
+        &proxy.endpoint(),
+        SECRET_KEY,
+        "multipart_threshold = \"5MiB\"\npart_size = \"5MiB\"",
+    );
+    let size = 60_000_000u64;
+    env.drop_file("c/r/VID_0002.mp4", &bytes(9, size as usize));
+    proxy.set_throttle(8_000_000);
+    let mut d = env.spawn();
+    env.wait(Some(&d), 60, "2 parts committed", || {
+        committed_parts(&env).0 >= 2
+    });
+    let (code, took) = d.terminate();
+    assert_eq!(code, Some(0), "clean exit\n{}", d.log_text());
+    assert!(took < Duration::from_secs(10), "stopped in {took:?}");
+    let (parts, committed) = committed_parts(&env);
+    assert!(parts >= 2);
+    assert_eq!(env.count("queued_upload"), 1, "still queued, not failed");
+
+    let before = proxy.up_bytes();
+    proxy.set_throttle(0);
+    let d = env.spawn();
+    env.wait(Some(&d), 60, "synced", || env.count("synced") == 1);
+    let after = proxy.up_bytes() - before;
+    assert!(
+        after <= size - committed as u64 + OVERHEAD,
+        "re-sent completed parts: {after} bytes after restart, {committed} were committed"
+    );
+    assert_bucket_matches(&env, &server.client());
+}
+
+#[test]
+fn both_checksums_are_sent_and_verified() {
+    let server = S3Server::start();
+    let env = s3_env(
+        &server.endpoint(),
+        SECRET_KEY,
+        "checksum = \"both\"\nmultipart_threshold = \"5MiB\"\npart_size = \"5MiB\"",
+    );
+    env.drop_file("c/r/multi.jpg", &bytes(3, 11 * MIB));
+    env.drop_file("c/r/small.jpg", &bytes(4, 70_000));
+    let d = env.spawn();
+    env.wait(Some(&d), 60, "2 synced", || env.count("synced") == 2);
+    assert_bucket_matches(&env, &server.client());
+}
+
+#[test]
+fn object_stored_but_answer_lost_is_not_sent_again() {
+    let server = S3Server::start();
+    let proxy = FaultProxy::start(server.addr());
+    let env = s3_env(&proxy.endpoint(), SECRET_KEY, "");
+    let d = env.spawn();
+    // Let the start-up probe finish, then lose the answer to the next request: the server
+    // stores the photo, the daemon never hears back (an unknown outcome).
+    std::thread::sleep(Duration::from_millis(800));
+    proxy
+        .faults
+        .swallow_responses
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let before = proxy.up_bytes();
+    env.drop_file("c/r/once.jpg", &bytes(8, 2_000_000));
+    env.wait(Some(&d), 60, "synced", || env.count("synced") == 1);
+    assert_bucket_matches(&env, &server.client());
+    assert_eq!(server.client().list("fs/").len(), 1);
+    let uploaded = env
+        .events()
+        .into_iter()
+        .find(|e| e["kind"] == "uploaded")
+        .unwrap();
+    assert_eq!(uploaded["reason"], "already_present", "{uploaded}");
+    assert!(
+        proxy.up_bytes() - before < 2 * 2_000_000,
+        "sent once, not twice"
+    );
+}
+
+#[test]
+fn abandoned_multipart_upload_is_aborted() {
+    let server = S3Server::start();
+    let proxy = FaultProxy::start(server.addr());
+    let env = s3_env(
+        &proxy.endpoint(),
+        SECRET_KEY,
+        "multipart_threshold = \"5MiB\"\npart_size = \"5MiB\"",
+    );
+    let p = env.drop_file("c/r/gone.jpg", &bytes(6, 40_000_000));
+    proxy.set_throttle(8_000_000);
+    let d = env.spawn();
+    env.wait(Some(&d), 60, "a part committed", || {
+        committed_parts(&env).0 >= 1
+    });
+    let uid = upload_id(&env).unwrap();
+    assert!(server.stored_parts(&uid) >= 1);
+    // The inspector deletes the photo before it is uploaded.
+    std::fs::remove_file(&p).unwrap();
+    env.wait(Some(&d), 60, "archived", || env.count("archived") == 1);
+    env.wait(Some(&d), 30, "upload aborted", || upload_id(&env).is_none());
+    assert_eq!(server.stored_parts(&uid), 0, "server still holds the parts");
+    assert!(server.client().list("fs/").is_empty());
+}
