@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::remote::object_key;
 use crate::store::{Attachment, NewAttachment, State, Store, StoreError};
-use crate::util::{glob_match, hex, mtime_ns};
+use crate::util::{ctime_ns, glob_match, hex, mtime_ns};
 
 /// Checklist name given to photos outside the layout: they are uploaded, never dropped.
 pub const UNASSIGNED: &str = "unassigned";
@@ -267,7 +267,28 @@ impl Ingestor {
         &self,
         store: &mut Store,
         path: &Path,
+        assignment: (String, String),
+    ) -> Result<Outcome, IngestError> {
+        self.ingest_inner(store, path, assignment, false)
+    }
+
+    /// Hashes `path` again even if its size and mtime are the recorded ones: the uploader
+    /// found bytes that do not match the ingest hash (a writer that restored the mtime).
+    pub fn rehash(
+        &self,
+        store: &mut Store,
+        path: &Path,
+        assignment: (String, String),
+    ) -> Result<Outcome, IngestError> {
+        self.ingest_inner(store, path, assignment, true)
+    }
+
+    fn ingest_inner(
+        &self,
+        store: &mut Store,
+        path: &Path,
         (checklist, row): (String, String),
+        force: bool,
     ) -> Result<Outcome, IngestError> {
         let name = path
             .file_name()
@@ -288,7 +309,7 @@ impl Ingestor {
         if let Some(l) = &latest {
             // Same path, size and mtime: the same file, whatever state its record is in
             // (an archived record stays archived until something references it again).
-            if l.size == size && l.mtime_ns == mtime {
+            if l.size == size && l.mtime_ns == mtime && !force {
                 return Ok(Outcome::Unchanged);
             }
         }
@@ -310,6 +331,7 @@ impl Ingestor {
             row,
             sha256: String::new(),
             mtime_ns: mtime,
+            ctime_ns: None,
             state: State::QueuedUpload,
             error: None,
         };
@@ -325,10 +347,12 @@ impl Ingestor {
                 };
                 if after.len() as i64 != size
                     || mtime_ns(&after) != mtime
+                    || ctime_ns(&after) != ctime_ns(&meta)
                     || hashed_len != size as u64
                 {
                     return Ok(Outcome::NotStable);
                 }
+                new.ctime_ns = Some(ctime_ns(&after));
                 if let Some(l) = &latest {
                     if l.sha256 == sha && l.state != State::Archived && l.state != State::Failed {
                         store.touch_mtime(&l.id, mtime)?;

@@ -18,7 +18,10 @@ use crate::util::now_ms;
 pub const WAKE_FILE: &str = "wake";
 
 /// Ordered migrations; `PRAGMA user_version` records how many have been applied.
-const MIGRATIONS: &[(&str, &str)] = &[("001_init", include_str!("migrations/001_init.sql"))];
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("001_init", include_str!("migrations/001_init.sql")),
+    ("002_ctime", include_str!("migrations/002_ctime.sql")),
+];
 
 /// The event log is trimmed to this many rows so it never grows without bound on a
 /// device that runs for years; older events are of no use to an operator.
@@ -149,12 +152,14 @@ pub struct Attachment {
     pub uploading_since: Option<i64>,
     pub synced_at: Option<i64>,
     pub remote_etag: Option<String>,
+    /// ctime when the file was hashed (see migration 002).
+    pub ctime_ns: Option<i64>,
 }
 
 const ATTACHMENT_COLUMNS: &str = "id, filename, local_uri, timestamp, size, media_type, state, \
     has_synced, meta_data, checklist, row, sha256, mtime_ns, object_key, created_at, bytes_sent, \
     attempts, next_attempt_at, last_error, last_error_code, upload_id, part_size, \
-    uploading_since, synced_at, remote_etag";
+    uploading_since, synced_at, remote_etag, ctime_ns";
 
 impl Attachment {
     fn from_row(r: &Row<'_>) -> rusqlite::Result<Self> {
@@ -187,6 +192,7 @@ impl Attachment {
             uploading_since: r.get(22)?,
             synced_at: r.get(23)?,
             remote_etag: r.get(24)?,
+            ctime_ns: r.get(25)?,
         })
     }
 }
@@ -205,6 +211,8 @@ pub struct NewAttachment {
     pub sha256: String,
     pub mtime_ns: i64,
     pub object_key: String,
+    /// ctime of the file when it was hashed.
+    pub ctime_ns: Option<i64>,
     /// `queued_upload` normally; `failed` when the file exists but cannot be read.
     pub state: State,
     pub error: Option<(String, String)>,
@@ -407,8 +415,8 @@ impl Store {
         tx.execute(
             "INSERT INTO attachments (id, filename, local_uri, timestamp, size, media_type, state,
                 has_synced, meta_data, checklist, row, sha256, mtime_ns, object_key, created_at,
-                last_error_code, last_error)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?10, ?11, ?12, ?13, ?4, ?14, ?15)",
+                last_error_code, last_error, ctime_ns)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?10, ?11, ?12, ?13, ?4, ?14, ?15, ?16)",
             params![
                 new.id,
                 new.filename,
@@ -425,6 +433,7 @@ impl Store {
                 new.object_key,
                 code,
                 msg,
+                new.ctime_ns,
             ],
         )?;
         let att = get_tx(&tx, &new.id)?;
@@ -634,7 +643,7 @@ impl Store {
     /// Records the hash of a file that could not be read at ingest (retried after a fix).
     pub fn set_hash(&self, id: &str, sha256: &str, size: i64, mtime_ns: i64) -> Result<()> {
         self.conn.execute(
-            "UPDATE attachments SET sha256=?2, size=?3, mtime_ns=?4 WHERE id=?1",
+            "UPDATE attachments SET sha256=?2, size=?3, mtime_ns=?4, ctime_ns=NULL WHERE id=?1",
             params![id, sha256, size, mtime_ns],
         )?;
         Ok(())
@@ -744,7 +753,7 @@ impl Store {
         ))?;
         let mut last = after;
         let rows = stmt.query_map(params![after, limit], |r| {
-            last = r.get(25)?;
+            last = r.get(26)?;
             Attachment::from_row(r)
         })?;
         let page = rows.collect::<rusqlite::Result<Vec<_>>>()?;
@@ -1084,6 +1093,7 @@ mod tests {
             sha256: "00".into(),
             mtime_ns: 1,
             object_key: format!("p/d/c1/r1/{id}.jpg"),
+            ctime_ns: None,
             state: State::QueuedUpload,
             error: None,
         }
@@ -1215,6 +1225,30 @@ mod tests {
             Store::open(&p).unwrap().schema_version().unwrap(),
             MIGRATIONS.len() as i64
         );
+    }
+
+    #[test]
+    fn a_version_1_database_upgrades_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("q.db");
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(MIGRATIONS[0].1).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            c.execute(
+                "INSERT INTO attachments (id, filename, local_uri, timestamp, size, media_type,
+                    state, checklist, row, sha256, mtime_ns, object_key, created_at)
+                 VALUES ('old', 'a.jpg', '/x/a.jpg', 1, 3, 'image/jpeg', 'queued_upload',
+                    'c', 'r', 'ab', 1, 'k/old.jpg', 1)",
+                [],
+            )
+            .unwrap();
+        }
+        let s = Store::open(&p).unwrap();
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        let a = s.get("old").unwrap().unwrap();
+        assert_eq!(a.state, State::QueuedUpload);
+        assert_eq!(a.ctime_ns, None, "old rows are hashed again at upload");
     }
 
     #[test]

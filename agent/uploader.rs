@@ -26,7 +26,7 @@ use crate::config::{Config, Order};
 use crate::ingest::{Ingestor, Outcome};
 use crate::remote::{ErrorClass, Remote, RemoteError, ResumeLog, UploadCtx, UploadJob};
 use crate::store::{Attachment, Change, PartRecord, State, Store};
-use crate::util::{mtime_ns, now_ms};
+use crate::util::{ctime_ns, mtime_ns, now_ms};
 
 /// How often the scheduler looks at `PRAGMA data_version` for changes made by other
 /// processes. CLI commands also touch the wake file (inotify), which takes effect at once;
@@ -485,7 +485,7 @@ impl Worker {
             }
         }
         // The file must still be the one we hashed.
-        match fs::metadata(path) {
+        let before = match fs::metadata(path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 self.archive_deleted(&att)?;
                 return Ok(Done::Finished);
@@ -494,8 +494,13 @@ impl Worker {
                 self.reingest(&att);
                 return Ok(Done::Finished);
             }
-            _ => {}
-        }
+            Ok(m) => Some(m),
+            Err(_) => None,
+        };
+        // No write since ingest (ctime unchanged): the remote need not hash it again.
+        let verified = before
+            .as_ref()
+            .is_some_and(|m| att.ctime_ns == Some(ctime_ns(m)));
 
         // A previous attempt may have reached the remote without us learning it: check
         // before sending the whole file again.
@@ -518,6 +523,7 @@ impl Worker {
             size: att.size as u64,
             sha256: att.sha256.clone(),
             media_type: att.media_type.clone(),
+            verified,
         };
         let mut last_write = Instant::now();
         let mut progress = |n: u64| {
@@ -544,6 +550,14 @@ impl Worker {
         );
         match result {
             Ok(up) => {
+                if verified && !self.still_unchanged(&att) {
+                    // Written to while it was sent: what the remote holds is not provably
+                    // the ingested bytes. Remove it and take the new version.
+                    warn!(id = %att.id, "file changed during upload; re-ingesting");
+                    let _ = self.remote.delete(&att.object_key);
+                    self.reingest(&att);
+                    return Ok(Done::Finished);
+                }
                 let secs = started.elapsed().as_secs_f64();
                 info!(id = %att.id, key = %att.object_key, bytes = att.size,
                       mb_per_s = format!("{:.1}", up.bytes_sent as f64 / 1e6 / secs.max(1e-6)),
@@ -617,6 +631,21 @@ impl Worker {
         }
     }
 
+    /// After an upload sent without re-hashing: true if the file is provably still the
+    /// ingested one (ctime unchanged), or, if its ctime moved (a chmod, a touch), its bytes
+    /// still hash to the ingest sha256.
+    fn still_unchanged(&self, att: &Attachment) -> bool {
+        let path = Path::new(&att.local_uri);
+        match fs::metadata(path) {
+            Ok(m) if att.ctime_ns == Some(ctime_ns(&m)) => true,
+            Ok(_) => crate::ingest::hash_file(path).is_ok_and(|(sha, _)| sha == att.sha256),
+            // Deleted since: an unlink does not change bytes already read, and deleting
+            // the object would lose the only copy.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+            Err(_) => false,
+        }
+    }
+
     fn mark_synced(
         &self,
         att: &Attachment,
@@ -656,7 +685,7 @@ impl Worker {
         let assignment = (att.checklist.clone(), att.row.clone());
         match self
             .ingestor
-            .ingest_as(&mut self.store.borrow_mut(), path, assignment)
+            .rehash(&mut self.store.borrow_mut(), path, assignment)
         {
             Ok(Outcome::Enqueued(new)) => {
                 info!(old = %att.id, new = %new.id, "file changed after ingest; new version queued")

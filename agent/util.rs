@@ -53,6 +53,13 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// Status-change time (ctime) in nanoseconds: updated by the kernel on every write (and
+/// chmod, rename, …), and not settable from user space.
+pub fn ctime_ns(meta: &std::fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    meta.ctime() * 1_000_000_000 + meta.ctime_nsec()
+}
+
 /// Modification time of a file in nanoseconds since the epoch (0 if unknown).
 pub fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
     meta.modified()

@@ -182,6 +182,7 @@ fn rate_accuracy(rate: u64, secs: u64, dir: &Path) -> Result<(), String> {
         size,
         sha256: sha,
         media_type: "application/octet-stream".into(),
+        verified: false,
     };
     remote
         .upload(

@@ -177,6 +177,7 @@ mod tests {
                         sha256: "00".into(),
                         mtime_ns: mtime_ns(&m),
                         object_key: format!("k/{id}"),
+                        ctime_ns: None,
                         state: State::QueuedUpload,
                         error: None,
                     },

@@ -237,6 +237,7 @@ mod tests {
             size: 5,
             sha256: sha.into(),
             media_type: "image/jpeg".into(),
+            verified: false,
         }
     }
 

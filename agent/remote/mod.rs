@@ -75,6 +75,11 @@ pub struct UploadJob {
     /// Hex sha256 taken at ingest; the bytes sent must hash to it.
     pub sha256: String,
     pub media_type: String,
+    /// The caller proved the file unchanged since it was hashed (its ctime, which every
+    /// write updates, is the one recorded at ingest) and checks again after the upload:
+    /// the remote need not hash the bytes a second time to compare with `sha256`. When
+    /// false, the remote must hash what it sends and refuse a mismatch (`LocalChanged`).
+    pub verified: bool,
 }
 
 /// Resume state of one upload, persisted by the caller as it changes.

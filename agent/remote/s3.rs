@@ -8,8 +8,9 @@
 //! longer knows (expired, aborted, completed) starts a fresh multipart upload.
 //!
 //! Integrity: every PUT and part carries Content-MD5 and/or x-amz-checksum-sha256 that
-//! the server verifies; the whole file is hashed again while it is sent and must match the
-//! ingest sha256, which is also stored as `x-amz-meta-sha256` so `head` can prove that an
+//! the server verifies. Unless the uploader proved the file unchanged since ingest
+//! (`UploadJob::verified`), the whole file is hashed again while it is sent and must match
+//! the ingest sha256, which is also stored as `x-amz-meta-sha256` so `head` can prove that an
 //! object left by an attempt with an unknown outcome is the right one.
 //!
 //! Credentials come from the config, a credentials file or the standard AWS environment
@@ -466,8 +467,17 @@ impl S3Remote {
         ctx: &mut UploadCtx<'_>,
     ) -> Result<Uploaded, RemoteError> {
         // The sha256 is always needed: the bytes about to go must be the ingested ones.
-        let d = net::digest_range(&job.path, 0, job.size, self.checksum.md5(), true, None)?;
-        check_sha(&d.sha256.unwrap_or_default(), &job.sha256)?;
+        let d = net::digest_range(
+            &job.path,
+            0,
+            job.size,
+            self.checksum.md5(),
+            self.checksum.sha256() || !job.verified,
+            None,
+        )?;
+        if !job.verified {
+            check_sha(&d.sha256.unwrap_or_default(), &job.sha256)?;
+        }
         if !(ctx.keep_going)() {
             return Err(RemoteError::interrupted());
         }
@@ -619,7 +629,9 @@ impl S3Remote {
             if let Some(p) = done.get(&pn) {
                 if p.size == len {
                     // Already on the server: only hash it, for the whole-file check.
-                    net::digest_range(&job.path, offset, len, false, false, Some(&mut whole))?;
+                    if !job.verified {
+                        net::digest_range(&job.path, offset, len, false, false, Some(&mut whole))?;
+                    }
                     continue;
                 }
             }
@@ -632,7 +644,7 @@ impl S3Remote {
                 len,
                 self.checksum.md5(),
                 self.checksum.sha256(),
-                Some(&mut whole),
+                (!job.verified).then_some(&mut whole),
             )?;
             let headers = self.checksum_headers(&d);
             let mut action = UploadPart::new(
@@ -705,7 +717,7 @@ impl S3Remote {
             (ctx.progress)(confirmed);
         }
         let got = hex(&whole.finalize());
-        if got != job.sha256 {
+        if !job.verified && got != job.sha256 {
             // The file changed under us: never complete it as a mix of versions.
             let _ = self.abort_upload(&job.key, &upload_id);
             ctx.resume.clear();
