@@ -624,19 +624,28 @@ impl Store {
     /// Marks `id` as held by a worker (for status), or releases it.
     pub fn set_uploading(&self, id: &str, on: bool) -> Result<()> {
         let v = on.then(now_ms);
-        self.conn.execute(
+        self.advisory_write(
             "UPDATE attachments SET uploading_since=?2 WHERE id=?1",
             params![id, v],
-        )?;
-        Ok(())
+        )
     }
 
     /// Progress of the running upload. Not an event: it changes many times a second.
     pub fn set_progress(&self, id: &str, bytes_sent: i64) -> Result<()> {
-        self.conn.execute(
+        self.advisory_write(
             "UPDATE attachments SET bytes_sent=?2 WHERE id=?1",
             params![id, bytes_sent],
-        )?;
+        )
+    }
+
+    /// A write that only informs status (worker markers, progress): committed without its
+    /// own fsync (WAL, `synchronous=NORMAL`); the next state change's fsync covers it. A
+    /// power cut may lose it, which start-up repair and the next progress write make good.
+    fn advisory_write(&self, sql: &str, p: impl rusqlite::Params) -> Result<()> {
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let r = self.conn.execute(sql, p);
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        r?;
         Ok(())
     }
 
