@@ -565,3 +565,63 @@ fn file_overwritten_during_upload_never_ends_synced_with_mixed_bytes() {
         .unwrap();
     assert_eq!(sha256_hex(&body), sha256_hex(&bytes(2, size)));
 }
+
+/// A fake battery in the harness's sysfs tree (the `[conditions]` it points at).
+fn battery(env: &Env, percent: u8, status: &str) {
+    let ps = env.dir.path().join("fake/sys/class/power_supply/BAT0");
+    std::fs::create_dir_all(&ps).unwrap();
+    for (name, value) in [
+        ("type", "Battery".to_string()),
+        ("capacity", percent.to_string()),
+        ("status", status.to_string()),
+    ] {
+        let tmp = ps.join(format!(".{name}"));
+        std::fs::write(&tmp, format!("{value}\n")).unwrap();
+        std::fs::rename(&tmp, ps.join(name)).unwrap();
+    }
+}
+
+#[test]
+fn condition_lost_mid_multipart_resumes_without_resending_parts() {
+    let server = S3Server::start();
+    let proxy = FaultProxy::start(server.addr());
+    let env = s3_env(
+        &proxy.endpoint(),
+        SECRET_KEY,
+        "multipart_threshold = \"5MiB\"\npart_size = \"5MiB\"",
+    );
+    battery(&env, 80, "Discharging");
+    let size = 40_000_000u64;
+    env.drop_file("c/r/VID_0003.mp4", &bytes(11, size as usize));
+    proxy.set_throttle(6_000_000);
+    let d = env.spawn();
+    env.wait(Some(&d), 60, "2 parts committed", || {
+        committed_parts(&env).0 >= 2
+    });
+
+    // The battery runs low mid-upload: uploads stop at a safe point, nothing fails.
+    battery(&env, 10, "Discharging");
+    env.wait(Some(&d), 20, "paused battery_low", || {
+        env.status()["pause_reason"] == "battery_low"
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let quiet = proxy.up_bytes();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(proxy.up_bytes(), quiet, "nothing is sent while paused");
+    assert_eq!(env.count("queued_upload"), 1);
+    assert_eq!(env.count("failed"), 0);
+    let (parts, committed) = committed_parts(&env);
+    assert!(parts >= 2);
+
+    // Plugged in: the upload resumes at the next missing part.
+    let before = proxy.up_bytes();
+    proxy.set_throttle(0);
+    battery(&env, 10, "Charging");
+    env.wait(Some(&d), 60, "synced", || env.count("synced") == 1);
+    let after = proxy.up_bytes() - before;
+    assert!(
+        after <= size - committed as u64 + OVERHEAD,
+        "re-sent uploaded parts: {after} bytes after resuming, {committed} were committed"
+    );
+    assert_bucket_matches(&env, &server.client());
+}
