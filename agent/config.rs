@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+/// Byte sizes (`"50MB"`, `"8MiB"`, a number of bytes) mean the same in every table.
+pub use crate::conditions::settings::{parse_size, Size};
+
 /// The demo configuration, used when no `--config` is given and the default path is absent.
 pub const DEMO_TOML: &str = include_str!("../config/demo.toml");
 

@@ -14,7 +14,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -380,19 +379,7 @@ impl Remote for HttpRemote {
         if !resp.status().is_success() {
             return Err(self.storage_error(resp, "get object"));
         }
-        let tmp = dest.with_extension("fieldsync-download");
-        let io_err = |what: &str, e: io::Error| {
-            RemoteError::transient("local_io", format!("{what} {}: {e}", tmp.display()))
-        };
-        let mut out = fs::File::create(&tmp).map_err(|e| io_err("create", e))?;
-        let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
-        let n = io::copy(&mut reader, &mut out).map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            RemoteError::transient("connection", format!("get object: {e}"))
-        })?;
-        out.sync_all().map_err(|e| io_err("fsync", e))?;
-        fs::rename(&tmp, dest).map_err(|e| io_err("rename", e))?;
-        Ok(n)
+        net::save_body(&mut resp, dest, "get object")
     }
 
     fn delete(&self, key: &str) -> Result<(), RemoteError> {

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use md5::Md5;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::file::local_read_error;
@@ -54,63 +54,7 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// A byte size written as a number of bytes or a string such as `"8MiB"`, `"5 MB"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ByteSize(pub u64);
-
 pub const MIB: u64 = 1024 * 1024;
-
-impl ByteSize {
-    pub fn parse(s: &str) -> Result<ByteSize, String> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let n: u64 = num.parse().map_err(|_| {
-            format!("invalid size \"{s}\"; expected e.g. 8388608, \"8MiB\" or \"5 MB\"")
-        })?;
-        let mult = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1,
-            "k" | "kb" => 1000,
-            "kib" => 1024,
-            "m" | "mb" => 1000 * 1000,
-            "mib" => MIB,
-            "g" | "gb" => 1000 * 1000 * 1000,
-            "gib" => 1024 * MIB,
-            other => {
-                return Err(format!(
-                "unknown size unit \"{other}\" in \"{s}\"; expected B, KiB, MiB, GiB, kB, MB or GB"
-            ))
-            }
-        };
-        n.checked_mul(mult)
-            .map(ByteSize)
-            .ok_or_else(|| format!("size \"{s}\" is too large"))
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = ByteSize;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a size such as 8388608, \"8MiB\" or \"5 MB\"")
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
-                Ok(ByteSize(v))
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
-                u64::try_from(v)
-                    .map(ByteSize)
-                    .map_err(|_| E::custom("expected a size that is not negative"))
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
-                ByteSize::parse(v).map_err(E::custom)
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
 
 /// Builds the HTTP agent. Status codes are returned, not raised, so every answer goes
 /// through [`status_error`]; redirects are not followed (a redirected signed request
@@ -291,6 +235,28 @@ pub fn digest_range(
         md5: md5.map(|h| h.finalize().into()),
         sha256: sha.map(|h| h.finalize().into()),
     })
+}
+
+/// Writes a GET answer's body to `dest` through a temporary file, fsynced and renamed
+/// into place, so `dest` is either absent or complete. Returns the bytes written.
+pub fn save_body(
+    resp: &mut ureq::http::Response<ureq::Body>,
+    dest: &std::path::Path,
+    what: &str,
+) -> Result<u64, RemoteError> {
+    let tmp = dest.with_extension("fieldsync-download");
+    let io_err = |step: &str, e: std::io::Error| {
+        RemoteError::transient("local_io", format!("{step} {}: {e}", tmp.display()))
+    };
+    let mut out = std::fs::File::create(&tmp).map_err(|e| io_err("create", e))?;
+    let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
+    let n = std::io::copy(&mut reader, &mut out).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        RemoteError::transient("connection", format!("{what}: {e}"))
+    })?;
+    out.sync_all().map_err(|e| io_err("fsync", e))?;
+    std::fs::rename(&tmp, dest).map_err(|e| io_err("rename", e))?;
+    Ok(n)
 }
 
 pub fn b64(bytes: &[u8]) -> String {
@@ -501,11 +467,12 @@ mod tests {
 
     #[test]
     fn sizes_parse_with_units() {
-        assert_eq!(ByteSize::parse("8MiB").unwrap().0, 8 * MIB);
-        assert_eq!(ByteSize::parse("5 MB").unwrap().0, 5_000_000);
-        assert_eq!(ByteSize::parse("1024").unwrap().0, 1024);
-        assert!(ByteSize::parse("8 parsecs").unwrap_err().contains("unit"));
-        assert!(ByteSize::parse("lots").is_err());
+        use crate::config::parse_size;
+        assert_eq!(parse_size("8MiB").unwrap(), 8 * MIB);
+        assert_eq!(parse_size("5 MB").unwrap(), 5_000_000);
+        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert!(parse_size("8 parsecs").is_err());
+        assert!(parse_size("lots").is_err());
     }
 
     #[test]

@@ -18,7 +18,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -31,9 +30,10 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tracing::{debug, info};
 
-use super::net::{self, b64, ByteSize, Secret, MIB};
+use super::net::{self, b64, Secret, MIB};
 use super::{ErrorClass, Remote, RemoteError, RemoteObject, UploadCtx, UploadJob, Uploaded};
 use crate::config::Dur;
+use crate::config::Size;
 use crate::store::PartRecord;
 use crate::util::hex;
 
@@ -90,11 +90,11 @@ pub struct S3Config {
     pub read_timeout: Dur,
     /// Files larger than this use multipart upload. Default 8 MiB.
     #[serde(default = "default_part")]
-    pub multipart_threshold: ByteSize,
+    pub multipart_threshold: Size,
     /// Part size of multipart uploads (5 MiB ..= 5 GiB); raised for files that would
     /// need more than 10,000 parts. Default 8 MiB.
     #[serde(default = "default_part")]
-    pub part_size: ByteSize,
+    pub part_size: Size,
     /// Which checksum the server verifies on every PUT and part. Default `md5`.
     #[serde(default)]
     pub checksum: ChecksumMode,
@@ -140,8 +140,8 @@ fn default_connect_timeout() -> Dur {
 fn default_read_timeout() -> Dur {
     Dur::secs(60)
 }
-fn default_part() -> ByteSize {
-    ByteSize(8 * MIB)
+fn default_part() -> Size {
+    Size(8 * MIB)
 }
 
 impl S3Config {
@@ -931,19 +931,7 @@ impl Remote for S3Remote {
         if !resp.status().is_success() {
             return Err(self.answer_error(resp, "get object"));
         }
-        let tmp = dest.with_extension("fieldsync-download");
-        let io_err = |what: &str, e: io::Error| {
-            RemoteError::transient("local_io", format!("{what} {}: {e}", tmp.display()))
-        };
-        let mut out = fs::File::create(&tmp).map_err(|e| io_err("create", e))?;
-        let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
-        let n = io::copy(&mut reader, &mut out).map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            RemoteError::transient("connection", format!("get object: {e}"))
-        })?;
-        out.sync_all().map_err(|e| io_err("fsync", e))?;
-        fs::rename(&tmp, dest).map_err(|e| io_err("rename", e))?;
-        Ok(n)
+        net::save_body(&mut resp, dest, "get object")
     }
 
     fn delete(&self, key: &str) -> Result<(), RemoteError> {
