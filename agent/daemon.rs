@@ -175,16 +175,32 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         warn!(error = %e, "remote not reachable yet; uploads will retry");
     }
 
-    // The handler only sets the flag; the scheduler sees it within CONTROL_POLL and stops
-    // workers at their next safe point.
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, shared.shutdown.clone()).map_err(|source| {
-            DaemonError::Io {
-                what: "install signal handler",
-                path: String::new(),
-                source,
-            }
-        })?;
+    // SIGTERM/SIGINT: set the shutdown flag and wake the scheduler, which stops workers at
+    // their next safe point. The handler itself only writes to a pipe (signal-hook).
+    let (tx, rx) = mpsc::channel::<Msg>();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .map_err(|source| DaemonError::Io {
+        what: "install signal handler",
+        path: String::new(),
+        source,
+    })?;
+    let signal_handle = signals.handle();
+    {
+        let shared = shared.clone();
+        let tx = tx.clone();
+        thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    info!(signal = sig, "stopping");
+                    shared.shutdown.store(true, Ordering::Relaxed);
+                    let _ = tx.send(Msg::Wake);
+                }
+            })
+            .expect("spawn signal thread");
     }
 
     // Fleet reporting: its own threads, stopped after uploads so `offline` comes last.
@@ -193,7 +209,6 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         None => None,
     };
 
-    let (tx, rx) = mpsc::channel::<Msg>();
     let (wtx, wrx) = mpsc::channel::<WatchMsg>();
     let _watcher =
         watcher::watch(ingestor.capture(), wtx.clone()).map_err(|source| DaemonError::Watch {
@@ -265,6 +280,7 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
     if let Some(r) = reporter {
         r.stop();
     }
+    signal_handle.close();
     info!("fieldsync stopped");
     result.map_err(Into::into)
 }
