@@ -78,6 +78,7 @@ fn run_fieldsync(
     size: usize,
     seed: u64,
     concurrency: u32,
+    parts: u32,
     drain: bool,
 ) -> Result {
     let dir = tempfile::tempdir().unwrap();
@@ -91,7 +92,11 @@ fn run_fieldsync(
             "device_id = \"bench\"\n[paths]\ncapture = \"{}\"\nstate_dir = \"{}\"\n[ingest]\nsettle = \"200ms\"\n[upload]\nconcurrency = {concurrency}\n[log]\nlevel = \"warn\"\n{}",
             capture.display(),
             state.display(),
-            S3Server::remote_toml(&server.endpoint(), SECRET_KEY, "")
+            S3Server::remote_toml(
+                &server.endpoint(),
+                SECRET_KEY,
+                &format!("part_concurrency = {parts}")
+            )
                 .replace("prefix = \"fs\"", &format!("prefix = \"fieldsync-{seed}\""))
         ),
     )
@@ -231,15 +236,18 @@ fn bench_s3_against_rclone() {
     let mut report = vec![format!("fieldsync binary: {}", bin.display())];
     for (files, size, seed) in [(200, 2 * MB, 1000), (4, 100 * MB, 2000)] {
         // The device default (2 uploads at once), and rclone's default of 4 transfers.
-        let f2 = run_fieldsync(&bin, &server, files, size, seed, 2, false);
-        let f4 = run_fieldsync(&bin, &server, files, size, seed + 100, 4, false);
-        let d2 = run_fieldsync(&bin, &server, files, size, seed + 200, 2, true);
-        let d4 = run_fieldsync(&bin, &server, files, size, seed + 300, 4, true);
+        // c: files at once; p: parts of one file at once (rclone: 4 transfers, 4 chunks).
+        let f2 = run_fieldsync(&bin, &server, files, size, seed, 2, 1, false);
+        let f4 = run_fieldsync(&bin, &server, files, size, seed + 100, 4, 4, false);
+        let d2 = run_fieldsync(&bin, &server, files, size, seed + 200, 2, 1, true);
+        let d4 = run_fieldsync(&bin, &server, files, size, seed + 300, 4, 1, true);
+        let d44 = run_fieldsync(&bin, &server, files, size, seed + 400, 4, 4, true);
         let r = run_rclone(&server, files, size, seed);
         report.push(line("fieldsync c2 end to end", files, size, &f2));
-        report.push(line("fieldsync c4 end to end", files, size, &f4));
+        report.push(line("fieldsync c4p4 end to end", files, size, &f4));
         report.push(line("fieldsync c2 drain", files, size, &d2));
         report.push(line("fieldsync c4 drain", files, size, &d4));
+        report.push(line("fieldsync c4p4 drain", files, size, &d44));
         report.push(line("rclone --transfers 4", files, size, &r));
     }
     println!("\n{}\n", report.join("\n"));

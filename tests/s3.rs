@@ -625,3 +625,38 @@ fn condition_lost_mid_multipart_resumes_without_resending_parts() {
     );
     assert_bucket_matches(&env, &server.client());
 }
+
+#[test]
+fn parallel_parts_land_byte_identical_and_resume_after_kill9() {
+    let server = S3Server::start();
+    let proxy = FaultProxy::start(server.addr());
+    let part = 5 * MIB as u64;
+    let env = s3_env(
+        &proxy.endpoint(),
+        SECRET_KEY,
+        "multipart_threshold = \"5MiB\"\npart_size = \"5MiB\"\npart_concurrency = 4",
+    );
+    let size = 60_000_000u64;
+    env.drop_file("c/r/VID_par.mp4", &bytes(77, size as usize));
+    proxy.set_throttle(3_000_000);
+    let mut d = env.spawn();
+    env.wait(Some(&d), 120, "4 parts committed", || {
+        committed_parts(&env).0 >= 4
+    });
+    d.kill9();
+    let before = proxy.up_bytes();
+    let (_, committed) = committed_parts(&env);
+    proxy.set_throttle(0);
+    let d = env.spawn();
+    env.wait(Some(&d), 120, "synced", || env.count("synced") == 1);
+    let after = proxy.up_bytes() - before;
+    assert_bucket_matches(&env, &server.client());
+    assert_eq!(server.client().list("fs/").len(), 1, "one object");
+    // The restart sends only what was not committed; overall at most the parts that were
+    // in flight (4) went twice.
+    assert!(
+        after <= size - committed as u64 + OVERHEAD,
+        "sent {after} after restart; {committed} of {size} were committed"
+    );
+    assert!(before + after <= size + 4 * part + OVERHEAD);
+}

@@ -101,11 +101,11 @@ pub struct UploadCtx<'a> {
     /// Called with the bytes of the object confirmed or in flight so far.
     pub progress: &'a mut dyn FnMut(u64),
     /// Checked at safe points (between parts and chunks); false means stop now.
-    pub keep_going: &'a dyn Fn() -> bool,
+    pub keep_going: &'a (dyn Fn() -> bool + Sync),
     /// Called with the size of each chunk before it is sent; blocks as long as the rate
     /// limit requires and accounts the bytes (data budget). Remotes call it for every
     /// chunk of request body they send.
-    pub throttle: &'a dyn Fn(u64),
+    pub throttle: &'a (dyn Fn(u64) + Sync),
     pub resume: &'a mut dyn ResumeLog,
 }
 

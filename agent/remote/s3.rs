@@ -19,6 +19,8 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
 use rusty_s3::actions::{
@@ -98,6 +100,16 @@ pub struct S3Config {
     /// Which checksum the server verifies on every PUT and part. Default `md5`.
     #[serde(default)]
     pub checksum: ChecksumMode,
+    /// Parts of one file sent at once (1..=16). Each part streams from the file, so this
+    /// costs sockets, not memory; but a crash or a dropped link re-sends every part that
+    /// was in flight. Default 1: at most one part is ever sent twice, which is what a
+    /// metered field link wants. Raise it (rclone uses 4) on fast unmetered links.
+    #[serde(default = "default_part_concurrency")]
+    pub part_concurrency: u32,
+}
+
+fn default_part_concurrency() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -160,6 +172,12 @@ impl S3Config {
                     "expected an http:// or https:// URL such as \"https://s3.eu-central-1.amazonaws.com\"".into(),
                 ))
             }
+        }
+        if !(1..=16).contains(&self.part_concurrency) {
+            return Err((
+                "remote.s3.part_concurrency",
+                "expected a number from 1 to 16".into(),
+            ));
         }
         if self.region.trim().is_empty() {
             return Err((
@@ -326,6 +344,7 @@ pub struct S3Remote {
     threshold: u64,
     part_size: u64,
     checksum: ChecksumMode,
+    part_concurrency: usize,
     describe: String,
 }
 
@@ -381,6 +400,7 @@ impl S3Remote {
             threshold: cfg.multipart_threshold.0,
             part_size: cfg.part_size.0,
             checksum: cfg.checksum,
+            part_concurrency: cfg.part_concurrency as usize,
             describe: format!(
                 "s3://{}/ at {}",
                 cfg.bucket,
@@ -618,115 +638,115 @@ impl S3Remote {
                 (uid, ps, BTreeMap::new())
             }
         };
-        let n_parts = size.div_ceil(part_size).max(1);
-        let mut whole = Sha256::new();
+        let n_parts = size.div_ceil(part_size).max(1) as u32;
+        // Parts already on the server (by number and size).
+        let have: BTreeMap<u32, u64> = done.iter().map(|(n, p)| (*n, p.size)).collect();
         let mut confirmed: u64 = done.values().map(|p: &PartRecord| p.size).sum();
         let mut sent_now = 0u64;
         (ctx.progress)(confirmed);
-        for pn in 1..=n_parts as u32 {
-            let offset = (pn as u64 - 1) * part_size;
-            let len = part_size.min(size - offset);
-            if let Some(p) = done.get(&pn) {
-                if p.size == len {
-                    // Already on the server: only hash it, for the whole-file check.
-                    if !job.verified {
-                        net::digest_range(&job.path, offset, len, false, false, Some(&mut whole))?;
+
+        // A verified file (unchanged since ingest) sends several parts at once. Otherwise
+        // the whole file must be hashed in order while it is sent, so one part at a time.
+        let width = if job.verified {
+            self.part_concurrency.max(1)
+        } else {
+            1
+        };
+        let whole = (!job.verified).then(|| Mutex::new(Sha256::new()));
+        let next = Mutex::new(1..=n_parts);
+        let stop = AtomicBool::new(false);
+        let (keep_going, throttle) = (ctx.keep_going, ctx.throttle);
+        let mut first_error: Option<Fail> = None;
+        std::thread::scope(|scope| {
+            let (rtx, rrx) = mpsc::channel::<Result<(PartRecord, u64), Fail>>();
+            for _ in 0..width.min(n_parts as usize) {
+                let rtx = rtx.clone();
+                let (next, stop, have, whole, upload_id) =
+                    (&next, &stop, &have, &whole, &upload_id);
+                scope.spawn(move || loop {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
                     }
-                    continue;
+                    let Some(pn) = next.lock().unwrap_or_else(|e| e.into_inner()).next() else {
+                        return;
+                    };
+                    let offset = (pn as u64 - 1) * part_size;
+                    let len = part_size.min(size - offset);
+                    if have.get(&pn) == Some(&len) {
+                        // Already on the server: only hash it, for the whole-file check.
+                        if let Some(w) = whole {
+                            let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
+                            if let Err(e) = net::digest_range(
+                                &job.path,
+                                offset,
+                                len,
+                                false,
+                                false,
+                                Some(&mut w),
+                            ) {
+                                let _ = rtx.send(Err(e.into()));
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                    let r = if keep_going() {
+                        self.send_part(
+                            job,
+                            upload_id,
+                            pn,
+                            n_parts,
+                            offset,
+                            len,
+                            resumed,
+                            throttle,
+                            keep_going,
+                            whole.as_ref(),
+                        )
+                    } else {
+                        Err(RemoteError::interrupted().into())
+                    };
+                    let failed = r.is_err();
+                    let _ = rtx.send(r);
+                    if failed {
+                        return;
+                    }
+                });
+            }
+            drop(rtx);
+            // Parts are committed here, on the caller's thread, as each is acknowledged.
+            for r in rrx {
+                match r {
+                    Ok((rec, sent)) => {
+                        sent_now += sent;
+                        ctx.resume.part_done(&rec);
+                        confirmed += rec.size;
+                        (ctx.progress)(confirmed);
+                        done.insert(rec.part_number, rec);
+                    }
+                    Err(e) => {
+                        stop.store(true, Ordering::Relaxed);
+                        first_error.get_or_insert(e);
+                    }
                 }
             }
-            if !(ctx.keep_going)() {
-                return Err(RemoteError::interrupted().into());
-            }
-            let d = net::digest_range(
-                &job.path,
-                offset,
-                len,
-                self.checksum.md5(),
-                self.checksum.sha256(),
-                (!job.verified).then_some(&mut whole),
-            )?;
-            let headers = self.checksum_headers(&d);
-            let mut action = UploadPart::new(
-                &self.bucket,
-                Some(&self.creds),
-                &job.key,
-                pn as u16,
-                &upload_id,
-            );
-            for (k, v) in &headers {
-                action.headers_mut().insert(*k, v.clone());
-            }
-            let url = action.sign(SIGN_EXPIRY);
-            let mut body = net::BodyReader::open(
-                &job.path,
-                offset,
-                len,
-                confirmed,
-                ctx.throttle,
-                ctx.keep_going,
-                ctx.progress,
-            )?;
-            let what = format!("upload part {pn} of {n_parts}");
-            let result = self.put_file(&url, &headers, &mut body, len, &what);
-            sent_now += body.sent;
-            let mut resp = result?;
-            if resp.status().as_u16() == 404 {
-                match Self::is_no_such_upload(&mut resp) {
-                    None => return Err(Fail::NoSuchUpload),
-                    Some(b) => {
-                        let says = net::parse_error_body(&b);
-                        return Err(self
-                            .scrub(net::status_error(404, None, &says, &what))
-                            .into());
-                    }
-                }
-            }
-            if resumed && resp.status().as_u16() == 403 && self.probe().is_ok() {
-                // Some stores (s3s-fs among them) answer 403 rather than NoSuchUpload for
-                // an upload id they dropped. The credentials still work, so it is the id.
-                return Err(Fail::NoSuchUpload);
-            }
-            if !resp.status().is_success() {
-                return Err(self.answer_error(resp, &what).into());
-            }
-            let Some(etag) = net::header(&resp, "etag") else {
-                return Err(RemoteError::transient(
-                    "bad_response",
-                    format!("{what}: no ETag in the answer"),
+        });
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        if let Some(w) = whole {
+            let got = hex(&w.into_inner().unwrap_or_else(|e| e.into_inner()).finalize());
+            if got != job.sha256 {
+                // The file changed under us: never complete it as a mix of versions.
+                let _ = self.abort_upload(&job.key, &upload_id);
+                ctx.resume.clear();
+                return Err(RemoteError::new(
+                    ErrorClass::LocalChanged,
+                    "checksum_mismatch",
+                    format!("local bytes hash to {got}, expected {}", job.sha256),
                 )
                 .into());
-            };
-            let checksum = [
-                d.md5.map(|m| format!("md5:{}", b64(&m))),
-                d.sha256.map(|s| format!("sha256:{}", b64(&s))),
-            ]
-            .into_iter()
-            .flatten()
-            .collect::<Vec<_>>()
-            .join(" ");
-            let rec = PartRecord {
-                part_number: pn,
-                size: len,
-                etag,
-                checksum,
-            };
-            ctx.resume.part_done(&rec);
-            done.insert(pn, rec);
-            confirmed += len;
-            (ctx.progress)(confirmed);
-        }
-        let got = hex(&whole.finalize());
-        if !job.verified && got != job.sha256 {
-            // The file changed under us: never complete it as a mix of versions.
-            let _ = self.abort_upload(&job.key, &upload_id);
-            ctx.resume.clear();
-            return Err(RemoteError::new(
-                ErrorClass::LocalChanged,
-                "checksum_mismatch",
-                format!("local bytes hash to {got}, expected {}", job.sha256),
-            )
-            .into());
+            }
         }
         let etag = self.complete(&job.key, &upload_id, &done, resumed)?;
         ctx.resume.clear();
@@ -734,6 +754,106 @@ impl S3Remote {
             etag,
             bytes_sent: sent_now,
         })
+    }
+
+    /// Sends part `pn` (`len` bytes at `offset`) and returns its record and the bytes
+    /// sent. Runs on one of the part threads; `whole`, when given, receives the part's
+    /// bytes for the whole-file hash (one part at a time, in order).
+    #[allow(clippy::too_many_arguments)]
+    fn send_part(
+        &self,
+        job: &UploadJob,
+        upload_id: &str,
+        pn: u32,
+        n_parts: u32,
+        offset: u64,
+        len: u64,
+        resumed: bool,
+        throttle: &(dyn Fn(u64) + Sync),
+        keep_going: &(dyn Fn() -> bool + Sync),
+        whole: Option<&Mutex<Sha256>>,
+    ) -> Result<(PartRecord, u64), Fail> {
+        let d = {
+            let mut w = whole.map(|w| w.lock().unwrap_or_else(|e| e.into_inner()));
+            net::digest_range(
+                &job.path,
+                offset,
+                len,
+                self.checksum.md5(),
+                self.checksum.sha256(),
+                w.as_deref_mut(),
+            )?
+        };
+        let headers = self.checksum_headers(&d);
+        let mut action = UploadPart::new(
+            &self.bucket,
+            Some(&self.creds),
+            &job.key,
+            pn as u16,
+            upload_id,
+        );
+        for (k, v) in &headers {
+            action.headers_mut().insert(*k, v.clone());
+        }
+        let url = action.sign(SIGN_EXPIRY);
+        // Progress is reported per acknowledged part by the caller.
+        let mut no_progress = |_| {};
+        let mut body = net::BodyReader::open(
+            &job.path,
+            offset,
+            len,
+            0,
+            throttle,
+            keep_going,
+            &mut no_progress,
+        )?;
+        let what = format!("upload part {pn} of {n_parts}");
+        let result = self.put_file(&url, &headers, &mut body, len, &what);
+        let sent = body.sent;
+        let mut resp = result?;
+        if resp.status().as_u16() == 404 {
+            match Self::is_no_such_upload(&mut resp) {
+                None => return Err(Fail::NoSuchUpload),
+                Some(b) => {
+                    let says = net::parse_error_body(&b);
+                    return Err(self
+                        .scrub(net::status_error(404, None, &says, &what))
+                        .into());
+                }
+            }
+        }
+        if resumed && resp.status().as_u16() == 403 && self.probe().is_ok() {
+            // Some stores (s3s-fs among them) answer 403 rather than NoSuchUpload for
+            // an upload id they dropped. The credentials still work, so it is the id.
+            return Err(Fail::NoSuchUpload);
+        }
+        if !resp.status().is_success() {
+            return Err(self.answer_error(resp, &what).into());
+        }
+        let Some(etag) = net::header(&resp, "etag") else {
+            return Err(RemoteError::transient(
+                "bad_response",
+                format!("{what}: no ETag in the answer"),
+            )
+            .into());
+        };
+        let checksum = [
+            d.md5.map(|m| format!("md5:{}", b64(&m))),
+            d.sha256.map(|s| format!("sha256:{}", b64(&s))),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" ");
+        Ok((
+            PartRecord {
+                part_number: pn,
+                size: len,
+                etag,
+                checksum,
+            },
+            sent,
+        ))
     }
 
     fn complete(
