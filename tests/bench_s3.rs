@@ -71,6 +71,7 @@ fn queued_count(db: &Path) -> i64 {
         .unwrap_or(0)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_fieldsync(
     bin: &Path,
     server: &S3Server,
