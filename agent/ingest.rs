@@ -448,14 +448,6 @@ impl Ingestor {
         Ok(Outcome::Ignored)
     }
 
-    /// Every candidate file below the capture folder (the periodic rescan), sorted.
-    pub fn scan(&self) -> Vec<PathBuf> {
-        let mut out = Vec::new();
-        self.scan_each(&self.capture, &mut |p| out.push(p));
-        out.sort();
-        out
-    }
-
     /// Calls `f` for every candidate file below `dir`, one directory at a time, without
     /// collecting the whole tree (a capture folder may hold years of photos).
     pub fn scan_each(&self, dir: &Path, f: &mut dyn FnMut(PathBuf)) {

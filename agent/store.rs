@@ -2,8 +2,9 @@
 //!
 //! Every state change is one transaction that updates the attachment row and appends a
 //! row to the event log. The daemon and the CLI open the same file (WAL mode): readers
-//! never block the daemon, and a change the CLI commits is seen by the daemon through
-//! `PRAGMA data_version`.
+//! never block the daemon. A change the CLI commits reaches the daemon through the wake
+//! file beside the database ([`Store::wake_file`]), with `PRAGMA data_version` as the
+//! backstop.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -396,7 +397,7 @@ impl Store {
                      WHERE id=?1",
                     params![old, now],
                 )?;
-                event_tx(
+                event_conn(
                     &tx,
                     now,
                     "archived",
@@ -442,7 +443,7 @@ impl Store {
         } else {
             ("enqueued", "applied", None)
         };
-        event_tx(
+        event_conn(
             &tx,
             now,
             kind,
@@ -580,7 +581,7 @@ impl Store {
             "applied"
         };
         let reason = change.reason.or(change.error.map(|e| e.0));
-        event_tx(
+        event_conn(
             &tx,
             now,
             change.kind,
@@ -607,7 +608,7 @@ impl Store {
         )?;
         let att = get_tx(&tx, id)?;
         let reason = format!("{code}: {msg}");
-        event_tx(
+        event_conn(
             &tx,
             now,
             "retry_scheduled",
@@ -894,11 +895,17 @@ impl Store {
         checklist: Option<&str>,
         reason: Option<&str>,
     ) -> Result<()> {
-        self.conn.execute(
-            "INSERT INTO events (time, kind, outcome, checklist, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![now_ms(), kind, outcome, checklist, reason],
-        )?;
-        Ok(())
+        event_row(
+            &self.conn,
+            now_ms(),
+            kind,
+            outcome,
+            None,
+            checklist,
+            None,
+            None,
+            reason,
+        )
     }
 
     /// Trims the event log to the newest `MAX_EVENTS` rows.
@@ -1011,7 +1018,8 @@ impl Store {
         Ok(())
     }
 
-    /// Runs `f` in one transaction (for callers that need several writes to be atomic).
+    /// The connection, for the few callers with a query of their own (bulk updates, bench
+    /// seeding).
     pub fn conn(&self) -> &Connection {
         &self.conn
     }
@@ -1043,7 +1051,7 @@ fn get_tx(conn: &Connection, id: &str) -> Result<Attachment> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn event_tx(
+fn event_conn(
     conn: &Connection,
     now: i64,
     kind: &str,
@@ -1053,16 +1061,28 @@ fn event_tx(
     to: Option<State>,
     reason: Option<&str>,
 ) -> Result<()> {
-    event_conn(conn, now, kind, outcome, att, from, to, reason)
+    event_row(
+        conn,
+        now,
+        kind,
+        outcome,
+        att,
+        att.map(|a| a.checklist.as_str()),
+        from,
+        to,
+        reason,
+    )
 }
 
+/// The one INSERT into the event log.
 #[allow(clippy::too_many_arguments)]
-fn event_conn(
+fn event_row(
     conn: &Connection,
     now: i64,
     kind: &str,
     outcome: &str,
     att: Option<&Attachment>,
+    checklist: Option<&str>,
     from: Option<State>,
     to: Option<State>,
     reason: Option<&str>,
@@ -1075,7 +1095,7 @@ fn event_conn(
             kind,
             outcome,
             att.map(|a| a.id.as_str()),
-            att.map(|a| a.checklist.as_str()),
+            checklist,
             att.map(|a| a.row.as_str()),
             from.map(|s| s.as_str()),
             to.map(|s| s.as_str()),

@@ -2,8 +2,8 @@
 //!
 //! The scheduler thread owns the decision of what runs when: it evaluates the conditions,
 //! hands due attachments (oldest or newest first) to a fixed pool of worker threads, and
-//! sleeps until a wake-up (new file, finished upload, CLI command seen through
-//! `PRAGMA data_version`), the next due retry, or the sync interval. Workers move bytes
+//! sleeps until a wake-up (new file, finished upload, condition change, CLI command via
+//! the wake file, SIGTERM), the next due retry, or the sync interval. Workers move bytes
 //! through the [`Remote`] and record every outcome in the store themselves; the scheduler
 //! keeps no queue state a crash could lose (only which ids are held right now).
 

@@ -611,14 +611,18 @@ impl Governor {
             (state_free, capture_free) = free();
         }
         let mut i = lock(&self.inner);
-        let before = (
-            i.seen.link.clone(),
-            i.seen.battery.clone(),
-            i.seen.cpu_hot,
-            low(i.seen.state_free, i.seen.capture_free),
-            i.seen.minute_of_day,
-            i.bucket.rate,
-        );
+        // What the decision depends on, before and after this round.
+        let judged = |i: &Inner| {
+            (
+                i.seen.link.clone(),
+                i.seen.battery.clone(),
+                i.seen.cpu_hot,
+                low(i.seen.state_free, i.seen.capture_free),
+                i.seen.minute_of_day,
+                i.bucket.rate,
+            )
+        };
+        let before = judged(&i);
         if i.budget.day != t.date {
             info!(day = %t.date, used_yesterday = i.budget.used, "new day: metered data budget reset");
             i.budget = Budget {
@@ -644,14 +648,7 @@ impl Governor {
         i.seen.evicted_files += evicted as u64;
         i.bucket
             .set_rate(c.bandwidth_limit.rate_at(t.minute_of_day), Instant::now());
-        let after = (
-            i.seen.link.clone(),
-            i.seen.battery.clone(),
-            i.seen.cpu_hot,
-            low(i.seen.state_free, i.seen.capture_free),
-            i.seen.minute_of_day,
-            i.bucket.rate,
-        );
+        let after = judged(&i);
         let changed = before != after || evicted > 0;
         if changed {
             i.generation += 1;

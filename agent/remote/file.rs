@@ -86,7 +86,9 @@ impl FileRemote {
                     Err(e) => return Err(local_read_error(e)),
                 };
                 throttle(n as u64);
-                hasher.update(&buf[..n]);
+                if expect.is_some() {
+                    hasher.update(&buf[..n]);
+                }
                 out.write_all(&buf[..n])
                     .map_err(|e| remote_io("write", &tmp, e))?;
                 total += n as u64;
@@ -144,10 +146,13 @@ impl Remote for FileRemote {
 
     fn upload(&self, job: &UploadJob, ctx: &mut UploadCtx<'_>) -> Result<Uploaded, RemoteError> {
         let mut f = File::open(&job.path).map_err(local_read_error)?;
+        // Hash while copying only when the uploader could not prove the file unchanged
+        // since ingest (it re-checks after the upload either way).
+        let expect = (!job.verified).then_some(job.sha256.as_str());
         let n = self.write_atomic(
             &job.key,
             &mut f,
-            Some(&job.sha256),
+            expect,
             ctx.progress,
             ctx.keep_going,
             ctx.throttle,

@@ -191,6 +191,27 @@ impl HttpRemote {
 
     /// Asks the backend for a presigned request. 401/403 here mean the device token was
     /// refused: the `auth` pause.
+    /// A PUT to a presigned URL with the backend's headers, and our Content-MD5 unless the
+    /// backend already signed one.
+    fn presigned_put(
+        &self,
+        p: &PresignResponse,
+        md5: &str,
+    ) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
+        let mut req = self.agent.put(p.url.as_str());
+        if !p
+            .headers
+            .keys()
+            .any(|k| k.eq_ignore_ascii_case("content-md5"))
+        {
+            req = req.header("content-md5", md5);
+        }
+        for (k, v) in &p.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        req
+    }
+
     fn presign(&self, req: &PresignRequest<'_>) -> Result<PresignResponse, RemoteError> {
         let body = serde_json::to_vec(req).expect("presign request serialises");
         let mut resp = self
@@ -313,21 +334,10 @@ impl Remote for HttpRemote {
                 content_type: Some(&job.media_type),
             })?;
             let mut req = self
-                .agent
-                .put(p.url.as_str())
+                .presigned_put(&p, &md5)
                 .header("content-length", job.size.to_string());
             if job.size > 0 {
                 req = req.header("expect", "100-continue");
-            }
-            if !p
-                .headers
-                .keys()
-                .any(|k| k.eq_ignore_ascii_case("content-md5"))
-            {
-                req = req.header("content-md5", md5.as_str());
-            }
-            for (k, v) in &p.headers {
-                req = req.header(k.as_str(), v.as_str());
             }
             let mut body = net::BodyReader::open(
                 &job.path,
@@ -407,18 +417,8 @@ impl Remote for HttpRemote {
                 content_md5: Some(&md5),
                 content_type: Some(media_type),
             })?;
-            let mut req = self.agent.put(p.url.as_str());
-            if !p
-                .headers
-                .keys()
-                .any(|k| k.eq_ignore_ascii_case("content-md5"))
-            {
-                req = req.header("content-md5", md5.as_str());
-            }
-            for (k, v) in &p.headers {
-                req = req.header(k.as_str(), v.as_str());
-            }
-            let resp = req
+            let resp = self
+                .presigned_put(&p, &md5)
                 .send(bytes)
                 .map_err(|e| net::transport_error(e, "put object"))?;
             if resp.status().is_success() {
