@@ -19,7 +19,7 @@ use crate::cli::{exit, CliError};
 use crate::config::Config;
 use crate::ingest::{hash_file, Ingestor, Outcome};
 use crate::store::Store;
-use crate::uploader::control;
+use crate::store::control;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {

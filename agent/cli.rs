@@ -14,7 +14,7 @@ use crate::config::{Config, ConfigError, LogFormat, DEFAULT_PATH};
 use crate::daemon::{self, DaemonError, RunOptions};
 use crate::ingest::{absolute, Ingestor, Outcome};
 use crate::store::{ListFilter, State, Store, StoreError};
-use crate::uploader::Shared;
+use crate::bus::Shared;
 use crate::{commands, status, verify};
 
 /// Documented exit codes.

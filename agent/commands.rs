@@ -3,7 +3,7 @@
 //! running daemon notices through `PRAGMA data_version` within a second.
 
 use crate::store::{Store, StoreError};
-use crate::uploader::control;
+use crate::store::control;
 use crate::util::now_ms;
 
 /// Pauses uploads (ingest goes on). `source` is recorded in the event log (`cli`, `mqtt`).

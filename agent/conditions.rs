@@ -13,7 +13,9 @@ use serde::Serialize;
 
 pub mod bench;
 pub mod governor;
+pub mod monitor;
 pub mod probes;
+pub mod report;
 pub mod retention;
 pub mod settings;
 

@@ -1,31 +1,30 @@
-//! The daemon: wires watcher, ingest, scheduler and workers together and runs them until
-//! SIGTERM/SIGINT (or until idle, for the demo and benchmarks).
-//!
-//! Threads, not an async runtime: every part does blocking work (SQLite, file hashing,
-//! blocking HTTP), the part count is small and fixed, and plain threads keep the binary
-//! and its idle footprint small on the device.
+//! The daemon: builds every part and supervises them on one tokio current-thread runtime
+//! until SIGTERM/SIGINT (or until idle, for the demo and benchmarks).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tracing::{info, warn};
 
+use crate::bus::{MonitorMsg, PublishMsg, SchedMsg, Shared, WatchMsg};
+use crate::conditions::governor::{self, Governor};
+use crate::conditions::monitor;
 use crate::config::Config;
 use crate::ingest::{absolute, Ingestor};
-use crate::publisher::{PublishMsg, Publisher};
+use crate::publisher::{self, PublishLoop, Publisher};
 use crate::remote::{self, Remote};
 use crate::reporter::Reporter;
-use crate::store::{Store, StoreError};
-use crate::uploader::{control, Msg, Scheduler, Shared};
+use crate::store::{control, Store, StoreError};
 use crate::util::now_ms;
-use crate::verify;
-use crate::watcher::{self, IngestLoop, IngestSink, WatchMsg};
+use crate::watcher::{self, IngestLoop, IngestSink, SettleTimes};
+use crate::{scheduler, uploader, verify};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -112,16 +111,18 @@ fn take_lock(state_dir: &Path) -> Result<File, DaemonError> {
     Ok(f)
 }
 
+/// Where the ingest loop's news goes: the scheduler (new work) and the publisher (a
+/// checklist.json settled).
 struct Sink {
-    tx: Sender<Msg>,
+    sched: UnboundedSender<SchedMsg>,
+    publish: UnboundedSender<PublishMsg>,
     shared: Arc<Shared>,
-    publish: Sender<PublishMsg>,
     ingestor: Arc<Ingestor>,
 }
 
 impl IngestSink for Sink {
     fn enqueued(&self) {
-        let _ = self.tx.send(Msg::Wake);
+        let _ = self.sched.send(SchedMsg::Wake);
     }
     fn set_idle(&self, idle: bool) {
         self.shared.ingest_idle.store(idle, Ordering::Relaxed);
@@ -137,10 +138,34 @@ impl IngestSink for Sink {
     }
 }
 
-/// Runs the daemon until `shared.shutdown` is set (by a signal or the caller) or, with
-/// `until_idle`, until nothing is pending.
+/// Everything the supervisor starts, built (blocking: database, first probes, threads)
+/// before the runtime runs.
+struct Parts {
+    shared: Arc<Shared>,
+    until_idle: bool,
+    scheduler: scheduler::Core,
+    workers: Vec<thread::JoinHandle<()>>,
+    sched_rx: UnboundedReceiver<SchedMsg>,
+    sched_tx: UnboundedSender<SchedMsg>,
+    ingest: IngestLoop,
+    watch_rx: UnboundedReceiver<WatchMsg>,
+    publish: PublishLoop,
+    publish_rx: UnboundedReceiver<PublishMsg>,
+    monitor: (Arc<Governor>, Store, UnboundedReceiver<MonitorMsg>),
+    /// Kept alive for as long as the daemon runs (inotify on capture and the wake file).
+    _watchers: (notify::RecommendedWatcher, notify::RecommendedWatcher),
+}
+
+/// Runs the daemon until `shared.shutdown` is cancelled (by SIGTERM/SIGINT or the caller)
+/// or, with `until_idle`, until nothing is pending.
+///
+/// One tokio current-thread runtime supervises: signals, timers and wake-ups are awaited
+/// there; SQLite, hashing and transfers run on the blocking pool and the upload workers'
+/// threads. Every part selects on the one shutdown token; the stop order is the order in
+/// which the supervisor joins them: the scheduler (transfers stop at their next chunk,
+/// workers joined, budget persisted), then ingest, the conditions monitor and the
+/// publisher, and MQTT last, so `offline` is the final word.
 pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), DaemonError> {
-    let cfg = Arc::new(cfg);
     let state_dir = absolute(&cfg.paths.state_dir);
     mkdir(&state_dir)?;
     // Capture never stops because of the agent: make sure the folder exists to watch it.
@@ -175,120 +200,192 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         warn!(error = %e, "remote not reachable yet; uploads will retry");
     }
 
-    // SIGTERM/SIGINT: set the shutdown flag and wake the scheduler, which stops workers at
-    // their next safe point. The handler itself only writes to a pipe (signal-hook).
-    let (tx, rx) = mpsc::channel::<Msg>();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ])
-    .map_err(|source| DaemonError::Io {
-        what: "install signal handler",
-        path: String::new(),
-        source,
-    })?;
-    let signal_handle = signals.handle();
-    {
-        let shared = shared.clone();
-        let tx = tx.clone();
-        thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                if let Some(sig) = signals.forever().next() {
-                    info!(signal = sig, "stopping");
-                    shared.shutdown.store(true, Ordering::Relaxed);
-                    let _ = tx.send(Msg::Wake);
-                }
-            })
-            .expect("spawn signal thread");
-    }
-
-    // Fleet reporting: its own threads, stopped after uploads so `offline` comes last.
+    // Fleet reporting: stopped after every other part so `offline` comes last.
     let reporter = match cfg.mqtt {
         Some(_) => Some(Reporter::spawn(&cfg, &db_path, remote.describe())?),
         None => None,
     };
 
-    let (wtx, wrx) = mpsc::channel::<WatchMsg>();
-    let _watcher =
-        watcher::watch(ingestor.capture(), wtx.clone()).map_err(|source| DaemonError::Watch {
+    let (sched_tx, sched_rx) = unbounded_channel::<SchedMsg>();
+    let (mon_tx, mon_rx) = unbounded_channel::<MonitorMsg>();
+    let (watch_tx, watch_rx) = unbounded_channel::<WatchMsg>();
+    let (publish_tx, publish_rx) = unbounded_channel::<PublishMsg>();
+
+    let capture_watch =
+        watcher::watch(ingestor.capture(), watch_tx).map_err(|source| DaemonError::Watch {
             path: ingestor.capture().display().to_string(),
             source,
         })?;
-    let _wake_watch = watch_wake_file(&state_dir, tx.clone())?;
+    let wake_watch = watch_wake_file(&state_dir, sched_tx.clone())?;
     shared.ingest_idle.store(false, Ordering::Relaxed);
-    let (ptx, prx) = mpsc::channel::<PublishMsg>();
-    let publish_thread = {
-        let publisher = Publisher {
+
+    let mut monitor_store = Store::open(&db_path)?;
+    let gov = Governor::new(
+        &governor::Settings {
+            conditions: cfg.conditions.clone(),
+            retention: cfg.retention.clone(),
+            state_dir: state_dir.clone(),
+            capture: ingestor.capture().to_path_buf(),
+        },
+        &mut monitor_store,
+        remote.clone(),
+        mon_tx,
+        shared.clone(),
+    )?;
+    let (jobs, workers) = uploader::spawn(
+        uploader::WorkerSet {
+            upload: cfg.upload.clone(),
+            db_path: db_path.clone(),
+            remote: remote.clone(),
+            ingestor: ingestor.clone(),
+            shared: shared.clone(),
+            gov: gov.clone(),
+        },
+        sched_tx.clone(),
+    )?;
+    let scheduler = scheduler::Core::new(
+        store,
+        &cfg.upload,
+        gov.clone(),
+        remote.clone(),
+        shared.clone(),
+        jobs,
+        opts.until_idle,
+    )?;
+    let ingest = IngestLoop::new(
+        ingestor.clone(),
+        Store::open(&db_path)?,
+        Box::new(Sink {
+            sched: sched_tx.clone(),
+            publish: publish_tx,
+            shared: shared.clone(),
+            ingestor: ingestor.clone(),
+        }),
+        SettleTimes {
+            settle: cfg.ingest.settle.0,
+            close_settle: cfg.ingest.close_settle.0,
+            rescan_interval: cfg.ingest.rescan_interval.0,
+        },
+    );
+    let publish = PublishLoop::new(
+        Publisher {
             capture: ingestor.capture().to_path_buf(),
             layout: ingestor.layout().clone(),
             prefix: cfg.remote.prefix.clone(),
             device: cfg.device_id.clone(),
             remote: remote.clone(),
-        };
-        let mut store = Store::open(&db_path)?;
-        let retry = cfg.upload.sync_interval.0;
-        thread::Builder::new()
-            .name("publish".into())
-            .spawn(move || publisher.run(&mut store, prx, retry))
-            .expect("spawn publisher thread")
-    };
-    let ingest_thread = {
-        let ingestor = ingestor.clone();
-        let mut store = Store::open(&db_path)?;
-        let sink = Sink {
-            tx: tx.clone(),
-            shared: shared.clone(),
-            publish: ptx.clone(),
-            ingestor: ingestor.clone(),
-        };
-        let lp = IngestLoop {
-            settle: cfg.ingest.settle.0,
-            close_settle: cfg.ingest.close_settle.0,
-            rescan_interval: cfg.ingest.rescan_interval.0,
-        };
-        thread::Builder::new()
-            .name("ingest".into())
-            .spawn(move || lp.run(&ingestor, &mut store, wrx, &sink))
-            .expect("spawn ingest thread")
-    };
-
-    let scheduler = Scheduler {
-        cfg: cfg.clone(),
-        db_path: db_path.clone(),
-        remote: remote.clone(),
-        ingestor: ingestor.clone(),
+        },
+        Store::open(&db_path)?,
+        cfg.upload.sync_interval.0,
+    );
+    let parts = Parts {
         shared: shared.clone(),
-        tx,
-        rx,
         until_idle: opts.until_idle,
+        scheduler,
+        workers,
+        sched_rx,
+        sched_tx,
+        ingest,
+        watch_rx,
+        publish,
+        publish_rx,
+        monitor: (gov, monitor_store, mon_rx),
+        _watchers: (capture_watch, wake_watch),
     };
-    // Lock held, queue repaired, capture watched: tell systemd (Type=notify) we are up.
-    sd_notify(crate::systemd::READY);
-    let result = scheduler.run(store);
-    sd_notify(crate::systemd::STOPPING);
-    shared.shutdown.store(true, Ordering::Relaxed);
-    let _ = wtx.send(WatchMsg::Shutdown);
-    let _ = ingest_thread.join();
-    if opts.until_idle {
-        // Publish what the last uploads completed before exiting.
-        let _ = ptx.send(PublishMsg::Flush);
-    }
-    let _ = ptx.send(PublishMsg::Shutdown);
-    let _ = publish_thread.join();
 
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("fieldsync-blocking")
+        .build()
+        .map_err(|source| DaemonError::Io {
+            what: "start the runtime",
+            path: String::new(),
+            source,
+        })?;
+    let result = runtime.block_on(supervise(parts));
     if let Some(r) = reporter {
         r.stop();
     }
-    signal_handle.close();
     info!("fieldsync stopped");
-    result.map_err(Into::into)
+    result
+}
+
+/// Starts every part as a task, waits for the scheduler to finish (shutdown, or idle with
+/// `until_idle`), then joins the others in order.
+async fn supervise(p: Parts) -> Result<(), DaemonError> {
+    let token = p.shared.shutdown.clone();
+    let signals = {
+        let token = token.clone();
+        let install = |kind| {
+            signal(kind).map_err(|source| DaemonError::Io {
+                what: "install signal handler",
+                path: String::new(),
+                source,
+            })
+        };
+        let mut term = install(SignalKind::terminate())?;
+        let mut int = install(SignalKind::interrupt())?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => info!(signal = "SIGTERM", "stopping"),
+                _ = int.recv() => info!(signal = "SIGINT", "stopping"),
+                _ = token.cancelled() => return,
+            }
+            token.cancel();
+        })
+    };
+    let (gov, monitor_store, mon_rx) = p.monitor;
+    let monitor = tokio::spawn(monitor::run(
+        gov,
+        monitor_store,
+        mon_rx,
+        p.sched_tx.clone(),
+        token.clone(),
+    ));
+    let ingest = tokio::spawn(watcher::run(p.ingest, p.watch_rx, token.clone()));
+    let publish = tokio::spawn(publisher::run(p.publish, p.publish_rx, token.clone()));
+    let sched = tokio::spawn(scheduler::run(
+        p.scheduler,
+        p.workers,
+        p.sched_rx,
+        p.sched_tx,
+    ));
+    // Lock held, queue repaired, capture watched: tell systemd (Type=notify) we are up.
+    sd_notify(crate::systemd::READY);
+
+    let result = join(sched).await.map_err(DaemonError::from);
+    sd_notify(crate::systemd::STOPPING);
+    // Idle exit (or a store error): the other parts stop now.
+    token.cancel();
+    join(ingest).await;
+    join(monitor).await;
+    let mut publish = join(publish).await;
+    if p.until_idle {
+        // Publish what the last uploads completed before exiting.
+        publish = tokio::task::spawn_blocking(move || {
+            publish.turn(Vec::new());
+            publish
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    }
+    drop(publish);
+    join(signals).await;
+    result
+}
+
+/// Waits for a task; a panic in it is re-raised here.
+async fn join<T>(h: tokio::task::JoinHandle<T>) -> T {
+    match h.await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 /// Wakes the scheduler whenever a CLI command touches the wake file.
 fn watch_wake_file(
     state_dir: &Path,
-    tx: Sender<Msg>,
+    tx: UnboundedSender<SchedMsg>,
 ) -> Result<notify::RecommendedWatcher, DaemonError> {
     use notify::Watcher as _;
     notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -298,7 +395,7 @@ fn watch_wake_file(
                 .iter()
                 .any(|p| p.file_name().is_some_and(|n| n == crate::store::WAKE_FILE))
             {
-                let _ = tx.send(Msg::Wake);
+                let _ = tx.send(SchedMsg::Wake);
             }
         }
     })

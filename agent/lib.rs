@@ -5,6 +5,7 @@
 //! workers when the `conditions` allow → a `remote` moves the bytes → `status` reports.
 
 pub mod bench;
+pub mod bus;
 pub mod cli;
 pub mod commands;
 pub mod conditions;
@@ -18,6 +19,7 @@ pub mod mqtt;
 pub mod mqtt_bench;
 pub mod remote;
 pub mod reporter;
+pub mod scheduler;
 pub mod status;
 pub mod store;
 pub mod systemd;

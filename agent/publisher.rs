@@ -10,19 +10,22 @@
 //! published (kept locally and in the log, never deleted). A malformed checklist.json is
 //! reported (`checklist_invalid`) and the photos upload regardless.
 //!
-//! Runs on its own thread: publishing is a network request and must not hold up the
-//! scheduler.
+//! Runs as its own task, each turn off the reactor: publishing is a network request and
+//! must not hold up the scheduler.
 
 use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+pub use crate::bus::PublishMsg;
 
 use crate::ingest::{Layout, CHECKLIST_FILE};
 use crate::remote::{key_component, Remote};
@@ -32,16 +35,6 @@ use crate::util::{hex, rfc3339};
 /// How often the publisher looks for new `uploaded` events: a manifest follows its last
 /// photo within this time; shorter costs idle CPU for nothing.
 const EVENT_POLL: Duration = Duration::from_secs(2);
-
-/// Messages to the publisher thread.
-#[derive(Debug)]
-pub enum PublishMsg {
-    /// A checklist.json appeared or changed, or a photo of this checklist was synced.
-    Check(String),
-    /// Look at the event log now (before a `--until-idle` exit).
-    Flush,
-    Shutdown,
-}
 
 /// What one check found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -296,50 +289,106 @@ impl Publisher {
         }
         Ok(Outcome::Invalid(why.to_string()))
     }
+}
 
-    /// The publisher thread. Checks every checklist at start, then those named by a
-    /// message (a checklist.json changed) or by an `uploaded` event in the store's log
-    /// (tailed once a second: the workers need no knowledge of checklists). A publication
-    /// that failed (remote down) is retried every `retry_interval`.
-    pub fn run(&self, store: &mut Store, rx: Receiver<PublishMsg>, retry_interval: Duration) {
-        let mut dirty: HashSet<String> = self.all_checklists().into_iter().collect();
-        let mut failed: HashSet<String> = HashSet::new();
-        let mut seq = store.last_event_seq().unwrap_or(0);
-        let mut last_retry = Instant::now();
-        loop {
-            for name in std::mem::take(&mut dirty) {
-                match self.check(store, &name) {
-                    Ok(o) => debug!(checklist = %name, outcome = ?o, "checklist checked"),
-                    Err(e) => {
-                        warn!(checklist = %name, error = %e, "cannot publish checklist yet; will retry");
-                        failed.insert(name);
+/// The publisher's loop state; moved into `spawn_blocking` for each turn and back.
+pub struct PublishLoop {
+    pub publisher: Publisher,
+    pub store: Store,
+    /// A failed publication (remote down) is retried this often.
+    pub retry_interval: Duration,
+    dirty: HashSet<String>,
+    failed: HashSet<String>,
+    /// The last event of the log looked at.
+    seq: i64,
+    last_retry: Instant,
+}
+
+impl PublishLoop {
+    /// Every checklist is checked at start.
+    pub fn new(publisher: Publisher, store: Store, retry_interval: Duration) -> Self {
+        let dirty = publisher.all_checklists().into_iter().collect();
+        let seq = store.last_event_seq().unwrap_or(0);
+        PublishLoop {
+            publisher,
+            store,
+            retry_interval,
+            dirty,
+            failed: HashSet::new(),
+            seq,
+            last_retry: Instant::now(),
+        }
+    }
+
+    /// One turn (blocking): checklists named by `uploaded` events since the last turn, by
+    /// a message, or due for a retry are checked.
+    pub fn turn(&mut self, named: Vec<String>) {
+        self.dirty.extend(named);
+        if let Ok(events) = self.store.events_after(self.seq, 1000) {
+            for e in events {
+                self.seq = e.seq;
+                if e.kind == "uploaded" {
+                    if let Some(c) = e.checklist {
+                        self.dirty.insert(c);
                     }
                 }
             }
-            match rx.recv_timeout(EVENT_POLL) {
-                Ok(PublishMsg::Check(name)) => {
-                    dirty.insert(name);
+        }
+        if self.last_retry.elapsed() >= self.retry_interval {
+            self.last_retry = Instant::now();
+            self.dirty.extend(self.failed.drain());
+        }
+        for name in std::mem::take(&mut self.dirty) {
+            match self.publisher.check(&mut self.store, &name) {
+                Ok(o) => debug!(checklist = %name, outcome = ?o, "checklist checked"),
+                Err(e) => {
+                    warn!(checklist = %name, error = %e, "cannot publish checklist yet; will retry");
+                    self.failed.insert(name);
                 }
-                Ok(PublishMsg::Flush) => {}
-                Ok(PublishMsg::Shutdown) | Err(RecvTimeoutError::Disconnected) => return,
-                Err(RecvTimeoutError::Timeout) => {}
-            }
-            if let Ok(events) = store.events_after(seq, 1000) {
-                for e in events {
-                    seq = e.seq;
-                    if e.kind == "uploaded" {
-                        if let Some(c) = e.checklist {
-                            dirty.insert(c);
-                        }
-                    }
-                }
-            }
-            if last_retry.elapsed() >= retry_interval {
-                last_retry = Instant::now();
-                dirty.extend(failed.drain());
             }
         }
     }
+}
+
+/// Drives the publisher until `shutdown`, then hands its state back so the supervisor can
+/// run a last turn once uploads have stopped (`--until-idle`). The event log is tailed
+/// every [`EVENT_POLL`] (the workers need no knowledge of checklists); a settled
+/// checklist.json arrives as a message and is checked at once.
+pub async fn run(
+    lp: PublishLoop,
+    mut rx: UnboundedReceiver<PublishMsg>,
+    shutdown: CancellationToken,
+) -> PublishLoop {
+    let mut lp = Some(lp);
+    let mut named = Vec::new();
+    loop {
+        let mut l = lp.take().expect("publish loop");
+        let batch = std::mem::take(&mut named);
+        let l = match tokio::task::spawn_blocking(move || {
+            l.turn(batch);
+            l
+        })
+        .await
+        {
+            Ok(l) => l,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
+        lp = Some(l);
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = rx.recv() => match m {
+                Some(PublishMsg::Check(name)) => {
+                    named.push(name);
+                    while let Ok(PublishMsg::Check(n)) = rx.try_recv() {
+                        named.push(n);
+                    }
+                }
+                None => break,
+            },
+            _ = tokio::time::sleep(EVENT_POLL) => {}
+        }
+    }
+    lp.expect("publish loop")
 }
 
 fn attachment_json(a: &Attachment) -> Value {

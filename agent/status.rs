@@ -8,8 +8,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::conditions::report::ConditionsReport;
+use crate::conditions::settings::MeteredPolicy;
 use crate::store::{CountBytes, Event, Store, StoreError};
-use crate::uploader::control;
+use crate::store::control;
 use crate::util::{now_ms, rfc3339};
 
 /// Bumped when a field changes meaning or disappears (adding fields does not bump it).
@@ -32,8 +34,10 @@ pub struct Snapshot {
     /// True when uploads are not running; `pause_reason` says why.
     pub paused: bool,
     pub pause_reason: Option<String>,
-    /// The facts behind the decision (one field per condition).
-    pub conditions: serde_json::Value,
+    /// The facts behind the decision (one field per condition); `{}` until a daemon has
+    /// written its first report.
+    #[serde(with = "empty_if_none")]
+    pub conditions: Option<ConditionsReport>,
     pub last_success: Option<EventRef>,
     pub last_error: Option<EventRef>,
 }
@@ -128,8 +132,7 @@ pub fn snapshot(
     };
     let conditions = store
         .control_get(control::CONDITIONS)?
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or(serde_json::Value::Object(Default::default()));
+        .and_then(|s| serde_json::from_str(&s).ok());
     Ok(Snapshot {
         schema: SCHEMA_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -231,6 +234,148 @@ pub fn render(s: &Snapshot) -> String {
             e.reason.as_deref().unwrap_or("")
         ));
     }
-    out.push_str(&crate::conditions::governor::render(&s.conditions));
+    if let Some(c) = &s.conditions {
+        out.push_str(&render_conditions(c));
+    }
     out
+}
+
+/// The `conditions:` lines of `fieldsync status`.
+pub fn render_conditions(c: &ConditionsReport) -> String {
+    let hb = |n: u64| human_bytes(n as i64);
+    let mut out = String::from("conditions:\n");
+    let mut line = |k: &str, s: String| out.push_str(&format!("  {k:<10}{s}\n"));
+    let n = &c.network;
+    line(
+        "network",
+        format!(
+            "{}, {}",
+            if n.online { "online" } else { "offline" },
+            match &n.interface {
+                Some(i) if n.metered => format!("{i} (metered)"),
+                Some(i) => format!("{i} (unmetered)"),
+                None => "no default route".into(),
+            }
+        ),
+    );
+    let b = &c.budget;
+    line(
+        "budget",
+        match n.metered_policy {
+            MeteredPolicy::Never => "metered links never used".into(),
+            MeteredPolicy::Unlimited => {
+                format!("{} used today on metered links (no limit)", hb(b.used))
+            }
+            MeteredPolicy::Budget => format!(
+                "{} of {} used today on metered links ({} left)",
+                hb(b.used),
+                hb(b.limit),
+                hb(b.limit.saturating_sub(b.used))
+            ),
+        },
+    );
+    let bat = &c.battery;
+    line(
+        "battery",
+        if bat.present {
+            format!(
+                "{}{} (min {}%)",
+                bat.percent.map(|p| format!("{p}% ")).unwrap_or_default(),
+                if bat.charging {
+                    "charging/on mains"
+                } else {
+                    "discharging"
+                },
+                bat.min_percent
+            )
+        } else {
+            "none (always ok)".into()
+        },
+    );
+    let d = &c.disk;
+    let free = [d.state_free, d.capture_free].into_iter().flatten().min();
+    line(
+        "disk",
+        format!(
+            "{} free (min {}){}{}",
+            free.map(hb).unwrap_or_else(|| "unknown".into()),
+            hb(d.min_free),
+            if d.low { ", LOW" } else { "" },
+            if d.evicted_files > 0 {
+                format!(", {} local copies evicted", d.evicted_files)
+            } else {
+                String::new()
+            }
+        ),
+    );
+    line(
+        "cpu",
+        match (c.cpu.temp_c, c.cpu.max_c) {
+            (_, None) => "temperature guard off".into(),
+            (Some(t), Some(m)) => format!(
+                "{t:.1} °C (max {m:.0} °C){}",
+                if c.cpu.hot { ", HOT" } else { "" }
+            ),
+            (None, Some(m)) => format!("temperature unknown (max {m:.0} °C)"),
+        },
+    );
+    let sch = &c.schedule;
+    line(
+        "schedule",
+        if sch.windows.is_empty() {
+            "any time".into()
+        } else {
+            format!(
+                "{}{} ({})",
+                sch.windows.join(", "),
+                if sch.metered_only {
+                    " on metered links"
+                } else {
+                    ""
+                },
+                if sch.inside { "inside" } else { "outside" }
+            )
+        },
+    );
+    line(
+        "bandwidth",
+        match c.bandwidth.limit_bytes_per_s {
+            Some(r) => format!("{}/s", hb(r)),
+            None => "unlimited".into(),
+        },
+    );
+    if !c.deferred.is_empty() {
+        let parts: Vec<String> = c
+            .deferred
+            .iter()
+            .map(|(k, n)| format!("{n} file(s) {k}"))
+            .collect();
+        line("waiting", parts.join(", "));
+    }
+    if !c.failing.is_empty() {
+        line("failing", c.failing.join(", "));
+    }
+    out
+}
+
+/// `conditions` is `{}` on the wire when no report exists yet (the documented shape).
+mod empty_if_none {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::conditions::report::ConditionsReport;
+
+    pub fn serialize<S: Serializer>(v: &Option<ConditionsReport>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(r) => r.serialize(s),
+            None => serde_json::Map::new().serialize(s),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ConditionsReport>, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        if v.as_object().is_some_and(|o| o.is_empty()) || v.is_null() {
+            return Ok(None);
+        }
+        serde_json::from_value(v).map(Some).map_err(serde::de::Error::custom)
+    }
 }

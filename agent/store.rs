@@ -1293,3 +1293,17 @@ mod tests {
         assert!(s.get("a").unwrap().is_some());
     }
 }
+
+/// Keys of the control table shared by the daemon and the CLI.
+pub mod control {
+    /// "1" while an operator paused uploads.
+    pub const PAUSED: &str = "paused";
+    /// Written by `fieldsync sync`: any change wakes the scheduler.
+    pub const WAKE: &str = "wake";
+    /// The reason code uploads are paused for, "" when they run. Written by the daemon.
+    pub const PAUSE_REASON: &str = "daemon.pause_reason";
+    /// The condition report as JSON. Written by the daemon.
+    pub const CONDITIONS: &str = "daemon.conditions";
+    pub const PID: &str = "daemon.pid";
+    pub const STARTED_AT: &str = "daemon.started_at";
+}

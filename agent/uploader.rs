@@ -1,400 +1,76 @@
-//! Scheduler and upload workers.
-//!
-//! The scheduler thread owns the decision of what runs when: it evaluates the conditions,
-//! hands due attachments (oldest or newest first) to a fixed pool of worker threads, and
-//! sleeps until a wake-up (new file, finished upload, condition change, CLI command via
-//! the wake file, SIGTERM), the next due retry, or the sync interval. Workers move bytes
-//! through the [`Remote`] and record every outcome in the store themselves; the scheduler
-//! keeps no queue state a crash could lose (only which ids are held right now).
+//! Upload workers: a fixed pool of threads that each take an admitted attachment from the
+//! scheduler ([`crate::scheduler`]), move its bytes through the [`Remote`] and record the
+//! outcome in the store themselves, then tell the scheduler they are free. Blocking by
+//! nature (file reads, hashing, ureq), so plain threads, never the async reactor.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::path::Path;
+use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
-use std::thread;
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info, warn};
 
+use crate::bus::{Done, SchedMsg, Shared};
 use crate::conditions::governor::{Governor, Ticket};
-use crate::conditions::{self, Facts, Reason};
-use crate::config::{Config, Order};
+use crate::config::Upload;
 use crate::ingest::{Ingestor, Outcome};
 use crate::remote::{ErrorClass, Remote, RemoteError, ResumeLog, UploadCtx, UploadJob};
-use crate::store::{Attachment, Change, PartRecord, State, Store};
+use crate::scheduler::{verdict, Verdict};
+use crate::store::{Attachment, Change, PartRecord, State, Store, StoreError};
 use crate::util::{ctime_ns, mtime_ns, now_ms};
-
-/// How often the scheduler looks at `PRAGMA data_version` for changes made by other
-/// processes. CLI commands also touch the wake file (inotify), which takes effect at once;
-/// this poll is the backstop, kept rare because every wake-up costs CPU on an idle device.
-const CONTROL_POLL: Duration = Duration::from_secs(5);
 
 /// Progress is written to the store at most this often per upload (each write is an
 /// fsynced transaction; status only needs a few updates per second).
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
-/// How long a row whose outcome could not be recorded is held back.
-const STORE_COOLDOWN: Duration = Duration::from_secs(10);
-
-/// Control keys shared with the CLI.
-pub mod control {
-    /// "1" while an operator paused uploads.
-    pub const PAUSED: &str = "paused";
-    /// Written by `fieldsync sync`: any change wakes the scheduler.
-    pub const WAKE: &str = "wake";
-    /// The reason code uploads are paused for, "" when they run. Written by the daemon.
-    pub const PAUSE_REASON: &str = "daemon.pause_reason";
-    /// The condition facts as JSON. Written by the daemon.
-    pub const CONDITIONS: &str = "daemon.conditions";
-    pub const PID: &str = "daemon.pid";
-    pub const STARTED_AT: &str = "daemon.started_at";
-}
-
-/// Messages to the scheduler.
-#[derive(Debug)]
-pub enum Msg {
-    Wake,
-    Done { id: String, outcome: Done },
-    Probe { ok: bool },
-}
-
-/// What a worker reports about an attachment it held.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Done {
-    Finished,
-    /// The store refused a write (disk full, I/O error): the row could not be updated, so
-    /// the scheduler holds it back for a while instead of re-sending it in a tight loop.
-    StoreFailed,
-    Interrupted,
-    AuthFailed,
-}
-
-/// State shared by the scheduler, workers and the daemon.
-#[derive(Debug, Default)]
-pub struct Shared {
-    /// Set by SIGTERM/SIGINT (an `Arc` so the signal handler can own a reference).
-    pub shutdown: Arc<AtomicBool>,
-    /// False while a condition pauses uploads: workers stop at the next safe point.
-    pub gate_open: AtomicBool,
-    pub ingest_idle: AtomicBool,
-}
-
-impl Shared {
-    pub fn keep_going(&self) -> bool {
-        !self.shutdown.load(Ordering::Relaxed) && self.gate_open.load(Ordering::Relaxed)
-    }
-}
-
-/// Retry delay for the `attempt`-th failure (1-based): exponential from `initial`, capped
-/// at `max`, with jitter. `jitter` is a uniform sample in [0, 1).
-///
-/// DESIGN.md asks for "full jitter" (uniform in [0, d]); we use "equal jitter" (uniform in
-/// [d/2, d]) so a delay is never near zero: full jitter lets a failing server be hit again
-/// immediately, which on a metered link costs money for nothing.
-pub fn backoff(attempt: u32, initial: Duration, max: Duration, jitter: f64) -> Duration {
-    let exp = initial
-        .checked_mul(1u32 << attempt.saturating_sub(1).min(20))
-        .unwrap_or(max)
-        .min(max);
-    exp / 2 + exp.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)
-}
-
-/// What the scheduler decides for a failed attempt: retry later, or give up.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    RetryIn(Duration),
-    GiveUp,
-}
-
-/// The retry decision for an error class after `attempts` attempts (pure; unit-tested).
-pub fn verdict(
-    cfg: &crate::config::Upload,
-    class: &ErrorClass,
-    attempts: u32,
-    jitter: f64,
-) -> Verdict {
-    let delay = backoff(attempts, cfg.initial_backoff.0, cfg.max_backoff.0, jitter);
-    match class {
-        ErrorClass::Permanent if attempts >= cfg.permanent_attempts => Verdict::GiveUp,
-        ErrorClass::Transient { .. }
-            if cfg.transient_attempts > 0 && attempts >= cfg.transient_attempts =>
-        {
-            Verdict::GiveUp
-        }
-        ErrorClass::Transient {
-            retry_after: Some(ra),
-        } => Verdict::RetryIn(delay.max(*ra)),
-        _ => Verdict::RetryIn(delay),
-    }
-}
-
-pub struct Scheduler {
-    pub cfg: Arc<Config>,
-    pub db_path: PathBuf,
+/// What every worker shares.
+pub struct WorkerSet {
+    pub upload: Upload,
+    pub db_path: std::path::PathBuf,
     pub remote: Arc<dyn Remote>,
     pub ingestor: Arc<Ingestor>,
     pub shared: Arc<Shared>,
-    pub tx: Sender<Msg>,
-    pub rx: Receiver<Msg>,
-    /// Exit once nothing is pending (the demo and benchmarks).
-    pub until_idle: bool,
+    pub gov: Arc<Governor>,
 }
 
-impl Scheduler {
-    /// Runs until shutdown (or idle, with `until_idle`). Joins its workers before returning.
-    pub fn run(self, mut store: Store) -> Result<(), crate::store::StoreError> {
-        let (job_tx, job_rx) = mpsc::channel::<(Attachment, Ticket)>();
-        let job_rx = Arc::new(Mutex::new(job_rx));
-        let gov = Governor::start(
-            &self.cfg,
-            &self.db_path,
-            self.remote.clone(),
-            self.tx.clone(),
-            self.shared.clone(),
-        )?;
-        let mut workers = Vec::new();
-        for n in 0..self.cfg.upload.concurrency {
-            let w = Worker {
-                cfg: self.cfg.clone(),
-                store: RefCell::new(Store::open(&self.db_path)?),
-                remote: self.remote.clone(),
-                ingestor: self.ingestor.clone(),
-                shared: self.shared.clone(),
-                gov: gov.clone(),
-            };
-            let rx = job_rx.clone();
-            let tx = self.tx.clone();
-            workers.push(
-                thread::Builder::new()
-                    .name(format!("upload-{n}"))
-                    .spawn(move || w.run(rx, tx))
-                    .expect("spawn upload worker"),
-            );
-        }
-
-        let mut inflight: HashSet<String> = HashSet::new();
-        // Rows whose outcome could not be written, held back until the instant given.
-        let mut cooldown: HashMap<String, Instant> = HashMap::new();
-        let mut facts = Facts {
-            operator_paused: store.control_get(control::PAUSED)?.as_deref() == Some("1"),
-            ..Facts::default()
+/// Starts `upload.concurrency` workers, each with its own store connection. They take jobs
+/// from the returned sender until it is dropped, and report on `done`.
+#[allow(clippy::type_complexity)]
+pub fn spawn(
+    set: WorkerSet,
+    done: UnboundedSender<SchedMsg>,
+) -> Result<(mpsc::Sender<(Attachment, Ticket)>, Vec<JoinHandle<()>>), StoreError> {
+    let (job_tx, job_rx) = mpsc::channel::<(Attachment, Ticket)>();
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    let mut handles = Vec::new();
+    for n in 0..set.upload.concurrency {
+        let w = Worker {
+            cfg: set.upload.clone(),
+            store: RefCell::new(Store::open(&set.db_path)?),
+            remote: set.remote.clone(),
+            ingestor: set.ingestor.clone(),
+            shared: set.shared.clone(),
+            gov: set.gov.clone(),
         };
-        let mut reason: Option<Reason>;
-        // Files that may not start now (metered budget or size, charging required), with
-        // why; forgotten whenever the governor's facts or reservations change.
-        let mut deferred: HashMap<String, Reason> = HashMap::new();
-        let mut deferred_gen = gov.generation();
-        let mut recheck = true;
-        let mut last_recheck = Instant::now();
-        let mut data_version = store.data_version()?;
-        let mut last_sync = Instant::now();
-        let mut last_auth_check = Instant::now();
-        let mut probing = false;
-        let mut last_trim = Instant::now();
-        let newest_first = self.cfg.upload.order == Order::NewestFirst;
-
-        loop {
-            let shutting_down = self.shared.shutdown.load(Ordering::Relaxed);
-            if shutting_down && inflight.is_empty() {
-                break;
-            }
-
-            // CLI changes (pause, resume, retry, sync) arrive through the database.
-            let dv = store.data_version()?;
-            if dv != data_version {
-                data_version = dv;
-                recheck = true;
-                facts.operator_paused = store.control_get(control::PAUSED)?.as_deref() == Some("1");
-            }
-
-            gov.observe(&mut facts);
-            reason = conditions::evaluate(&facts, gov.policy());
-            self.shared.gate_open.store(
-                !reason.is_some_and(|r| r.stops_running()),
-                Ordering::Relaxed,
-            );
-            if gov.generation() != deferred_gen {
-                deferred_gen = gov.generation();
-                deferred.clear();
-                recheck = true;
-            }
-
-            if facts.auth_failed
-                && !probing
-                && last_auth_check.elapsed() >= self.cfg.upload.auth_recheck.0
-            {
-                probing = true;
-                last_auth_check = Instant::now();
-                let remote = self.remote.clone();
-                let tx = self.tx.clone();
-                thread::spawn(move || {
-                    let ok = !matches!(
-                        remote.probe(),
-                        Err(RemoteError {
-                            class: ErrorClass::Auth,
-                            ..
-                        })
-                    );
-                    let _ = tx.send(Msg::Probe { ok });
-                });
-            }
-
-            // With files deferred, the queue is only re-read when something changed (or
-            // every 2 s for retries falling due): the same files would be refused again.
-            let slots = self.cfg.upload.concurrency as usize;
-            if reason.is_none()
-                && !shutting_down
-                && (recheck
-                    || deferred.is_empty()
-                    || last_recheck.elapsed() >= Duration::from_secs(2))
-            {
-                recheck = false;
-                last_recheck = Instant::now();
-                cooldown.retain(|_, until| *until > Instant::now());
-                while inflight.len() < slots {
-                    let held: Vec<String> = inflight
-                        .iter()
-                        .chain(deferred.keys())
-                        .chain(cooldown.keys())
-                        .cloned()
-                        .collect();
-                    let due =
-                        store.due_uploads(now_ms(), slots - inflight.len(), newest_first, &held)?;
-                    if due.is_empty() {
-                        break;
-                    }
-                    for att in due {
-                        match gov.admit(&facts, &att) {
-                            Ok(ticket) => {
-                                inflight.insert(att.id.clone());
-                                store.set_uploading(&att.id, true)?;
-                                let _ = job_tx.send((att, ticket));
-                            }
-                            Err(why) => {
-                                debug!(id = %att.id, reason = why.as_str(), "upload deferred");
-                                deferred.insert(att.id, why);
-                            }
-                        }
-                    }
-                }
-            }
-            let mut deferred_by: BTreeMap<Reason, usize> = BTreeMap::new();
-            for r in deferred.values() {
-                *deferred_by.entry(*r).or_default() += 1;
-            }
-            // When everything that could run waits for a per-file reason, that is why
-            // uploads are not running: show it like a pause.
-            let shown = reason.or_else(|| {
-                (inflight.is_empty())
-                    .then(|| deferred_by.keys().next().copied())
-                    .flatten()
-            });
-            if let Err(e) = gov.publish(&store, &facts, shown, &deferred_by) {
-                // Status lags, uploads do not: the next loop writes it again.
-                warn!(error = %e, "cannot publish the conditions to status");
-            }
-
-            if last_sync.elapsed() >= self.cfg.upload.sync_interval.0 {
-                last_sync = Instant::now();
-                self.abort_abandoned(&mut store);
-                if last_trim.elapsed() >= Duration::from_secs(3600) {
-                    last_trim = Instant::now();
-                    let _ = store.trim_events();
-                }
-            }
-
-            if self.until_idle
-                && inflight.is_empty()
-                && self.shared.ingest_idle.load(Ordering::Relaxed)
-                && store.oldest_pending()?.is_none()
-            {
-                break;
-            }
-
-            // Sleep until something can change.
-            let mut wait = CONTROL_POLL;
-            if reason.is_none()
-                && deferred.is_empty()
-                && inflight.len() < self.cfg.upload.concurrency as usize
-            {
-                if let Some(due) = store.next_due_at()? {
-                    let ms = (due - now_ms()).max(0) as u64;
-                    wait = wait.min(Duration::from_millis(ms));
-                }
-                if wait.is_zero() && !cooldown.is_empty() {
-                    // What is due is held back: don't spin until it may go again.
-                    wait = CONTROL_POLL;
-                }
-            }
-            match self.rx.recv_timeout(wait) {
-                Ok(msg) => {
-                    recheck = true;
-                    let mut handle = |m: Msg, facts: &mut Facts| match m {
-                        Msg::Wake => {}
-                        Msg::Done { id, outcome } => {
-                            inflight.remove(&id);
-                            if outcome == Done::StoreFailed {
-                                cooldown.insert(id.clone(), Instant::now() + STORE_COOLDOWN);
-                            }
-                            if outcome == Done::AuthFailed && !facts.auth_failed {
-                                warn!(
-                                    "remote refused the credentials; uploads paused (reason auth)"
-                                );
-                                facts.auth_failed = true;
-                                last_auth_check = Instant::now();
-                            }
-                        }
-                        Msg::Probe { ok } => {
-                            probing = false;
-                            if ok {
-                                info!("remote accepts the credentials again; resuming");
-                                facts.auth_failed = false;
-                            }
-                        }
-                    };
-                    handle(msg, &mut facts);
-                    while let Ok(m) = self.rx.try_recv() {
-                        handle(m, &mut facts);
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-        }
-
-        drop(job_tx);
-        for w in workers {
-            let _ = w.join();
-        }
-        gov.finish(&store);
-        Ok(())
+        let rx = job_rx.clone();
+        let tx = done.clone();
+        handles.push(
+            thread::Builder::new()
+                .name(format!("upload-{n}"))
+                .spawn(move || w.run(rx, tx))
+                .expect("spawn upload worker"),
+        );
     }
-
-    /// Aborts multipart uploads whose attachment will never complete them.
-    fn abort_abandoned(&self, store: &mut Store) {
-        let Ok(list) = store.abandoned_multiparts() else {
-            return;
-        };
-        for a in list {
-            if let Some(uid) = &a.upload_id {
-                match self.remote.abort_upload(&a.object_key, uid) {
-                    Ok(()) => {
-                        let _ = store.clear_multipart(&a.id);
-                        info!(id = %a.id, "aborted abandoned multipart upload");
-                    }
-                    Err(e) => debug!(id = %a.id, error = %e, "cannot abort multipart upload yet"),
-                }
-            }
-        }
-    }
+    Ok((job_tx, handles))
 }
 
 struct Worker {
-    cfg: Arc<Config>,
+    cfg: Upload,
     store: RefCell<Store>,
     remote: Arc<dyn Remote>,
     ingestor: Arc<Ingestor>,
@@ -437,7 +113,7 @@ impl ResumeLog for StoreResume<'_> {
 }
 
 impl Worker {
-    fn run(self, jobs: Arc<Mutex<Receiver<(Attachment, Ticket)>>>, tx: Sender<Msg>) {
+    fn run(self, jobs: Arc<Mutex<Receiver<(Attachment, Ticket)>>>, tx: UnboundedSender<SchedMsg>) {
         loop {
             let job = {
                 let rx = jobs.lock().unwrap_or_else(|e| e.into_inner());
@@ -455,7 +131,7 @@ impl Worker {
             let _ = self.store.borrow().set_uploading(&id, false);
             // Releases the file's metered reservation before the scheduler looks again.
             drop(ticket);
-            if tx.send(Msg::Done { id, outcome }).is_err() {
+            if tx.send(SchedMsg::Done { id, outcome }).is_err() {
                 return;
             }
         }
@@ -465,7 +141,7 @@ impl Worker {
         &self,
         mut att: Attachment,
         ticket: &Ticket,
-    ) -> Result<Done, crate::store::StoreError> {
+    ) -> Result<Done, StoreError> {
         let path = Path::new(&att.local_uri);
         if att.sha256.is_empty() {
             // Unreadable at ingest and requeued by an operator: hash it now.
@@ -573,7 +249,7 @@ impl Worker {
         &self,
         att: &Attachment,
         e: RemoteError,
-    ) -> Result<Done, crate::store::StoreError> {
+    ) -> Result<Done, StoreError> {
         match &e.class {
             ErrorClass::Interrupted => {
                 debug!(id = %att.id, "upload stopped at a safe point");
@@ -601,7 +277,7 @@ impl Worker {
                     self.gov.network_failed();
                 }
                 let attempts = att.attempts as u32 + 1;
-                match verdict(&self.cfg.upload, class, attempts, fastrand::f64()) {
+                match verdict(&self.cfg, class, attempts, fastrand::f64()) {
                     Verdict::RetryIn(d) => {
                         warn!(id = %att.id, attempt = attempts, retry_in = ?d, error = %e, "upload failed; will retry");
                         self.store.borrow_mut().schedule_retry(
@@ -651,7 +327,7 @@ impl Worker {
         att: &Attachment,
         etag: Option<&str>,
         reason: &str,
-    ) -> Result<(), crate::store::StoreError> {
+    ) -> Result<(), StoreError> {
         self.store.borrow_mut().transition(
             &att.id,
             State::Synced,
@@ -665,7 +341,7 @@ impl Worker {
         Ok(())
     }
 
-    fn archive_deleted(&self, att: &Attachment) -> Result<(), crate::store::StoreError> {
+    fn archive_deleted(&self, att: &Attachment) -> Result<(), StoreError> {
         info!(id = %att.id, path = %att.local_uri, "file deleted before upload; archived");
         self.store.borrow_mut().transition(
             &att.id,
@@ -699,54 +375,3 @@ impl Worker {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{Dur, Upload};
-
-    #[test]
-    fn backoff_grows_caps_and_never_hits_zero() {
-        let i = Duration::from_secs(5);
-        let m = Duration::from_secs(300);
-        assert_eq!(backoff(1, i, m, 0.0), Duration::from_millis(2500));
-        assert_eq!(backoff(1, i, m, 0.999_999).as_secs(), 4);
-        assert_eq!(backoff(2, i, m, 0.0), Duration::from_secs(5));
-        assert_eq!(backoff(3, i, m, 0.0), Duration::from_secs(10));
-        assert_eq!(backoff(10, i, m, 0.0), Duration::from_secs(150));
-        assert_eq!(backoff(1000, i, m, 0.0), Duration::from_secs(150));
-        assert!(backoff(1000, i, m, 0.999) <= m);
-    }
-
-    #[test]
-    fn verdicts_follow_the_error_class() {
-        let cfg = Upload {
-            initial_backoff: Dur::secs(5),
-            ..Upload::default()
-        };
-        let transient = ErrorClass::Transient { retry_after: None };
-        assert!(matches!(
-            verdict(&cfg, &transient, 50, 0.5),
-            Verdict::RetryIn(_)
-        ));
-        assert!(matches!(
-            verdict(&cfg, &ErrorClass::Permanent, 1, 0.5),
-            Verdict::RetryIn(_)
-        ));
-        assert_eq!(
-            verdict(&cfg, &ErrorClass::Permanent, 3, 0.5),
-            Verdict::GiveUp
-        );
-        let ra = ErrorClass::Transient {
-            retry_after: Some(Duration::from_secs(120)),
-        };
-        assert_eq!(
-            verdict(&cfg, &ra, 1, 0.0),
-            Verdict::RetryIn(Duration::from_secs(120))
-        );
-        let limited = Upload {
-            transient_attempts: 2,
-            ..cfg
-        };
-        assert_eq!(verdict(&limited, &transient, 2, 0.5), Verdict::GiveUp);
-    }
-}

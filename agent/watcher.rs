@@ -6,36 +6,28 @@
 //! write and quiet for `close_settle`, or with size and mtime unchanged for `settle`.
 //! Temp-name-then-rename writers are handled because the rename produces an event for
 //! the final name and the temp names are ignored.
+//!
+//! The settle decisions are [`Settler`], a plain struct whose methods take "now" (and a
+//! stat function), unit-tested without sleeps. [`run`] is the thin async driver: it
+//! collects inotify messages and runs each turn's blocking work (rescans, hashing, SQLite)
+//! in `spawn_blocking`.
 
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
 use notify::{RecursiveMode, Watcher as _};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+pub use crate::bus::WatchMsg;
 use crate::ingest::{Ingestor, Outcome};
 use crate::store::{Change, State, Store};
 use crate::util::mtime_ns;
-
-/// Messages into the ingest loop.
-#[derive(Debug)]
-pub enum WatchMsg {
-    /// Something happened to this path; `closed` when it was a close-after-write.
-    Changed {
-        path: PathBuf,
-        closed: bool,
-    },
-    /// A directory appeared: scan it (its files may predate its watch).
-    DirCreated(PathBuf),
-    Removed(PathBuf),
-    /// inotify lost events: rescan everything.
-    Rescan,
-    Shutdown,
-}
 
 /// When a new directory is scanned again after its creation event.
 const NEW_DIR_RESCANS: [Duration; 2] = [Duration::from_millis(500), Duration::from_secs(3)];
@@ -53,7 +45,10 @@ struct Pending {
 }
 
 /// Starts inotify on the capture folder. The returned watcher must be kept alive.
-pub fn watch(capture: &Path, tx: Sender<WatchMsg>) -> notify::Result<notify::RecommendedWatcher> {
+pub fn watch(
+    capture: &Path,
+    tx: UnboundedSender<WatchMsg>,
+) -> notify::Result<notify::RecommendedWatcher> {
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
         Ok(ev) => {
             if ev.need_rescan() {
@@ -101,183 +96,122 @@ pub fn watch(capture: &Path, tx: Sender<WatchMsg>) -> notify::Result<notify::Rec
 }
 
 /// Settings of the ingest loop.
-pub struct IngestLoop {
+#[derive(Debug, Clone, Copy)]
+pub struct SettleTimes {
     pub settle: Duration,
     pub close_settle: Duration,
     pub rescan_interval: Duration,
 }
 
-/// Hooks the ingest loop reports to.
-pub trait IngestSink {
-    /// An attachment was enqueued (wake the uploader).
-    fn enqueued(&self);
-    /// Whether the loop has nothing left to settle (for `run --until-idle`).
-    fn set_idle(&self, idle: bool);
-    /// A checklist.json was written (path below the capture folder).
-    fn checklist_changed(&self, _path: &Path) {}
+/// Which files wait to settle, and when folders are rescanned. No I/O: the caller passes
+/// "now" and, for [`Settler::ready`], a stat function.
+#[derive(Debug)]
+pub struct Settler {
+    times: SettleTimes,
+    pending: HashMap<PathBuf, Pending>,
+    /// New directories to scan again, and when.
+    new_dirs: Vec<(Instant, PathBuf)>,
+    next_rescan: Instant,
+    /// The next periodic rescan looks into every folder (the first, and after an overflow).
+    full: bool,
 }
 
-impl IngestLoop {
-    /// Runs until `Shutdown`. Owns its own store connection.
-    pub fn run(
-        &self,
-        ingestor: &Ingestor,
-        store: &mut Store,
-        rx: Receiver<WatchMsg>,
-        sink: &dyn IngestSink,
-    ) {
-        let mut pending: HashMap<PathBuf, Pending> = HashMap::new();
-        let mut dirs: DirMtimes = HashMap::new();
-        let mut next_rescan = Instant::now();
-        let mut full = true;
-        let mut new_dirs: Vec<(Instant, PathBuf)> = Vec::new();
-        loop {
-            let now = Instant::now();
-            // A new directory is scanned again a little later: files written into it (or
-            // into subdirectories created with it) before its inotify watch existed
-            // produce no event.
-            let (due, later): (Vec<_>, Vec<_>) = new_dirs.drain(..).partition(|(t, _)| *t <= now);
-            new_dirs = later;
-            for (_, d) in due {
-                self.rescan(ingestor, store, &mut pending, Some(&d), &mut dirs, true);
-            }
-            if now >= next_rescan {
-                self.rescan(ingestor, store, &mut pending, None, &mut dirs, full);
-                // After the first pass, periodic rescans only look into directories whose
-                // mtime changed (a file created, renamed or removed there); inotify reports
-                // changes inside files, and an overflow asks for a full pass again.
-                full = false;
-                next_rescan = now + self.rescan_interval;
-            }
-            sink.set_idle(pending.is_empty() && new_dirs.is_empty());
-            let next_dir = new_dirs.iter().map(|(t, _)| *t).min();
-            let wait = if pending.is_empty() {
-                next_dir
-                    .unwrap_or(next_rescan)
-                    .min(next_rescan)
-                    .saturating_duration_since(now)
-            } else {
-                // Re-check pending files often enough to honour the shorter settle time.
-                self.close_settle
-                    .min(self.settle / 4)
-                    .max(Duration::from_millis(20))
-            };
-            match rx.recv_timeout(wait) {
-                Ok(WatchMsg::Shutdown) | Err(RecvTimeoutError::Disconnected) => return,
-                Ok(msg) => {
-                    if let WatchMsg::DirCreated(d) = &msg {
-                        for delay in NEW_DIR_RESCANS {
-                            new_dirs.push((Instant::now() + delay, d.clone()));
-                        }
-                    }
-                    self.apply(msg, ingestor, store, &mut pending, &mut dirs);
-                    // Drain what else is queued before checking files.
-                    while let Ok(m) = rx.try_recv() {
-                        if matches!(m, WatchMsg::Shutdown) {
-                            return;
-                        }
-                        if let WatchMsg::DirCreated(d) = &m {
-                            for delay in NEW_DIR_RESCANS {
-                                new_dirs.push((Instant::now() + delay, d.clone()));
-                            }
-                        }
-                        self.apply(m, ingestor, store, &mut pending, &mut dirs);
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-            }
-            self.settle_pending(ingestor, store, &mut pending, &mut dirs, sink);
+/// Rescans due now.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Rescans {
+    /// New directories to scan again.
+    pub dirs: Vec<PathBuf>,
+    /// The periodic pass over the whole capture folder; `Some(full)` when due.
+    pub periodic: Option<bool>,
+}
+
+impl Settler {
+    /// The first periodic pass (full) is due at once.
+    pub fn new(times: SettleTimes, now: Instant) -> Self {
+        Settler {
+            times,
+            pending: HashMap::new(),
+            new_dirs: Vec::new(),
+            next_rescan: now,
+            full: true,
         }
     }
 
-    fn apply(
-        &self,
-        msg: WatchMsg,
-        ingestor: &Ingestor,
-        store: &mut Store,
-        pending: &mut HashMap<PathBuf, Pending>,
-        dirs: &mut DirMtimes,
-    ) {
-        let now = Instant::now();
-        match msg {
-            WatchMsg::Changed { path, closed } => {
-                let is_json = path.extension().is_some_and(|e| e == "json");
-                if !is_json && !ingestor.is_candidate(&path) {
-                    return;
-                }
-                let p = pending.entry(path).or_insert(Pending {
-                    last_event: now,
-                    closed,
-                    seen: None,
-                });
-                p.last_event = now;
-                p.closed = closed;
-            }
-            WatchMsg::DirCreated(dir) => {
-                self.rescan(ingestor, store, pending, Some(&dir), dirs, true)
-            }
-            WatchMsg::Rescan => self.rescan(ingestor, store, pending, None, dirs, true),
-            WatchMsg::Removed(path) => {
-                pending.remove(&path);
-                deleted_before_upload(store, &path);
-            }
-            WatchMsg::Shutdown => {}
-        }
-    }
-
-    fn rescan(
-        &self,
-        ingestor: &Ingestor,
-        store: &Store,
-        pending: &mut HashMap<PathBuf, Pending>,
-        dir: Option<&Path>,
-        dirs: &mut DirMtimes,
-        full: bool,
-    ) {
-        let mut added = 0;
-        let root = dir.unwrap_or(ingestor.capture());
-        rescan_pass(ingestor, store, root, dirs, full, &mut |path| {
-            if pending.contains_key(&path) {
-                return;
-            }
-            pending.insert(
-                path,
-                Pending {
-                    last_event: Instant::now(),
-                    closed: false,
-                    seen: None,
-                },
-            );
-            added += 1;
+    /// An inotify event for a candidate file.
+    pub fn changed(&mut self, path: PathBuf, closed: bool, now: Instant) {
+        let p = self.pending.entry(path).or_insert(Pending {
+            last_event: now,
+            closed,
+            seen: None,
         });
-        if added > 0 {
-            debug!(added, "rescan found new or changed files");
+        p.last_event = now;
+        p.closed = closed;
+    }
+
+    /// A file found by a rescan; returns whether it was not pending yet.
+    pub fn found(&mut self, path: PathBuf, now: Instant) -> bool {
+        if self.pending.contains_key(&path) {
+            return false;
+        }
+        self.pending.insert(
+            path,
+            Pending {
+                last_event: now,
+                closed: false,
+                seen: None,
+            },
+        );
+        true
+    }
+
+    pub fn removed(&mut self, path: &Path) {
+        self.pending.remove(path);
+    }
+
+    /// A directory appeared: files written into it (or into subdirectories created with
+    /// it) before its inotify watch existed produce no event, so it is scanned again a
+    /// little later.
+    pub fn dir_created(&mut self, dir: &Path, now: Instant) {
+        for delay in NEW_DIR_RESCANS {
+            self.new_dirs.push((now + delay, dir.to_path_buf()));
         }
     }
 
-    fn settle_pending(
-        &self,
-        ingestor: &Ingestor,
-        store: &mut Store,
-        pending: &mut HashMap<PathBuf, Pending>,
-        dirs: &mut DirMtimes,
-        sink: &dyn IngestSink,
-    ) {
-        let now = Instant::now();
+    /// The rescans due now. After the first pass, periodic rescans only look into
+    /// directories whose mtime changed (a file created, renamed or removed there); inotify
+    /// reports changes inside files, and an overflow asks for a full pass again.
+    pub fn rescans_due(&mut self, now: Instant) -> Rescans {
+        let (due, later): (Vec<_>, Vec<_>) =
+            self.new_dirs.drain(..).partition(|(t, _)| *t <= now);
+        self.new_dirs = later;
+        let periodic = (now >= self.next_rescan).then(|| {
+            self.next_rescan = now + self.times.rescan_interval;
+            std::mem::replace(&mut self.full, false)
+        });
+        Rescans {
+            dirs: due.into_iter().map(|(_, d)| d).collect(),
+            periodic,
+        }
+    }
+
+    /// Files complete enough to ingest now, sorted. `stat` gives a file's size and mtime,
+    /// `None` when it is gone (then it is ready: ingest reports it missing). A file not
+    /// closed after writing is ready once its size and mtime held for `settle`.
+    pub fn ready(
+        &mut self,
+        now: Instant,
+        stat: &mut dyn FnMut(&Path) -> Option<(u64, i64)>,
+    ) -> Vec<PathBuf> {
         let mut ready = Vec::new();
-        for (path, p) in pending.iter_mut() {
+        for (path, p) in self.pending.iter_mut() {
             let quiet = now.duration_since(p.last_event);
-            let meta = match fs::metadata(path) {
-                Ok(m) => m,
-                Err(_) => {
-                    ready.push(path.clone()); // gone: ingest reports Missing and we drop it
-                    continue;
-                }
-            };
-            let cur = (meta.len(), mtime_ns(&meta));
-            if p.closed && quiet >= self.close_settle {
+            let Some(cur) = stat(path) else {
                 ready.push(path.clone());
-            } else if quiet >= self.settle {
+                continue;
+            };
+            if p.closed && quiet >= self.times.close_settle {
+                ready.push(path.clone());
+            } else if quiet >= self.times.settle {
                 if p.seen == Some(cur) {
                     ready.push(path.clone());
                 } else {
@@ -288,36 +222,206 @@ impl IngestLoop {
             }
         }
         ready.sort();
+        ready
+    }
+
+    /// Ingest found the file still being written: start settling again.
+    pub fn not_stable(&mut self, path: &Path, now: Instant) {
+        if let Some(p) = self.pending.get_mut(path) {
+            p.last_event = now;
+            p.closed = false;
+            p.seen = None;
+        }
+    }
+
+    /// The file was taken (or given up on).
+    pub fn done(&mut self, path: &Path) {
+        self.pending.remove(path);
+    }
+
+    /// Nothing left to settle or rescan soon (for `run --until-idle`).
+    pub fn idle(&self) -> bool {
+        self.pending.is_empty() && self.new_dirs.is_empty()
+    }
+
+    /// When to look again if no event comes.
+    pub fn next_wake(&self, now: Instant) -> Instant {
+        if self.pending.is_empty() {
+            let next_dir = self.new_dirs.iter().map(|(t, _)| *t).min();
+            next_dir.unwrap_or(self.next_rescan).min(self.next_rescan)
+        } else {
+            // Re-check pending files often enough to honour the shorter settle time.
+            now + self
+                .times
+                .close_settle
+                .min(self.times.settle / 4)
+                .max(Duration::from_millis(20))
+        }
+    }
+}
+
+/// Hooks the ingest loop reports to.
+pub trait IngestSink: Send {
+    /// An attachment was enqueued (wake the uploader).
+    fn enqueued(&self);
+    /// Whether the loop has nothing left to settle (for `run --until-idle`).
+    fn set_idle(&self, idle: bool);
+    /// A checklist.json settled (path below the capture folder).
+    fn checklist_changed(&self, _path: &Path) {}
+}
+
+/// What the ingest loop owns; moved into `spawn_blocking` for each turn and back.
+pub struct IngestLoop {
+    pub ingestor: std::sync::Arc<Ingestor>,
+    pub store: Store,
+    pub sink: Box<dyn IngestSink>,
+    settler: Settler,
+    dirs: DirMtimes,
+}
+
+impl IngestLoop {
+    pub fn new(
+        ingestor: std::sync::Arc<Ingestor>,
+        store: Store,
+        sink: Box<dyn IngestSink>,
+        times: SettleTimes,
+    ) -> Self {
+        IngestLoop {
+            ingestor,
+            store,
+            sink,
+            settler: Settler::new(times, Instant::now()),
+            dirs: HashMap::new(),
+        }
+    }
+
+    /// One turn (blocking): apply the messages, run due rescans, ingest what settled.
+    /// Returns when to look again.
+    pub fn turn(&mut self, msgs: Vec<WatchMsg>) -> Instant {
+        for m in msgs {
+            self.apply(m);
+        }
+        let due = self.settler.rescans_due(Instant::now());
+        for d in due.dirs {
+            self.rescan(Some(&d), true);
+        }
+        if let Some(full) = due.periodic {
+            self.rescan(None, full);
+        }
+        self.settle();
+        self.sink.set_idle(self.settler.idle());
+        self.settler.next_wake(Instant::now())
+    }
+
+    fn apply(&mut self, msg: WatchMsg) {
+        let now = Instant::now();
+        match msg {
+            WatchMsg::Changed { path, closed } => {
+                let is_json = path.extension().is_some_and(|e| e == "json");
+                if is_json || self.ingestor.is_candidate(&path) {
+                    self.settler.changed(path, closed, now);
+                }
+            }
+            WatchMsg::DirCreated(dir) => {
+                self.settler.dir_created(&dir, now);
+                self.rescan(Some(&dir), true);
+            }
+            WatchMsg::Rescan => self.rescan(None, true),
+            WatchMsg::Removed(path) => {
+                self.settler.removed(&path);
+                deleted_before_upload(&mut self.store, &path);
+            }
+        }
+    }
+
+    fn rescan(&mut self, dir: Option<&Path>, full: bool) {
+        let mut added = 0;
+        let root = dir.unwrap_or(self.ingestor.capture()).to_path_buf();
+        let settler = &mut self.settler;
+        rescan_pass(
+            &self.ingestor,
+            &self.store,
+            &root,
+            &mut self.dirs,
+            full,
+            &mut |path| {
+                if settler.found(path, Instant::now()) {
+                    added += 1;
+                }
+            },
+        );
+        if added > 0 {
+            debug!(added, "rescan found new or changed files");
+        }
+    }
+
+    fn settle(&mut self) {
+        let ready = self.settler.ready(Instant::now(), &mut |p| {
+            fs::metadata(p).ok().map(|m| (m.len(), mtime_ns(&m)))
+        });
         for path in ready {
             if path
                 .file_name()
                 .is_some_and(|n| n == crate::ingest::CHECKLIST_FILE)
             {
-                sink.checklist_changed(&path);
-                pending.remove(&path);
+                self.sink.checklist_changed(&path);
+                self.settler.done(&path);
                 continue;
             }
-            match ingestor.ingest(store, &path) {
+            match self.ingestor.ingest(&mut self.store, &path) {
                 Ok(Outcome::NotStable) => {
-                    if let Some(p) = pending.get_mut(&path) {
-                        p.last_event = Instant::now();
-                        p.closed = false;
-                        p.seen = None;
-                    }
+                    self.settler.not_stable(&path, Instant::now());
                     continue;
                 }
-                Ok(Outcome::Enqueued(_)) | Ok(Outcome::Unreadable(_)) => sink.enqueued(),
+                Ok(Outcome::Enqueued(_)) | Ok(Outcome::Unreadable(_)) => self.sink.enqueued(),
                 Ok(_) => {}
                 Err(e) => {
                     // E.g. the state volume is full. Forget the folder's mtime so the next
                     // periodic rescan looks into it again.
                     if let Some(parent) = path.parent() {
-                        dirs.remove(parent);
+                        self.dirs.remove(parent);
                     }
                     warn!(path = %path.display(), error = %e, "ingest failed; will retry on the next rescan")
                 }
             }
-            pending.remove(&path);
+            self.settler.done(&path);
+        }
+    }
+}
+
+/// Drives the ingest loop until `shutdown`: waits for inotify messages or the next
+/// settle/rescan deadline, then runs a turn off the reactor.
+pub async fn run(
+    lp: IngestLoop,
+    mut rx: UnboundedReceiver<WatchMsg>,
+    shutdown: CancellationToken,
+) {
+    let mut lp = Some(lp);
+    let mut msgs = Vec::new();
+    loop {
+        let mut l = lp.take().expect("ingest loop");
+        let batch = std::mem::take(&mut msgs);
+        let turn = tokio::task::spawn_blocking(move || {
+            let next = l.turn(batch);
+            (l, next)
+        });
+        let Ok((l, next)) = turn.await else {
+            return;
+        };
+        lp = Some(l);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            m = rx.recv() => match m {
+                Some(m) => {
+                    msgs.push(m);
+                    // Take what else is queued before checking files.
+                    while let Ok(m) = rx.try_recv() {
+                        msgs.push(m);
+                    }
+                }
+                None => return,
+            },
+            _ = tokio::time::sleep_until(next) => {}
         }
     }
 }
@@ -378,5 +482,133 @@ pub fn deleted_before_upload(store: &mut Store, path: &Path) {
             Ok(_) => info!(id = %a.id, path = %path.display(), "deleted before upload; archived"),
             Err(e) => warn!(id = %a.id, error = %e, "cannot archive deleted file"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMES: SettleTimes = SettleTimes {
+        settle: Duration::from_secs(2),
+        close_settle: Duration::from_millis(300),
+        rescan_interval: Duration::from_secs(300),
+    };
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_closed_file_is_taken_after_close_settle() {
+        let t0 = Instant::now();
+        let mut s = Settler::new(TIMES, t0);
+        let p = PathBuf::from("/c/a/r/IMG_1.jpg");
+        s.changed(p.clone(), true, t0);
+        let mut stat = |_: &Path| Some((10u64, 1i64));
+        assert!(s.ready(t0 + ms(299), &mut stat).is_empty());
+        // Another write restarts the quiet time.
+        s.changed(p.clone(), true, t0 + ms(200));
+        assert!(s.ready(t0 + ms(400), &mut stat).is_empty());
+        assert_eq!(s.ready(t0 + ms(500), &mut stat), std::slice::from_ref(&p));
+        s.done(&p);
+        assert!(s.idle());
+    }
+
+    #[test]
+    fn an_open_file_is_taken_once_size_and_mtime_held_for_settle() {
+        let t0 = Instant::now();
+        let mut s = Settler::new(TIMES, t0);
+        let p = PathBuf::from("/c/a/r/IMG_2.jpg");
+        s.changed(p.clone(), false, t0);
+        let mut size = 10u64;
+        // First look after `settle`: remembers size and mtime, waits another settle.
+        assert!(s
+            .ready(t0 + ms(2000), &mut |_: &Path| Some((size, 1)))
+            .is_empty());
+        // Still growing: waits again.
+        size = 20;
+        assert!(s
+            .ready(t0 + ms(4000), &mut |_: &Path| Some((size, 1)))
+            .is_empty());
+        assert!(s
+            .ready(t0 + ms(5000), &mut |_: &Path| Some((size, 1)))
+            .is_empty());
+        assert_eq!(s.ready(t0 + ms(6000), &mut |_: &Path| Some((size, 1))), [p]);
+    }
+
+    #[test]
+    fn a_vanished_file_is_ready_so_ingest_can_report_it() {
+        let t0 = Instant::now();
+        let mut s = Settler::new(TIMES, t0);
+        let p = PathBuf::from("/c/gone.jpg");
+        s.changed(p.clone(), false, t0);
+        assert_eq!(s.ready(t0, &mut |_: &Path| None), [p]);
+    }
+
+    #[test]
+    fn not_stable_starts_over_and_ready_is_sorted() {
+        let t0 = Instant::now();
+        let mut s = Settler::new(TIMES, t0);
+        let a = PathBuf::from("/c/a.jpg");
+        let b = PathBuf::from("/c/b.jpg");
+        s.changed(b.clone(), true, t0);
+        s.changed(a.clone(), true, t0);
+        let mut stat = |_: &Path| Some((1u64, 1i64));
+        assert_eq!(s.ready(t0 + ms(300), &mut stat), [a.clone(), b.clone()]);
+        s.not_stable(&a, t0 + ms(300));
+        s.done(&b);
+        // Not closed any more: needs a full settle with unchanged metadata.
+        assert!(s.ready(t0 + ms(700), &mut stat).is_empty());
+        assert!(s.ready(t0 + ms(2300), &mut stat).is_empty());
+        assert_eq!(s.ready(t0 + ms(4300), &mut stat), [a]);
+    }
+
+    #[test]
+    fn a_file_found_by_a_rescan_is_not_reset_if_already_pending() {
+        let t0 = Instant::now();
+        let mut s = Settler::new(TIMES, t0);
+        let p = PathBuf::from("/c/a.jpg");
+        s.changed(p.clone(), true, t0);
+        assert!(!s.found(p.clone(), t0 + ms(250)));
+        assert_eq!(s.ready(t0 + ms(300), &mut |_: &Path| Some((1, 1))), [p]);
+        assert!(s.found(PathBuf::from("/c/b.jpg"), t0));
+    }
+
+    #[test]
+    fn rescans_first_full_then_on_the_interval_and_new_dirs_twice() {
+        let t0 = Instant::now();
+        let mut s = Settler::new(TIMES, t0);
+        assert_eq!(s.rescans_due(t0).periodic, Some(true));
+        assert_eq!(s.rescans_due(t0 + ms(10)).periodic, None);
+        assert_eq!(s.next_wake(t0), t0 + TIMES.rescan_interval);
+        let d = PathBuf::from("/c/new");
+        s.dir_created(&d, t0);
+        assert!(!s.idle());
+        assert_eq!(s.next_wake(t0), t0 + NEW_DIR_RESCANS[0]);
+        assert_eq!(s.rescans_due(t0 + ms(500)).dirs, std::slice::from_ref(&d));
+        assert!(s.rescans_due(t0 + ms(600)).dirs.is_empty());
+        assert_eq!(s.rescans_due(t0 + ms(3000)).dirs, [d]);
+        assert!(s.idle());
+        let r = s.rescans_due(t0 + TIMES.rescan_interval);
+        assert_eq!(r.periodic, Some(false));
+    }
+
+    #[test]
+    fn pending_files_are_looked_at_often_enough_for_the_shorter_settle() {
+        let t0 = Instant::now();
+        let mut s = Settler::new(TIMES, t0);
+        s.changed(PathBuf::from("/c/a.jpg"), false, t0);
+        assert_eq!(s.next_wake(t0), t0 + ms(300));
+        let mut fast = Settler::new(
+            SettleTimes {
+                settle: ms(40),
+                close_settle: ms(10),
+                rescan_interval: ms(1000),
+            },
+            t0,
+        );
+        fast.changed(PathBuf::from("/c/a.jpg"), false, t0);
+        assert_eq!(fast.next_wake(t0), t0 + ms(20));
     }
 }

@@ -1,12 +1,11 @@
-//! The conditions runtime: a probe thread that keeps the facts current, the metered-data
-//! budget, the upload rate limiter, per-file admission, and publishing what it all means
-//! to status and the event log.
+//! The conditions' shared state: the facts the monitor observed, the metered-data
+//! budget, the upload rate limiter, per-file admission (tickets), and writing what it all
+//! means to the store for status.
 //!
-//! Threads and who owns what:
-//! - the probe thread (`conditions`) reads sysfs/procfs every `probe_interval`, probes the
-//!   remote with backoff while offline, evicts local copies when the disk runs low, and
-//!   wakes the scheduler (`Msg::Wake`) the moment a fact that matters changes, so uploads
-//!   resume at once instead of on the 30 s tick;
+//! Who calls what:
+//! - the monitor task ([`super::monitor`]) calls [`Governor::probe_round`] every
+//!   `probe_interval` and [`Governor::probe_remote`] with backoff while offline, and wakes
+//!   the scheduler when a fact that matters changed;
 //! - workers call [`Ticket::throttle`] before each chunk (rate limit, metered byte count)
 //!   and [`Ticket::may_continue`] at safe points;
 //! - the scheduler calls [`Governor::observe`], [`Governor::admit`] and
@@ -17,25 +16,23 @@
 //! sent, so a crash can only over-count, never let the budget be exceeded.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use tokio::sync::mpsc::UnboundedSender;
 use tracing::{info, warn};
 
 use super::probes::{self, Probes};
+use super::report::{self, ConditionsReport, Counters};
 use super::settings::{Conditions, MeteredPolicy, Retention};
 use super::{admit, failing, is_metered, Facts, Link, Policy, Reason};
-use crate::config::Config;
-use crate::ingest::absolute;
-use crate::remote::{ErrorClass, Remote};
-use crate::store::{Attachment, Store, StoreError};
-use crate::uploader::{control, Msg, Shared};
+use crate::bus::{MonitorMsg, Shared};
+use crate::remote::{ErrorClass, Remote, RemoteError};
+use crate::store::{control, Attachment, Store, StoreError};
 
 /// Control key holding today's metered byte count: `{"day":"YYYY-MM-DD","used":N}`.
 pub const BUDGET_KEY: &str = "conditions.budget";
@@ -47,26 +44,12 @@ const BURST: Duration = Duration::from_millis(100);
 /// Longest single sleep inside the rate limiter, so a pause or shutdown is noticed.
 const THROTTLE_SLICE: Duration = Duration::from_millis(100);
 
-/// Remote probes while offline back off from this to [`OFFLINE_PROBE_MAX`].
-const OFFLINE_PROBE_MIN: Duration = Duration::from_secs(1);
-/// A dead link is re-checked at least this often.
-const OFFLINE_PROBE_MAX: Duration = Duration::from_secs(60);
-
 /// Numbers that change continuously (budget used, disk free) are written to the store at
 /// most this often; discrete changes are written at once.
 const NUMBERS_EVERY: Duration = Duration::from_secs(1);
 /// Numbers that change while nothing else does (battery percent, disk free, temperature)
 /// are refreshed in status this often, so an idle device does not write every probe.
 const HEARTBEAT: Duration = Duration::from_secs(60);
-
-/// Messages to the probe thread.
-enum Ctl {
-    /// A request failed in a way that suggests the network: probe the remote now.
-    NetworkFailed,
-    /// An upload finished: apply the routine retention rules.
-    Sweep,
-    Stop,
-}
 
 /// A token bucket in GCRA form: `tat` is when the bytes sent so far would have finished
 /// at exactly `rate`; a sender may run at most [`BURST`] ahead of it.
@@ -106,7 +89,7 @@ struct Budget {
     used: u64,
 }
 
-/// Facts the probe thread owns, plus what only status needs.
+/// Facts the monitor observes, plus what only status needs.
 #[derive(Debug, Clone, Default)]
 struct Observed {
     offline: bool,
@@ -144,6 +127,16 @@ struct Published {
     budget_version: u64,
 }
 
+/// What the governor needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub conditions: Conditions,
+    pub retention: Retention,
+    /// Absolute paths of the volumes whose free space matters.
+    pub state_dir: PathBuf,
+    pub capture: PathBuf,
+}
+
 pub struct Governor {
     conditions: Conditions,
     retention: Retention,
@@ -155,8 +148,8 @@ pub struct Governor {
     shared: Arc<Shared>,
     inner: Mutex<Inner>,
     published: Mutex<Published>,
-    ctl: Mutex<Sender<Ctl>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// To the monitor task: network evidence and retention sweeps.
+    monitor: UnboundedSender<MonitorMsg>,
 }
 
 /// A permission to upload one file, held by the worker for the upload's duration.
@@ -176,17 +169,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Governor {
-    /// Loads the persisted budget, takes a first reading of every probe (so the first
-    /// dispatch already respects the conditions) and starts the probe thread.
-    pub fn start(
-        cfg: &Config,
-        db_path: &Path,
+    /// Loads the persisted budget and takes a first reading of every probe, so the first
+    /// dispatch already respects the conditions. The monitor task keeps it current.
+    pub fn new(
+        settings: &Settings,
+        store: &mut Store,
         remote: Arc<dyn Remote>,
-        wake: Sender<Msg>,
+        monitor: UnboundedSender<MonitorMsg>,
         shared: Arc<Shared>,
     ) -> Result<Arc<Governor>, StoreError> {
-        let mut store = Store::open(db_path)?;
-        let c = cfg.conditions.clone();
+        let c = settings.conditions.clone();
         let today = probes::local_now();
         let budget = store
             .control_get(BUDGET_KEY)?
@@ -196,15 +188,14 @@ impl Governor {
                 day: today.date.clone(),
                 used: 0,
             });
-        let (ctl_tx, ctl_rx) = mpsc::channel();
         let gov = Arc::new(Governor {
             policy: Policy::from(&c),
             probes: Probes {
                 proc_root: c.proc_root.clone(),
                 sys_root: c.sys_root.clone(),
             },
-            state_dir: absolute(&cfg.paths.state_dir),
-            capture: absolute(&cfg.paths.capture),
+            state_dir: settings.state_dir.clone(),
+            capture: settings.capture.clone(),
             inner: Mutex::new(Inner {
                 seen: Observed::default(),
                 budget,
@@ -214,22 +205,19 @@ impl Governor {
                 generation: 0,
             }),
             conditions: c,
-            retention: cfg.retention.clone(),
+            retention: settings.retention.clone(),
             remote,
             shared,
             published: Mutex::new(Published::default()),
-            ctl: Mutex::new(ctl_tx),
-            thread: Mutex::new(None),
+            monitor,
         });
-        let mut evict_seen = HashSet::new();
-        gov.probe_round(&mut store, &mut evict_seen, false);
-        let g = gov.clone();
-        let handle = thread::Builder::new()
-            .name("conditions".into())
-            .spawn(move || g.probe_loop(store, ctl_rx, wake, evict_seen))
-            .expect("spawn conditions thread");
-        *lock(&gov.thread) = Some(handle);
+        gov.probe_round(store, &mut HashSet::new(), false);
         Ok(gov)
+    }
+
+    /// How often the monitor reads the probes.
+    pub fn probe_interval(&self) -> Duration {
+        self.conditions.probe_interval.0
     }
 
     pub fn policy(&self) -> &Policy {
@@ -281,7 +269,7 @@ impl Governor {
 
     /// A request failed the way a dead link fails: check the remote now.
     pub fn network_failed(&self) {
-        let _ = lock(&self.ctl).send(Ctl::NetworkFailed);
+        let _ = self.monitor.send(MonitorMsg::NetworkFailed);
     }
 
     /// Writes the pause reason, the condition report and the budget to the store when
@@ -296,7 +284,7 @@ impl Governor {
     ) -> Result<(), StoreError> {
         let mut p = lock(&self.published);
         let now_failing = failing(facts, &self.policy);
-        let summary = self.summary(facts, &now_failing);
+        let summary = report::summary(facts, &now_failing);
         let budget_version = lock(&self.inner).budget_version;
         let dirty = budget_version != p.budget_version;
         let first = p.summary.is_none();
@@ -311,7 +299,8 @@ impl Governor {
         }
         let (json, budget, budget_version) = {
             let i = lock(&self.inner);
-            let json = self.report(&i, facts, &now_failing, deferred).to_string();
+            let json = serde_json::to_string(&self.report(&i, facts, &now_failing, deferred))
+                .unwrap_or_default();
             (json, i.budget.clone(), i.budget_version)
         };
         if !(first || discrete) && json == p.json {
@@ -365,7 +354,7 @@ impl Governor {
         Ok(())
     }
 
-    /// Persists the budget and stops the probe thread (daemon shutdown).
+    /// Persists the budget (daemon shutdown).
     pub fn finish(&self, store: &Store) {
         let budget = lock(&self.inner).budget.clone();
         if let Err(e) = store.control_set(
@@ -374,40 +363,6 @@ impl Governor {
         ) {
             warn!(error = %e, "cannot persist the metered data budget");
         }
-        let _ = lock(&self.ctl).send(Ctl::Stop);
-        if let Some(h) = lock(&self.thread).take() {
-            let _ = h.join();
-        }
-    }
-
-    /// One line naming each condition's state; a change is a `conditions_changed` event.
-    fn summary(&self, f: &Facts, failing: &[Reason]) -> String {
-        let link = match &f.link.interface {
-            Some(i) => format!(
-                "{i} {}",
-                if f.link.metered {
-                    "metered"
-                } else {
-                    "unmetered"
-                }
-            ),
-            None => "no default route".into(),
-        };
-        let battery = if !f.battery.present {
-            "none".to_string()
-        } else if f.battery.charging {
-            "charging".into()
-        } else if failing.contains(&Reason::BatteryLow) {
-            "low".into()
-        } else {
-            "ok".into()
-        };
-        let codes: Vec<&str> = failing.iter().map(|r| r.as_str()).collect();
-        format!(
-            "network={} link={link} battery={battery} failing=[{}]",
-            if f.offline { "offline" } else { "online" },
-            codes.join(",")
-        )
     }
 
     /// The `conditions` object of the status snapshot (documented in the README).
@@ -417,154 +372,58 @@ impl Governor {
         f: &Facts,
         failing: &[Reason],
         deferred: &BTreeMap<Reason, usize>,
-    ) -> serde_json::Value {
-        let c = &self.conditions;
-        let p = &self.policy;
-        let alarms: Vec<&str> = failing
-            .iter()
-            .filter(|r| **r == Reason::DiskLow)
-            .map(|r| r.as_str())
-            .collect();
-        json!({
-            "failing": failing.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
-            "alarms": alarms,
-            "deferred": deferred.iter().map(|(r, n)| (r.as_str(), *n)).collect::<BTreeMap<_, _>>(),
-            "operator_paused": f.operator_paused,
-            "auth_failed": f.auth_failed,
-            "network": {
-                "online": !f.offline,
-                "interface": f.link.interface,
-                "metered": f.link.metered,
-                "metered_policy": c.metered,
-            },
-            "budget": {
-                "day": i.budget.day,
-                "limit": p.daily_budget,
-                "used": i.budget.used,
-                "reserved": i.reserved,
-                "remaining": p.daily_budget.saturating_sub(i.budget.used),
-                "max_file_size": p.metered_max_file_size,
-            },
-            "battery": {
-                "present": f.battery.present,
-                "percent": f.battery.percent,
-                "charging": f.battery.charging,
-                "min_percent": p.min_battery_percent,
-                "require_charging_above": p.require_charging_above,
-            },
-            "disk": {
-                "state_free": i.seen.state_free,
-                "capture_free": i.seen.capture_free,
-                "min_free": p.min_free_disk,
-                "low": failing.contains(&Reason::DiskLow),
-                "evicted_files": i.seen.evicted_files,
-            },
-            "cpu": {
-                "temp_c": f.cpu_temp,
-                "max_c": c.max_cpu_temp,
-                "hot": f.cpu_hot,
-            },
-            "schedule": {
-                "windows": p.schedule.iter().map(|w| w.to_string()).collect::<Vec<_>>(),
-                "metered_only": p.schedule_metered_only,
-                "inside": !failing.contains(&Reason::OutsideSchedule),
-            },
-            "bandwidth": {
-                "limit_bytes_per_s": i.bucket.rate,
-            },
-        })
+    ) -> ConditionsReport {
+        let counters = Counters {
+            budget_day: i.budget.day.clone(),
+            budget_used: i.budget.used,
+            reserved: i.reserved,
+            state_free: i.seen.state_free,
+            capture_free: i.seen.capture_free,
+            evicted_files: i.seen.evicted_files,
+            rate: i.bucket.rate,
+        };
+        report::build(
+            f,
+            &self.policy,
+            self.conditions.max_cpu_temp,
+            &counters,
+            failing,
+            deferred,
+        )
     }
 
-    fn probe_loop(
-        self: Arc<Self>,
-        mut store: Store,
-        rx: Receiver<Ctl>,
-        wake: Sender<Msg>,
-        mut evict_seen: HashSet<String>,
-    ) {
-        let interval = self.conditions.probe_interval.0;
-        let mut next_round = Instant::now() + interval;
-        let mut next_remote: Option<Instant> = None;
-        let mut backoff = OFFLINE_PROBE_MIN;
-        let mut last_evidence_probe: Option<Instant> = None;
-        let mut sweep = false;
-        loop {
-            let now = Instant::now();
-            let until = next_remote.map_or(next_round, |r| r.min(next_round));
-            match rx.recv_timeout(until.saturating_duration_since(now)) {
-                Ok(Ctl::Stop) | Err(RecvTimeoutError::Disconnected) => return,
-                Ok(Ctl::NetworkFailed) => {
-                    // While offline the backoff schedule already runs; while online, one
-                    // failure earns one immediate check (at most one a second).
-                    let offline = lock(&self.inner).seen.offline;
-                    if !offline
-                        && last_evidence_probe.is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
-                    {
-                        last_evidence_probe = Some(Instant::now());
-                        next_remote = Some(Instant::now());
-                    }
-                }
-                Ok(Ctl::Sweep) => sweep = true,
-                Err(RecvTimeoutError::Timeout) => {}
-            }
-            let now = Instant::now();
-            let mut changed = false;
-            if next_remote.is_some_and(|t| t <= now) {
-                let mut failure = None;
-                let reachable = match self.remote.probe() {
-                    Ok(()) => true,
-                    // Credentials are the scheduler's `auth` condition; the link is fine.
-                    Err(e) if e.class == ErrorClass::Auth => true,
-                    Err(e) => {
-                        tracing::debug!(error = %e, retry_in = ?backoff, "remote not reachable");
-                        failure = Some(e);
-                        false
-                    }
-                };
-                let mut i = lock(&self.inner);
-                if i.seen.offline == reachable {
-                    i.seen.offline = !reachable;
-                    i.generation += 1;
-                    changed = true;
-                    if reachable {
-                        info!("remote reachable again");
-                    } else {
-                        warn!("remote not reachable; uploads wait (reason offline)");
-                    }
-                }
-                drop(i);
-                if reachable {
-                    next_remote = None;
-                    backoff = OFFLINE_PROBE_MIN;
-                } else {
-                    next_remote = Some(Instant::now() + backoff);
-                    // Each failed probe is in the event log with its next delay, so an
-                    // operator sees the backoff (and that nothing hammers a dead link).
-                    if let Some(e) = failure {
-                        let _ = store.log_event(
-                            "probe_failed",
-                            "skipped",
-                            None,
-                            Some(&format!("{e}; next probe in {}ms", backoff.as_millis())),
-                        );
-                    }
-                    backoff = (backoff * 2).min(OFFLINE_PROBE_MAX);
-                }
-            }
-            if now >= next_round || sweep {
-                next_round = Instant::now() + interval;
-                changed |= self.probe_round(&mut store, &mut evict_seen, sweep);
-                sweep = false;
-            }
-            if changed && wake.send(Msg::Wake).is_err() {
-                return;
-            }
+    /// Whether the link is down, as far as the monitor knows.
+    pub fn offline(&self) -> bool {
+        lock(&self.inner).seen.offline
+    }
+
+    /// Asks the remote whether it answers (blocking: a request). Records the outcome and
+    /// returns whether it changed the `offline` fact, with the error of a failed probe.
+    pub fn probe_remote(&self) -> (bool, Option<RemoteError>) {
+        let (reachable, failure) = match self.remote.probe() {
+            Ok(()) => (true, None),
+            // Credentials are the scheduler's `auth` condition; the link is fine.
+            Err(e) if e.class == ErrorClass::Auth => (true, None),
+            Err(e) => (false, Some(e)),
+        };
+        let mut i = lock(&self.inner);
+        if i.seen.offline != reachable {
+            return (false, failure);
         }
+        i.seen.offline = !reachable;
+        i.generation += 1;
+        if reachable {
+            info!("remote reachable again");
+        } else {
+            warn!("remote not reachable; uploads wait (reason offline)");
+        }
+        (true, failure)
     }
 
     /// Reads every probe once and applies what follows from it (budget day, rate,
-    /// eviction). Returns whether anything the decision depends on changed.
-    fn probe_round(
+    /// eviction). Returns whether anything the decision depends on changed. Blocking
+    /// (file reads, statvfs, store writes when evicting).
+    pub fn probe_round(
         &self,
         store: &mut Store,
         evict_seen: &mut HashSet<String>,
@@ -738,160 +597,9 @@ impl Drop for Ticket {
         }
         let r = &self.gov.retention;
         if r.delete_after_upload || r.keep_synced_files.is_some() || r.keep_synced_bytes.is_some() {
-            let _ = lock(&self.gov.ctl).send(Ctl::Sweep);
+            let _ = self.gov.monitor.send(MonitorMsg::Sweep);
         }
     }
-}
-
-/// The human lines of `fieldsync status` for the `conditions` object of a snapshot.
-/// Tolerates missing fields (an older daemon, or one that has not published yet).
-pub fn render(v: &serde_json::Value) -> String {
-    use crate::status::human_bytes;
-    let Some(o) = v.as_object().filter(|o| !o.is_empty()) else {
-        return String::new();
-    };
-    let num = |p: &str| v.pointer(p).and_then(|x| x.as_i64());
-    let flag = |p: &str| v.pointer(p).and_then(|x| x.as_bool()).unwrap_or(false);
-    let mut out = String::from("conditions:\n");
-    let mut line = |k: &str, s: String| out.push_str(&format!("  {k:<10}{s}\n"));
-    let iface = v.pointer("/network/interface").and_then(|x| x.as_str());
-    line(
-        "network",
-        format!(
-            "{}, {}",
-            if flag("/network/online") {
-                "online"
-            } else {
-                "offline"
-            },
-            match iface {
-                Some(i) if flag("/network/metered") => format!("{i} (metered)"),
-                Some(i) => format!("{i} (unmetered)"),
-                None => "no default route".into(),
-            }
-        ),
-    );
-    if let (Some(used), Some(limit)) = (num("/budget/used"), num("/budget/limit")) {
-        let policy = v
-            .pointer("/network/metered_policy")
-            .and_then(|x| x.as_str())
-            .unwrap_or("");
-        line(
-            "budget",
-            match policy {
-                "never" => "metered links never used".into(),
-                "unlimited" => format!(
-                    "{} used today on metered links (no limit)",
-                    human_bytes(used)
-                ),
-                _ => format!(
-                    "{} of {} used today on metered links ({} left)",
-                    human_bytes(used),
-                    human_bytes(limit),
-                    human_bytes((limit - used).max(0))
-                ),
-            },
-        );
-    }
-    if flag("/battery/present") {
-        line(
-            "battery",
-            format!(
-                "{}{} (min {}%)",
-                num("/battery/percent")
-                    .map(|p| format!("{p}% "))
-                    .unwrap_or_default(),
-                if flag("/battery/charging") {
-                    "charging/on mains"
-                } else {
-                    "discharging"
-                },
-                num("/battery/min_percent").unwrap_or(0)
-            ),
-        );
-    } else {
-        line("battery", "none (always ok)".into());
-    }
-    let free = [num("/disk/state_free"), num("/disk/capture_free")]
-        .into_iter()
-        .flatten()
-        .min();
-    line(
-        "disk",
-        format!(
-            "{} free (min {}){}{}",
-            free.map(human_bytes).unwrap_or_else(|| "unknown".into()),
-            human_bytes(num("/disk/min_free").unwrap_or(0)),
-            if flag("/disk/low") { ", LOW" } else { "" },
-            match num("/disk/evicted_files") {
-                Some(n) if n > 0 => format!(", {n} local copies evicted"),
-                _ => String::new(),
-            }
-        ),
-    );
-    let temp = v.pointer("/cpu/temp_c").and_then(|x| x.as_f64());
-    let max = v.pointer("/cpu/max_c").and_then(|x| x.as_f64());
-    line(
-        "cpu",
-        match (temp, max) {
-            (_, None) => "temperature guard off".into(),
-            (Some(t), Some(m)) => format!(
-                "{t:.1} °C (max {m:.0} °C){}",
-                if flag("/cpu/hot") { ", HOT" } else { "" }
-            ),
-            (None, Some(m)) => format!("temperature unknown (max {m:.0} °C)"),
-        },
-    );
-    let windows: Vec<&str> = v
-        .pointer("/schedule/windows")
-        .and_then(|x| x.as_array())
-        .map(|a| a.iter().filter_map(|w| w.as_str()).collect())
-        .unwrap_or_default();
-    line(
-        "schedule",
-        if windows.is_empty() {
-            "any time".into()
-        } else {
-            format!(
-                "{}{} ({})",
-                windows.join(", "),
-                if flag("/schedule/metered_only") {
-                    " on metered links"
-                } else {
-                    ""
-                },
-                if flag("/schedule/inside") {
-                    "inside"
-                } else {
-                    "outside"
-                }
-            )
-        },
-    );
-    line(
-        "bandwidth",
-        match num("/bandwidth/limit_bytes_per_s") {
-            Some(r) => format!("{}/s", human_bytes(r)),
-            None => "unlimited".into(),
-        },
-    );
-    if let Some(d) = o
-        .get("deferred")
-        .and_then(|x| x.as_object())
-        .filter(|d| !d.is_empty())
-    {
-        let parts: Vec<String> = d.iter().map(|(k, n)| format!("{n} file(s) {k}")).collect();
-        line("waiting", parts.join(", "));
-    }
-    if let Some(f) = o
-        .get("failing")
-        .and_then(|x| x.as_array())
-        .filter(|f| !f.is_empty())
-    {
-        let codes: Vec<&str> = f.iter().filter_map(|x| x.as_str()).collect();
-        line("failing", codes.join(", "));
-    }
-    out
 }
 
 #[cfg(test)]
