@@ -4,8 +4,10 @@
 //! so every combination is unit-tested without I/O. Around it:
 //! - [`probes`] reads the facts at the edges (procfs route, sysfs battery and thermal
 //!   zones, statvfs, local time);
-//! - [`governor`] is the runtime: the probe thread, the metered-data budget and the rate
-//!   limiter, per-file admission, and publishing to status and the event log;
+//! - [`governor`] holds the observed facts, the metered-data budget and the rate limiter,
+//!   admits files (tickets), and writes the [`report`] and events to the store;
+//! - [`monitor`] is the task that keeps the governor's facts current (probe rounds,
+//!   offline backoff, retention sweeps) and wakes the scheduler on a change;
 //! - [`retention`] evicts local copies of uploaded files when the disk runs low;
 //! - [`settings`] holds the `[conditions]` and `[retention]` configuration.
 
