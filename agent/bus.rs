@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Messages to the scheduler.
@@ -72,9 +73,17 @@ pub struct Shared {
     pub gate_open: AtomicBool,
     /// True while the ingest loop has nothing left to settle (for `run --until-idle`).
     pub ingest_idle: AtomicBool,
+    /// Bumped whenever the queue changed (a file enqueued, an upload finished, a CLI
+    /// command): the publisher and the reporter wait on it instead of polling.
+    pub queue_changed: watch::Sender<u64>,
 }
 
 impl Shared {
+    /// Tells whoever waits on [`Shared::queue_changed`] that the queue changed.
+    pub fn poke(&self) {
+        self.queue_changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     /// Checked by workers at every safe point (each chunk, each part).
     pub fn keep_going(&self) -> bool {
         !self.shutdown.is_cancelled() && self.gate_open.load(Ordering::Relaxed)

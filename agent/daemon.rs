@@ -123,6 +123,7 @@ struct Sink {
 impl IngestSink for Sink {
     fn enqueued(&self) {
         let _ = self.sched.send(SchedMsg::Wake);
+        self.shared.poke();
     }
     fn set_idle(&self, idle: bool) {
         self.shared.ingest_idle.store(idle, Ordering::Relaxed);
@@ -343,7 +344,12 @@ async fn supervise(p: Parts) -> Result<(), DaemonError> {
         token.clone(),
     ));
     let ingest = tokio::spawn(watcher::run(p.ingest, p.watch_rx, token.clone()));
-    let publish = tokio::spawn(publisher::run(p.publish, p.publish_rx, token.clone()));
+    let publish = tokio::spawn(publisher::run(
+        p.publish,
+        p.publish_rx,
+        p.shared.queue_changed.subscribe(),
+        token.clone(),
+    ));
     let sched = tokio::spawn(scheduler::run(
         p.scheduler,
         p.workers,

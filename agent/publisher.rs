@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -32,9 +33,6 @@ use crate::remote::{key_component, Remote};
 use crate::store::{Attachment, Change, ListFilter, State, Store, StoreError};
 use crate::util::{hex, rfc3339};
 
-/// How often the publisher looks for new `uploaded` events: a manifest follows its last
-/// photo within this time; shorter costs idle CPU for nothing.
-const EVENT_POLL: Duration = Duration::from_secs(2);
 
 /// What one check found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -352,11 +350,13 @@ impl PublishLoop {
 
 /// Drives the publisher until `shutdown`, then hands its state back so the supervisor can
 /// run a last turn once uploads have stopped (`--until-idle`). The event log is tailed
-/// every [`EVENT_POLL`] (the workers need no knowledge of checklists); a settled
-/// checklist.json arrives as a message and is checked at once.
+/// whenever the queue changed (`queue_changed`: the workers need no knowledge of
+/// checklists); a settled checklist.json arrives as a message and is checked at once; a
+/// failed publication is retried every `retry_interval`. Nothing wakes it while idle.
 pub async fn run(
     lp: PublishLoop,
     mut rx: UnboundedReceiver<PublishMsg>,
+    mut queue_changed: watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) -> PublishLoop {
     let mut lp = Some(lp);
@@ -373,9 +373,11 @@ pub async fn run(
             Ok(l) => l,
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         };
+        let retry = (!l.failed.is_empty()).then_some(l.retry_interval);
         lp = Some(l);
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            r = queue_changed.changed() => if r.is_err() { break },
             m = rx.recv() => match m {
                 Some(PublishMsg::Check(name)) => {
                     named.push(name);
@@ -385,7 +387,7 @@ pub async fn run(
                 }
                 None => break,
             },
-            _ = tokio::time::sleep(EVENT_POLL) => {}
+            _ = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {}
         }
     }
     lp.expect("publish loop")

@@ -508,12 +508,12 @@ pub async fn run(
         tokio::select! {
             msg = rx.recv() => {
                 let now = Instant::now();
-                if let Some(m) = msg {
+                for m in msg.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
                     c.state.on_msg(m, &mut c.facts, now);
                 }
-                while let Ok(m) = rx.try_recv() {
-                    c.state.on_msg(m, &mut c.facts, now);
-                }
+                // An outcome was recorded, a command or a condition changed: the publisher
+                // and the reporter look now.
+                c.shared.poke();
             }
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled(), if !shutting_down => {}
