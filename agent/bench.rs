@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use crate::cli::{exit, CliError};
 use crate::config::Config;
 use crate::ingest::{hash_file, Ingestor, Outcome};
-use crate::store::Store;
 use crate::store::control;
+use crate::store::Store;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {

@@ -48,7 +48,10 @@ pub enum MonitorMsg {
 #[derive(Debug)]
 pub enum WatchMsg {
     /// Something happened to this path; `closed` when it was a close-after-write.
-    Changed { path: PathBuf, closed: bool },
+    Changed {
+        path: PathBuf,
+        closed: bool,
+    },
     /// A directory appeared: scan it (its files may predate its watch).
     DirCreated(PathBuf),
     Removed(PathBuf),

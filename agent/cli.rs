@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::bus::Shared;
 use crate::config::{Config, ConfigError, LogFormat, DEFAULT_PATH};
 use crate::daemon::{self, DaemonError, RunOptions};
 use crate::ingest::{absolute, Ingestor, Outcome};
 use crate::store::{ListFilter, State, Store, StoreError};
-use crate::bus::Shared;
 use crate::{commands, status, verify};
 
 /// Documented exit codes.

@@ -2,8 +2,8 @@
 //! so a command behaves the same wherever it comes from. Each is one small write that a
 //! running daemon notices through `PRAGMA data_version` within a second.
 
-use crate::store::{Store, StoreError};
 use crate::store::control;
+use crate::store::{Store, StoreError};
 use crate::util::now_ms;
 
 /// Pauses uploads (ingest goes on). `source` is recorded in the event log (`cli`, `mqtt`).

@@ -33,7 +33,6 @@ use crate::remote::{key_component, Remote};
 use crate::store::{Attachment, Change, ListFilter, State, Store, StoreError};
 use crate::util::{hex, rfc3339};
 
-
 /// What one check found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

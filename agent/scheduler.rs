@@ -194,7 +194,12 @@ impl SchedState {
 
     /// Whether to read the queue for work now. With files deferred, only when something
     /// changed or every [`DEFERRED_RECHECK`]. Consumes the pending recheck.
-    pub fn wants_fill(&mut self, reason: Option<Reason>, shutting_down: bool, now: Instant) -> bool {
+    pub fn wants_fill(
+        &mut self,
+        reason: Option<Reason>,
+        shutting_down: bool,
+        now: Instant,
+    ) -> bool {
         if reason.is_some() || shutting_down || self.free_slots() == 0 {
             return false;
         }
@@ -736,7 +741,10 @@ mod tests {
         assert_eq!(s.housekeeping(t0 + SYNC / 2), Housekeeping::default());
         let h = s.housekeeping(t0 + SYNC);
         assert!(h.abort_abandoned && !h.trim_events);
-        assert_eq!(s.housekeeping(t0 + SYNC + SYNC / 2), Housekeeping::default());
+        assert_eq!(
+            s.housekeeping(t0 + SYNC + SYNC / 2),
+            Housekeeping::default()
+        );
         let h = s.housekeeping(t0 + TRIM_EVERY);
         assert!(h.abort_abandoned && h.trim_events);
     }

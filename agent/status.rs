@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::conditions::report::ConditionsReport;
 use crate::conditions::settings::MeteredPolicy;
-use crate::store::{CountBytes, Event, Store, StoreError};
 use crate::store::control;
+use crate::store::{CountBytes, Event, Store, StoreError};
 use crate::util::{now_ms, rfc3339};
 
 /// Bumped when a field changes meaning or disappears (adding fields does not bump it).
@@ -371,11 +371,15 @@ mod empty_if_none {
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ConditionsReport>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<ConditionsReport>, D::Error> {
         let v = serde_json::Value::deserialize(d)?;
         if v.as_object().is_some_and(|o| o.is_empty()) || v.is_null() {
             return Ok(None);
         }
-        serde_json::from_value(v).map(Some).map_err(serde::de::Error::custom)
+        serde_json::from_value(v)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
     }
 }

@@ -1307,3 +1307,72 @@ pub mod control {
     pub const PID: &str = "daemon.pid";
     pub const STARTED_AT: &str = "daemon.started_at";
 }
+
+/// The three wire forms of an event, pinned to the bytes the released agent produced:
+/// `fieldsync events --json` (time in unix ms), MQTT `…/events` (time as RFC 3339 text)
+/// and status' `last_success` / `last_error` (the README tables).
+#[cfg(test)]
+mod wire_tests {
+    use super::*;
+    use crate::mqtt::{encode, PayloadFormat};
+
+    /// A store holding one `uploaded` and one `retry_scheduled` event at fixed times.
+    fn store_with_events() -> Store {
+        let s = Store::open_in_memory().unwrap();
+        s.conn
+            .execute_batch(
+                "INSERT INTO events (time, kind, outcome, attachment_id, checklist, row,
+                    from_state, to_state, reason)
+                 VALUES (1767225600123, 'uploaded', 'applied', 'a1', 'c1', 'r1',
+                    'queued_upload', 'synced', NULL),
+                        (1767225601000, 'retry_scheduled', 'skipped', 'a2', 'c1', 'r2',
+                    'queued_upload', 'queued_upload', 'io: connection reset');",
+            )
+            .unwrap();
+        s
+    }
+
+    const LOG: &str = r#"[{"seq":1,"time":1767225600123,"kind":"uploaded","outcome":"applied","attachment_id":"a1","checklist":"c1","row":"r1","from_state":"queued_upload","to_state":"synced","reason":null},{"seq":2,"time":1767225601000,"kind":"retry_scheduled","outcome":"skipped","attachment_id":"a2","checklist":"c1","row":"r2","from_state":"queued_upload","to_state":"queued_upload","reason":"io: connection reset"}]"#;
+
+    const MQTT: &str = r#"{"seq":1,"time":"2026-01-01T00:00:00.123Z","kind":"uploaded","outcome":"applied","attachment_id":"a1","checklist":"c1","row":"r1","from_state":"queued_upload","to_state":"synced","reason":null}"#;
+
+    const STATUS: &str = r#""last_success":{"time":"2026-01-01T00:00:00.123Z","kind":"uploaded","attachment_id":"a1","checklist":"c1","row":"r1","reason":null},"last_error":{"time":"2026-01-01T00:00:01.000Z","kind":"retry_scheduled","attachment_id":"a2","checklist":"c1","row":"r2","reason":"io: connection reset"}"#;
+
+    /// The CBOR of [`MQTT`], as hex.
+    const MQTT_CBOR: &str =
+        "aa63736571016474696d657818323032362d30312d30315430303a30303a30302e3132335a646b69\
+        6e646875706c6f61646564676f7574636f6d65676170706c6965646d6174746163686d656e745f69\
+        6462613169636865636b6c69737462633163726f776272316a66726f6d5f73746174656d71756575\
+        65645f75706c6f616468746f5f73746174656673796e63656466726561736f6ef6";
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[test]
+    fn event_log_json_is_pinned() {
+        let s = store_with_events();
+        let events = s.events_after(0, 10).unwrap();
+        assert_eq!(serde_json::to_string(&events).unwrap(), LOG);
+    }
+
+    #[test]
+    fn mqtt_event_json_and_cbor_are_pinned() {
+        let s = store_with_events();
+        let e = s.events_after(0, 1).unwrap().remove(0);
+        let msg = crate::reporter::EventMessage::from(e);
+        assert_eq!(
+            String::from_utf8(encode(PayloadFormat::Json, &msg)).unwrap(),
+            MQTT
+        );
+        assert_eq!(hex(&encode(PayloadFormat::Cbor, &msg)), MQTT_CBOR);
+    }
+
+    #[test]
+    fn status_event_refs_are_pinned() {
+        let s = store_with_events();
+        let snap = crate::status::snapshot(&s, "d", "file:x", false).unwrap();
+        let json = serde_json::to_string(&snap).unwrap();
+        assert!(json.contains(STATUS), "{json}");
+    }
+}

@@ -137,11 +137,7 @@ impl Worker {
         }
     }
 
-    fn process(
-        &self,
-        mut att: Attachment,
-        ticket: &Ticket,
-    ) -> Result<Done, StoreError> {
+    fn process(&self, mut att: Attachment, ticket: &Ticket) -> Result<Done, StoreError> {
         let path = Path::new(&att.local_uri);
         if att.sha256.is_empty() {
             // Unreadable at ingest and requeued by an operator: hash it now.
@@ -245,11 +241,7 @@ impl Worker {
         }
     }
 
-    fn failed_attempt(
-        &self,
-        att: &Attachment,
-        e: RemoteError,
-    ) -> Result<Done, StoreError> {
+    fn failed_attempt(&self, att: &Attachment, e: RemoteError) -> Result<Done, StoreError> {
         match &e.class {
             ErrorClass::Interrupted => {
                 debug!(id = %att.id, "upload stopped at a safe point");
@@ -374,4 +366,3 @@ impl Worker {
         }
     }
 }
-

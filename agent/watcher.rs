@@ -181,8 +181,7 @@ impl Settler {
     /// directories whose mtime changed (a file created, renamed or removed there); inotify
     /// reports changes inside files, and an overflow asks for a full pass again.
     pub fn rescans_due(&mut self, now: Instant) -> Rescans {
-        let (due, later): (Vec<_>, Vec<_>) =
-            self.new_dirs.drain(..).partition(|(t, _)| *t <= now);
+        let (due, later): (Vec<_>, Vec<_>) = self.new_dirs.drain(..).partition(|(t, _)| *t <= now);
         self.new_dirs = later;
         let periodic = (now >= self.next_rescan).then(|| {
             self.next_rescan = now + self.times.rescan_interval;
@@ -391,11 +390,7 @@ impl IngestLoop {
 
 /// Drives the ingest loop until `shutdown`: waits for inotify messages or the next
 /// settle/rescan deadline, then runs a turn off the reactor.
-pub async fn run(
-    lp: IngestLoop,
-    mut rx: UnboundedReceiver<WatchMsg>,
-    shutdown: CancellationToken,
-) {
+pub async fn run(lp: IngestLoop, mut rx: UnboundedReceiver<WatchMsg>, shutdown: CancellationToken) {
     let mut lp = Some(lp);
     let mut msgs = Vec::new();
     loop {

@@ -198,9 +198,17 @@ mod tests {
         assert!(s.due(t0).remote);
         assert_eq!(s.remote_probed(true, t0), None);
         // A second failure within the gap earns nothing; after it, a probe.
-        s.on_msg(MonitorMsg::NetworkFailed, false, t0 + Duration::from_millis(500));
+        s.on_msg(
+            MonitorMsg::NetworkFailed,
+            false,
+            t0 + Duration::from_millis(500),
+        );
         assert!(!s.due(t0 + Duration::from_millis(500)).remote);
-        s.on_msg(MonitorMsg::NetworkFailed, false, t0 + Duration::from_secs(1));
+        s.on_msg(
+            MonitorMsg::NetworkFailed,
+            false,
+            t0 + Duration::from_secs(1),
+        );
         assert!(s.due(t0 + Duration::from_secs(1)).remote);
         // While offline the backoff schedule runs; evidence does not add probes.
         let mut s = MonitorState::new(Duration::from_secs(5), t0);
@@ -225,7 +233,11 @@ mod tests {
         assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
         assert_eq!(s.remote_probed(true, now), None);
         assert!(!s.due(now).remote);
-        s.on_msg(MonitorMsg::NetworkFailed, false, now + Duration::from_secs(2));
+        s.on_msg(
+            MonitorMsg::NetworkFailed,
+            false,
+            now + Duration::from_secs(2),
+        );
         s.due(now + Duration::from_secs(2));
         assert_eq!(
             s.remote_probed(false, now + Duration::from_secs(2)),
