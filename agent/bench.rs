@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 use crate::cli::{exit, CliError};
 use crate::config::Config;
 use crate::ingest::{hash_file, Ingestor, Outcome};
-use crate::store::control;
-use crate::store::Store;
+use crate::store::{NewAttachment, State, Store};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -292,38 +291,35 @@ impl BenchEnv {
         let cfg = self.config()?;
         let files = self.make_photos(synced + queued, 1024, 2)?;
         let ingestor = Ingestor::new(&cfg);
-        let store = Store::open(&cfg.db_path()).map_err(err)?;
-        store.control_set(control::PAUSED, "1").map_err(err)?;
-        let conn = store.conn();
-        conn.execute_batch("BEGIN").map_err(err)?;
+        let mut store = Store::open(&cfg.db_path()).map_err(err)?;
+        store.set_operator_paused(true).map_err(err)?;
+        let mut records = Vec::with_capacity(files.len());
         for (i, f) in files.iter().enumerate() {
             let meta = fs::metadata(f).map_err(err)?;
             let (sha, _) = hash_file(f).map_err(err)?;
             let id = uuid::Uuid::new_v4().to_string();
-            let state = if i < synced {
-                "synced"
-            } else {
-                "queued_upload"
-            };
-            conn.execute(
-                "INSERT INTO attachments (id, filename, local_uri, timestamp, size, media_type,
-                    state, has_synced, checklist, row, sha256, mtime_ns, object_key, created_at)
-                 VALUES (?1, 'x.jpg', ?2, 0, ?3, 'image/jpeg', ?4, ?5, 'c', 'r', ?6, ?7, ?8, ?9)",
-                rusqlite::params![
-                    id,
-                    f.to_string_lossy(),
-                    meta.len() as i64,
-                    state,
-                    (i < synced) as i64,
-                    sha,
-                    crate::util::mtime_ns(&meta),
-                    format!("bench/{id}.jpg"),
-                    i as i64
-                ],
-            )
-            .map_err(err)?;
+            records.push(NewAttachment {
+                filename: "x.jpg".into(),
+                local_uri: f.to_string_lossy().into_owned(),
+                size: meta.len() as i64,
+                media_type: "image/jpeg".into(),
+                meta_data: None,
+                checklist: "c".into(),
+                row: "r".into(),
+                sha256: sha,
+                mtime_ns: crate::util::mtime_ns(&meta),
+                object_key: format!("bench/{id}.jpg"),
+                ctime_ns: None,
+                state: if i < synced {
+                    State::Synced
+                } else {
+                    State::QueuedUpload
+                },
+                error: None,
+                id,
+            });
         }
-        conn.execute_batch("COMMIT").map_err(err)?;
+        store.import(&records).map_err(err)?;
         drop(ingestor);
         Ok(())
     }

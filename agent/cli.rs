@@ -448,8 +448,8 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
                         e.kind,
                         e.outcome,
                         e.attachment_id.as_deref().unwrap_or("-"),
-                        e.from_state.as_deref().unwrap_or(""),
-                        e.to_state.as_deref().unwrap_or(""),
+                        e.from_state.map(|s| s.as_str()).unwrap_or(""),
+                        e.to_state.map(|s| s.as_str()).unwrap_or(""),
                         e.reason.as_deref().unwrap_or("")
                     );
                 }

@@ -2,21 +2,30 @@
 //! so a command behaves the same wherever it comes from. Each is one small write that a
 //! running daemon notices through `PRAGMA data_version` within a second.
 
-use crate::store::control;
-use crate::store::{Store, StoreError};
+use crate::store::{EventKind, EventOutcome, Store, StoreError};
 use crate::util::now_ms;
 
 /// Pauses uploads (ingest goes on). `source` is recorded in the event log (`cli`, `mqtt`).
 pub fn pause(store: &Store, source: &str) -> Result<(), StoreError> {
-    store.control_set(control::PAUSED, "1")?;
-    store.log_event("pause_requested", "applied", None, Some(source))?;
+    store.set_operator_paused(true)?;
+    store.log_event(
+        EventKind::PauseRequested,
+        EventOutcome::Applied,
+        None,
+        Some(source),
+    )?;
     wake(store)
 }
 
 /// Resumes uploads paused by [`pause`].
 pub fn resume(store: &Store, source: &str) -> Result<(), StoreError> {
-    store.control_set(control::PAUSED, "0")?;
-    store.log_event("resume_requested", "applied", None, Some(source))?;
+    store.set_operator_paused(false)?;
+    store.log_event(
+        EventKind::ResumeRequested,
+        EventOutcome::Applied,
+        None,
+        Some(source),
+    )?;
     wake(store)
 }
 
@@ -29,22 +38,19 @@ pub fn retry(store: &mut Store, id: Option<&str>) -> Result<Vec<String>, StoreEr
 
 /// Makes every waiting retry due now and wakes the scheduler.
 pub fn sync(store: &Store) -> Result<(), StoreError> {
-    store.conn().execute(
-        "UPDATE attachments SET next_attempt_at=0 WHERE state='queued_upload'",
-        [],
-    )?;
+    store.make_retries_due()?;
     wake(store)
 }
 
 /// Wakes a running daemon now: touches the wake file it watches. (Its periodic look at
 /// `PRAGMA data_version` would notice the change too, but only within seconds.)
 pub fn wake(store: &Store) -> Result<(), StoreError> {
-    let now = now_ms().to_string();
-    store.control_set(control::WAKE, &now)?;
+    let now = now_ms();
+    store.set_wake_requested_at(now)?;
     if let Some(f) = store.wake_file() {
         // Best effort: a CLI user without write access to the state dir still gets the
         // change applied, just later.
-        let _ = std::fs::write(f, now);
+        let _ = std::fs::write(f, now.to_string());
     }
     Ok(())
 }

@@ -21,7 +21,7 @@ use crate::ingest::{absolute, Ingestor};
 use crate::publisher::{self, PublishLoop, Publisher};
 use crate::remote::{self, Remote};
 use crate::reporter::Reporter;
-use crate::store::{control, Store, StoreError};
+use crate::store::{Store, StoreError};
 use crate::util::now_ms;
 use crate::watcher::{self, IngestLoop, IngestSink, SettleTimes};
 use crate::{scheduler, uploader, verify};
@@ -180,8 +180,7 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
 
     let db_path = state_dir.join("queue.db");
     let mut store = Store::open(&db_path)?;
-    store.control_set(control::PID, &std::process::id().to_string())?;
-    store.control_set(control::STARTED_AT, &now_ms().to_string())?;
+    store.set_daemon_started(std::process::id(), now_ms())?;
     let ingestor = Arc::new(Ingestor::new(&cfg));
     let repairs = verify::repair(&mut store, &ingestor)?;
     for r in &repairs {

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::remote::object_key;
-use crate::store::{Attachment, NewAttachment, State, Store, StoreError};
+use crate::store::{Attachment, EventKind, EventOutcome, NewAttachment, State, Store, StoreError};
 use crate::util::{ctime_ns, glob_match, hex, mtime_ns};
 
 /// Checklist name given to photos outside the layout: they are uploaded, never dropped.
@@ -401,8 +401,8 @@ impl Ingestor {
             Err(e) => {
                 warn!(sidecar = %p.display(), error = %e, "cannot read sidecar; photo enqueued without metadata");
                 let _ = store.log_event(
-                    "sidecar_invalid",
-                    "failed",
+                    EventKind::SidecarInvalid,
+                    EventOutcome::Failed,
                     None,
                     Some(&format!("{}: {e}", p.display())),
                 );
@@ -414,8 +414,8 @@ impl Ingestor {
             Err(e) => {
                 warn!(sidecar = %p.display(), error = %e, "malformed sidecar; photo enqueued without metadata");
                 let _ = store.log_event(
-                    "sidecar_invalid",
-                    "failed",
+                    EventKind::SidecarInvalid,
+                    EventOutcome::Failed,
                     None,
                     Some(&format!("{}: {e}", p.display())),
                 );
@@ -644,7 +644,7 @@ mod tests {
         assert!(a.meta_data.is_none());
         assert!(a.object_key.starts_with("fieldsync/dev/unassigned/"));
         let ev = store.events_after(0, 10).unwrap();
-        assert!(ev.iter().any(|e| e.kind == "sidecar_invalid"));
+        assert!(ev.iter().any(|e| e.kind == EventKind::SidecarInvalid));
     }
 
     #[test]

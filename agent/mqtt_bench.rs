@@ -13,9 +13,8 @@ use std::time::{Duration, Instant};
 
 use crate::cli::{exit, CliError};
 use crate::mqtt::{self, PayloadFormat};
-use crate::reporter::EventMessage;
 use crate::status;
-use crate::store::Store;
+use crate::store::{EventForm, EventKind, Store};
 
 /// Photos uploaded in each mode before memory is sampled.
 const PHOTOS: u64 = 40;
@@ -226,13 +225,13 @@ pub fn run(broker: Option<&str>) -> Result<i32, CliError> {
         let store = Store::open(&on.state_dir.join("queue.db")).map_err(|e| fail(e.to_string()))?;
         let snap = status::snapshot(&store, "bench-on", "file:/var/lib/fieldsync/remote", true)
             .map_err(|e| fail(e.to_string()))?;
-        let ev: EventMessage = store
+        let ev = store
             .events_after(0, 100_000)
             .map_err(|e| fail(e.to_string()))?
             .into_iter()
-            .rfind(|e| e.kind == "uploaded")
-            .ok_or_else(|| fail("bench: no uploaded event"))?
-            .into();
+            .rfind(|e| e.kind == EventKind::Uploaded)
+            .ok_or_else(|| fail("bench: no uploaded event"))?;
+        let ev = ev.form(EventForm::Message);
         let (sj, sc) = (
             mqtt::encode(PayloadFormat::Json, &snap).len(),
             mqtt::encode(PayloadFormat::Cbor, &snap).len(),

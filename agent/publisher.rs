@@ -30,7 +30,9 @@ pub use crate::bus::PublishMsg;
 
 use crate::ingest::{Layout, CHECKLIST_FILE};
 use crate::remote::{key_component, Remote};
-use crate::store::{Attachment, Change, ListFilter, State, Store, StoreError};
+use crate::store::{
+    Attachment, Change, EventKind, EventOutcome, ListFilter, State, Store, StoreError,
+};
 use crate::util::{hex, rfc3339};
 
 /// What one check found.
@@ -63,16 +65,6 @@ pub struct Publisher {
     pub prefix: String,
     pub device: String,
     pub remote: Arc<dyn Remote>,
-}
-
-/// Control-table key recording the hash of the last published manifest of a checklist.
-fn published_key(checklist: &str) -> String {
-    format!("published:{checklist}")
-}
-
-/// Control-table key recording the hash of a checklist.json already reported invalid.
-fn invalid_key(checklist: &str) -> String {
-    format!("checklist_invalid:{checklist}")
 }
 
 impl Publisher {
@@ -194,9 +186,8 @@ impl Publisher {
                             &a.id,
                             to,
                             Change {
-                                kind: "restored",
                                 reason: Some("referenced_by_checklist"),
-                                ..Default::default()
+                                ..Change::of(EventKind::Restored)
                             },
                         )?;
                         if to == State::Synced {
@@ -226,7 +217,7 @@ impl Publisher {
         // The content hash excludes the publication time, so the same content is a no-op.
         let content = serde_json::to_vec(&manifest).expect("serialisable");
         let digest = hex(&Sha256::digest(&content));
-        if store.control_get(&published_key(checklist))?.as_deref() == Some(digest.as_str()) {
+        if store.published_checklist(checklist)?.as_deref() == Some(digest.as_str()) {
             return Ok(Outcome::Unchanged);
         }
         manifest
@@ -242,10 +233,10 @@ impl Publisher {
                 key: key.clone(),
                 message: e.to_string(),
             })?;
-        store.control_set(&published_key(checklist), &digest)?;
+        store.set_published_checklist(checklist, &digest)?;
         store.log_event_for(
-            "checklist_published",
-            "applied",
+            EventKind::ChecklistPublished,
+            EventOutcome::Applied,
             Some(checklist),
             Some(&key),
         )?;
@@ -259,9 +250,8 @@ impl Publisher {
                 &a.id,
                 State::Archived,
                 Change {
-                    kind: "archived",
                     reason: Some("not_in_checklist"),
-                    ..Default::default()
+                    ..Change::of(EventKind::Archived)
                 },
             )?;
         }
@@ -278,11 +268,16 @@ impl Publisher {
     ) -> Result<Outcome, PublishError> {
         let digest = hex(&Sha256::digest(bytes));
         // Report each bad content once, not on every pass.
-        if store.control_get(&invalid_key(checklist))?.as_deref() != Some(digest.as_str()) {
+        if store.invalid_checklist(checklist)?.as_deref() != Some(digest.as_str()) {
             let msg = format!("{}: {why}", path.display());
             warn!(checklist, error = %msg, "malformed checklist.json; its photos still upload");
-            store.log_event_for("checklist_invalid", "failed", Some(checklist), Some(&msg))?;
-            store.control_set(&invalid_key(checklist), &digest)?;
+            store.log_event_for(
+                EventKind::ChecklistInvalid,
+                EventOutcome::Failed,
+                Some(checklist),
+                Some(&msg),
+            )?;
+            store.set_invalid_checklist(checklist, &digest)?;
         }
         Ok(Outcome::Invalid(why.to_string()))
     }
@@ -324,7 +319,7 @@ impl PublishLoop {
         if let Ok(events) = self.store.events_after(self.seq, 1000) {
             for e in events {
                 self.seq = e.seq;
-                if e.kind == "uploaded" {
+                if e.kind == EventKind::Uploaded {
                     if let Some(c) = e.checklist {
                         self.dirty.insert(c);
                     }

@@ -36,7 +36,7 @@ use crate::commands;
 use crate::config::Config;
 use crate::mqtt::{self, MqttError, PayloadFormat, Topics};
 use crate::status::{self, Snapshot};
-use crate::store::{Event as LogEvent, Store, StoreError};
+use crate::store::{EventForm, EventKind, Store, StoreError};
 use crate::util::{now_ms, rfc3339};
 
 /// Requests `rumqttc` holds for the broker before `try_publish` reports it full. Bounds the
@@ -67,12 +67,8 @@ const PERSIST_EVERY: Duration = Duration::from_secs(5);
 /// events) before disconnecting anyway.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 
-/// Control key holding the sequence number of the last event the broker acknowledged, so
-/// events produced while the device was offline, or the daemon stopped, are sent later.
-pub const ACKED_SEQ_KEY: &str = "mqtt.events_acked_seq";
-
 /// Event kinds not published: one per photo and already visible in the status counts.
-const UNPUBLISHED_KINDS: &[&str] = &["enqueued"];
+const UNPUBLISHED_KINDS: &[EventKind] = &[EventKind::Enqueued];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReporterError {
@@ -80,41 +76,6 @@ pub enum ReporterError {
     Mqtt(#[from] MqttError),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-/// One event of the log as published on `<prefix>/events`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct EventMessage {
-    /// Position in the device's event log: increases by one per event; a consumer can
-    /// drop duplicates (delivery is at least once) and notice gaps.
-    pub seq: i64,
-    pub time: String,
-    pub kind: String,
-    /// `applied`, `skipped` or `failed`.
-    pub outcome: String,
-    pub attachment_id: Option<String>,
-    pub checklist: Option<String>,
-    pub row: Option<String>,
-    pub from_state: Option<String>,
-    pub to_state: Option<String>,
-    pub reason: Option<String>,
-}
-
-impl From<LogEvent> for EventMessage {
-    fn from(e: LogEvent) -> Self {
-        EventMessage {
-            seq: e.seq,
-            time: rfc3339(e.time),
-            kind: e.kind,
-            outcome: e.outcome,
-            attachment_id: e.attachment_id,
-            checklist: e.checklist,
-            row: e.row,
-            from_state: e.from_state,
-            to_state: e.to_state,
-            reason: e.reason,
-        }
-    }
 }
 
 /// The reply on `<prefix>/cmd/<name>/result`.
@@ -312,16 +273,13 @@ impl Reporter {
         let client_id = m.client_id.clone().unwrap_or_else(|| cfg.device_id.clone());
         let opts = mqtt::options(&m, &client_id, Some(mqtt::last_will(&topics)))?;
         let store = Store::open(db_path)?;
-        let acked = match store
-            .control_get(ACKED_SEQ_KEY)?
-            .and_then(|s| s.parse().ok())
-        {
+        let acked = match store.events_acked_seq()? {
             Some(seq) => seq,
             // First start with MQTT: history before it is not news. Recorded at once, so
             // what happens from now on is sent even if this run never reaches the broker.
             None => {
                 let seq = store.last_event_seq()?;
-                store.control_set(ACKED_SEQ_KEY, &seq.to_string())?;
+                store.set_events_acked_seq(seq)?;
                 seq
             }
         };
@@ -553,8 +511,8 @@ impl Run {
         let full_batch = batch.len() as i64 == EVENT_BATCH;
         for e in batch {
             let seq = e.seq;
-            if !UNPUBLISHED_KINDS.contains(&e.kind.as_str()) {
-                let payload = mqtt::encode(self.format, &EventMessage::from(e));
+            if !UNPUBLISHED_KINDS.contains(&e.kind) {
+                let payload = mqtt::encode(self.format, &e.form(EventForm::Message));
                 if !self.publish(self.topics.events(), false, payload, Some(seq)) {
                     return Ok(());
                 }
@@ -628,10 +586,7 @@ impl Run {
         if self.acked_seq != self.persisted_seq
             && (force || self.persisted_at.elapsed() >= PERSIST_EVERY)
         {
-            match self
-                .store
-                .control_set(ACKED_SEQ_KEY, &self.acked_seq.to_string())
-            {
+            match self.store.set_events_acked_seq(self.acked_seq) {
                 Ok(()) => self.persisted_seq = self.acked_seq,
                 Err(e) => debug!(error = %e, "cannot record the acknowledged event position"),
             }

@@ -26,7 +26,7 @@ use crate::conditions::governor::{Governor, Ticket};
 use crate::conditions::{self, Facts, Reason};
 use crate::config::{Order, Upload};
 use crate::remote::{ErrorClass, Remote, RemoteError};
-use crate::store::{control, Attachment, Store, StoreError};
+use crate::store::{Attachment, Store, StoreError};
 use crate::util::now_ms;
 
 /// How often the scheduler looks at `PRAGMA data_version` for changes made by other
@@ -334,7 +334,7 @@ impl Core {
         until_idle: bool,
     ) -> Result<Core, StoreError> {
         let facts = Facts {
-            operator_paused: store.control_get(control::PAUSED)?.as_deref() == Some("1"),
+            operator_paused: store.operator_paused()?,
             ..Facts::default()
         };
         let data_version = store.data_version()?;
@@ -369,8 +369,7 @@ impl Core {
         if dv != self.data_version {
             self.data_version = dv;
             self.state.data_changed();
-            self.facts.operator_paused =
-                self.store.control_get(control::PAUSED)?.as_deref() == Some("1");
+            self.facts.operator_paused = self.store.operator_paused()?;
         }
         self.gov.observe(&mut self.facts);
         let reason = conditions::evaluate(&self.facts, self.gov.policy());

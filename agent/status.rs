@@ -10,14 +10,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::conditions::report::ConditionsReport;
 use crate::conditions::settings::MeteredPolicy;
-use crate::store::control;
-use crate::store::{CountBytes, Event, Store, StoreError};
+use crate::store::{CountBytes, Event, EventForm, EventKind, Store, StoreError};
 use crate::util::{now_ms, rfc3339};
 
 /// Bumped when a field changes meaning or disappears (adding fields does not bump it).
 pub const SCHEMA_VERSION: u32 = 1;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Snapshot {
     pub schema: u32,
     pub agent_version: String,
@@ -36,10 +35,19 @@ pub struct Snapshot {
     pub pause_reason: Option<String>,
     /// The facts behind the decision (one field per condition); `{}` until a daemon has
     /// written its first report.
-    #[serde(with = "empty_if_none")]
+    #[serde(serialize_with = "empty_if_none::serialize")]
     pub conditions: Option<ConditionsReport>,
-    pub last_success: Option<EventRef>,
-    pub last_error: Option<EventRef>,
+    /// The newest `uploaded` event, in its summary form.
+    #[serde(serialize_with = "summary")]
+    pub last_success: Option<Event>,
+    /// The newest failure (`failed`, `retry_scheduled`), in its summary form.
+    #[serde(serialize_with = "summary")]
+    pub last_error: Option<Event>,
+}
+
+/// Status quotes an event in its summary form (the README's `{time, kind, …}`).
+fn summary<S: serde::Serializer>(e: &Option<Event>, s: S) -> Result<S::Ok, S::Error> {
+    e.as_ref().map(|e| e.form(EventForm::Summary)).serialize(s)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -59,29 +67,6 @@ pub struct Uploading {
     pub size: i64,
     pub bytes_sent: i64,
     pub percent: f64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct EventRef {
-    pub time: String,
-    pub kind: String,
-    pub attachment_id: Option<String>,
-    pub checklist: Option<String>,
-    pub row: Option<String>,
-    pub reason: Option<String>,
-}
-
-impl From<Event> for EventRef {
-    fn from(e: Event) -> Self {
-        EventRef {
-            time: rfc3339(e.time),
-            kind: e.kind,
-            attachment_id: e.attachment_id,
-            checklist: e.checklist,
-            row: e.row,
-            reason: e.reason,
-        }
-    }
 }
 
 /// Builds the snapshot. `daemon_running` comes from the daemon's lock (the daemon passes
@@ -122,17 +107,13 @@ pub fn snapshot(
         Vec::new()
     };
     let pause_reason = if daemon_running {
-        store
-            .control_get(control::PAUSE_REASON)?
-            .filter(|r| !r.is_empty())
-    } else if store.control_get(control::PAUSED)?.as_deref() == Some("1") {
+        store.pause_reason()?
+    } else if store.operator_paused()? {
         Some("paused_by_operator".into())
     } else {
         Some("not_running".into())
     };
-    let conditions = store
-        .control_get(control::CONDITIONS)?
-        .and_then(|s| serde_json::from_str(&s).ok());
+    let conditions = store.conditions_report()?;
     Ok(Snapshot {
         schema: SCHEMA_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -150,10 +131,8 @@ pub fn snapshot(
         paused: pause_reason.is_some(),
         pause_reason,
         conditions,
-        last_success: store.last_event(&["uploaded"])?.map(Into::into),
-        last_error: store
-            .last_event(&["failed", "retry_scheduled"])?
-            .map(Into::into),
+        last_success: store.last_event(&EventKind::SUCCESS)?,
+        last_error: store.last_event(&EventKind::ERROR)?,
     })
 }
 
@@ -222,14 +201,14 @@ pub fn render(s: &Snapshot) -> String {
     if let Some(e) = &s.last_success {
         out.push_str(&format!(
             "last success: {} {}\n",
-            e.time,
+            rfc3339(e.time),
             e.attachment_id.as_deref().unwrap_or("")
         ));
     }
     if let Some(e) = &s.last_error {
         out.push_str(&format!(
             "last error:   {} {} {}\n",
-            e.time,
+            rfc3339(e.time),
             e.attachment_id.as_deref().unwrap_or(""),
             e.reason.as_deref().unwrap_or("")
         ));
@@ -360,7 +339,7 @@ pub fn render_conditions(c: &ConditionsReport) -> String {
 
 /// `conditions` is `{}` on the wire when no report exists yet (the documented shape).
 mod empty_if_none {
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde::{Serialize, Serializer};
 
     use crate::conditions::report::ConditionsReport;
 
@@ -369,17 +348,5 @@ mod empty_if_none {
             Some(r) => r.serialize(s),
             None => serde_json::Map::new().serialize(s),
         }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<ConditionsReport>, D::Error> {
-        let v = serde_json::Value::deserialize(d)?;
-        if v.as_object().is_some_and(|o| o.is_empty()) || v.is_null() {
-            return Ok(None);
-        }
-        serde_json::from_value(v)
-            .map(Some)
-            .map_err(serde::de::Error::custom)
     }
 }

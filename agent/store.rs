@@ -11,9 +11,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
-use serde::Serialize;
+use serde::ser::SerializeStruct;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::util::now_ms;
+use crate::util::{now_ms, rfc3339};
 
 /// Name of the wake file in the state directory.
 pub const WAKE_FILE: &str = "wake";
@@ -219,19 +220,236 @@ pub struct NewAttachment {
     pub error: Option<(String, String)>,
 }
 
-/// One row of the event log.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// What an event records. The strings are the wire schema (`fieldsync events`, MQTT
+/// `…/events`, status; the README lists them) and the stored form: never rename one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// A new attachment entered the queue (not published on MQTT: one per photo).
+    Enqueued,
+    Uploaded,
+    /// A failed attempt that will be retried (the row stays `queued_upload`).
+    RetryScheduled,
+    Failed,
+    Archived,
+    /// Requeued by the operator.
+    Retried,
+    /// An archived record referenced again by a revised checklist.
+    Restored,
+    /// A local copy deleted for disk space.
+    Evicted,
+    /// Start-up repair settled a record.
+    Repaired,
+    PauseRequested,
+    ResumeRequested,
+    /// Uploads stopped running; the reason is the condition.
+    Paused,
+    /// Uploads run again; the reason is the condition that held them.
+    Resumed,
+    ConditionsChanged,
+    DiskLow,
+    ProbeFailed,
+    SidecarInvalid,
+    ChecklistPublished,
+    ChecklistInvalid,
+    /// A kind this version does not know (written by a newer one): kept verbatim, so
+    /// reading the log never fails on it.
+    Other(String),
+}
+
+impl EventKind {
+    /// Every kind this version writes.
+    pub const KNOWN: [EventKind; 19] = [
+        EventKind::Enqueued,
+        EventKind::Uploaded,
+        EventKind::RetryScheduled,
+        EventKind::Failed,
+        EventKind::Archived,
+        EventKind::Retried,
+        EventKind::Restored,
+        EventKind::Evicted,
+        EventKind::Repaired,
+        EventKind::PauseRequested,
+        EventKind::ResumeRequested,
+        EventKind::Paused,
+        EventKind::Resumed,
+        EventKind::ConditionsChanged,
+        EventKind::DiskLow,
+        EventKind::ProbeFailed,
+        EventKind::SidecarInvalid,
+        EventKind::ChecklistPublished,
+        EventKind::ChecklistInvalid,
+    ];
+
+    /// The kinds status reports as `last_success`.
+    pub const SUCCESS: [EventKind; 1] = [EventKind::Uploaded];
+    /// The kinds status reports as `last_error`.
+    pub const ERROR: [EventKind; 2] = [EventKind::Failed, EventKind::RetryScheduled];
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            EventKind::Enqueued => "enqueued",
+            EventKind::Uploaded => "uploaded",
+            EventKind::RetryScheduled => "retry_scheduled",
+            EventKind::Failed => "failed",
+            EventKind::Archived => "archived",
+            EventKind::Retried => "retried",
+            EventKind::Restored => "restored",
+            EventKind::Evicted => "evicted",
+            EventKind::Repaired => "repaired",
+            EventKind::PauseRequested => "pause_requested",
+            EventKind::ResumeRequested => "resume_requested",
+            EventKind::Paused => "paused",
+            EventKind::Resumed => "resumed",
+            EventKind::ConditionsChanged => "conditions_changed",
+            EventKind::DiskLow => "disk_low",
+            EventKind::ProbeFailed => "probe_failed",
+            EventKind::SidecarInvalid => "sidecar_invalid",
+            EventKind::ChecklistPublished => "checklist_published",
+            EventKind::ChecklistInvalid => "checklist_invalid",
+            EventKind::Other(s) => s,
+        }
+    }
+
+    /// Parses a stored or published kind; an unknown one becomes [`EventKind::Other`].
+    pub fn parse(s: &str) -> EventKind {
+        EventKind::KNOWN
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .unwrap_or_else(|| EventKind::Other(s.to_string()))
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `pad`: the CLI lays the log out in columns.
+        f.pad(self.as_str())
+    }
+}
+
+impl Serialize for EventKind {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for EventKind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        Ok(EventKind::parse(&String::deserialize(d)?))
+    }
+}
+
+/// How an event ended (the `outcome` column's CHECK constraint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventOutcome {
+    Applied,
+    Skipped,
+    Failed,
+}
+
+impl EventOutcome {
+    pub const ALL: [EventOutcome; 3] = [
+        EventOutcome::Applied,
+        EventOutcome::Skipped,
+        EventOutcome::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventOutcome::Applied => "applied",
+            EventOutcome::Skipped => "skipped",
+            EventOutcome::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for EventOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// One row of the event log: the one event type of the product. The store returns it,
+/// `fieldsync events` prints it, MQTT publishes it and status quotes it, each in one of
+/// the [`EventForm`]s the README documents.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Event {
+    /// Position in the log: increases by one per event (consumers drop duplicates by it).
     pub seq: i64,
+    /// Unix ms.
     pub time: i64,
-    pub kind: String,
-    pub outcome: String,
+    pub kind: EventKind,
+    pub outcome: EventOutcome,
     pub attachment_id: Option<String>,
     pub checklist: Option<String>,
     pub row: Option<String>,
-    pub from_state: Option<String>,
-    pub to_state: Option<String>,
+    pub from_state: Option<State>,
+    pub to_state: Option<State>,
     pub reason: Option<String>,
+}
+
+/// The wire forms of an [`Event`]. Each is a documented schema: fields, their order and
+/// their types are pinned by tests to the bytes earlier versions produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventForm {
+    /// `fieldsync events --json`: every field, `time` in unix ms.
+    Log,
+    /// MQTT `<prefix>/events`: every field, `time` as RFC 3339 text.
+    Message,
+    /// Status' `last_success` / `last_error`: `time` (RFC 3339), `kind`, `attachment_id`,
+    /// `checklist`, `row`, `reason`.
+    Summary,
+}
+
+impl Event {
+    /// The event in one of its wire forms, for serialising.
+    pub fn form(&self, form: EventForm) -> EventIn<'_> {
+        EventIn { event: self, form }
+    }
+}
+
+/// An [`Event`] as written in one [`EventForm`].
+#[derive(Debug, Clone, Copy)]
+pub struct EventIn<'a> {
+    pub event: &'a Event,
+    pub form: EventForm,
+}
+
+impl Serialize for EventIn<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let e = self.event;
+        let full = self.form != EventForm::Summary;
+        let mut st = s.serialize_struct("Event", if full { 10 } else { 6 })?;
+        if full {
+            st.serialize_field("seq", &e.seq)?;
+        }
+        match self.form {
+            EventForm::Log => st.serialize_field("time", &e.time)?,
+            EventForm::Message | EventForm::Summary => {
+                st.serialize_field("time", &rfc3339(e.time))?
+            }
+        }
+        st.serialize_field("kind", &e.kind)?;
+        if full {
+            st.serialize_field("outcome", &e.outcome)?;
+        }
+        st.serialize_field("attachment_id", &e.attachment_id)?;
+        st.serialize_field("checklist", &e.checklist)?;
+        st.serialize_field("row", &e.row)?;
+        if full {
+            st.serialize_field("from_state", &e.from_state)?;
+            st.serialize_field("to_state", &e.to_state)?;
+        }
+        st.serialize_field("reason", &e.reason)?;
+        st.end()
+    }
+}
+
+/// An event serialises in its log form ([`EventForm::Log`]).
+impl Serialize for Event {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.form(EventForm::Log).serialize(s)
+    }
 }
 
 /// A completed multipart part, persisted as soon as the server acknowledged it.
@@ -260,16 +478,29 @@ pub struct ListFilter {
 }
 
 /// What a transition changes besides the state.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Change<'a> {
     /// Event kind written to the log (`uploaded`, `failed`, `archived`, `retried`, …).
-    pub kind: &'a str,
+    pub kind: EventKind,
     /// Reason code (and for failures the message) recorded with the event.
     pub reason: Option<&'a str>,
     /// For `failed`: the stable error code and the human message.
     pub error: Option<(&'a str, &'a str)>,
     /// For `synced`: the remote's ETag if it returned one.
     pub etag: Option<&'a str>,
+}
+
+impl Change<'_> {
+    /// A change that records `kind` and nothing else; set the other fields with
+    /// `Change { reason: …, ..Change::of(kind) }`.
+    pub fn of(kind: EventKind) -> Self {
+        Change {
+            kind,
+            reason: None,
+            error: None,
+            etag: None,
+        }
+    }
 }
 
 pub struct Store {
@@ -400,8 +631,8 @@ impl Store {
                 event_conn(
                     &tx,
                     now,
-                    "archived",
-                    "applied",
+                    &EventKind::Archived,
+                    EventOutcome::Applied,
                     Some(&prev),
                     Some(prev.state),
                     Some(State::Archived),
@@ -439,14 +670,14 @@ impl Store {
         )?;
         let att = get_tx(&tx, &new.id)?;
         let (kind, outcome, reason) = if new.state == State::Failed {
-            ("failed", "failed", code)
+            (EventKind::Failed, EventOutcome::Failed, code)
         } else {
-            ("enqueued", "applied", None)
+            (EventKind::Enqueued, EventOutcome::Applied, None)
         };
         event_conn(
             &tx,
             now,
-            kind,
+            &kind,
             outcome,
             Some(&att),
             None,
@@ -576,15 +807,15 @@ impl Store {
         }
         let after = get_tx(&tx, id)?;
         let outcome = if to == State::Failed {
-            "failed"
+            EventOutcome::Failed
         } else {
-            "applied"
+            EventOutcome::Applied
         };
         let reason = change.reason.or(change.error.map(|e| e.0));
         event_conn(
             &tx,
             now,
-            change.kind,
+            &change.kind,
             outcome,
             Some(&after),
             Some(cur.state),
@@ -611,8 +842,8 @@ impl Store {
         event_conn(
             &tx,
             now,
-            "retry_scheduled",
-            "skipped",
+            &EventKind::RetryScheduled,
+            EventOutcome::Skipped,
             Some(&att),
             Some(att.state),
             Some(att.state),
@@ -707,9 +938,8 @@ impl Store {
                 id,
                 State::QueuedUpload,
                 Change {
-                    kind: "retried",
                     reason: Some("operator"),
-                    ..Default::default()
+                    ..Change::of(EventKind::Retried)
                 },
             )?;
         }
@@ -784,6 +1014,50 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// Makes every waiting retry due now (`fieldsync sync`); returns how many were waiting.
+    pub fn make_retries_due(&self) -> Result<usize> {
+        Ok(self.conn.execute(
+            "UPDATE attachments SET next_attempt_at=0 WHERE state='queued_upload'",
+            [],
+        )?)
+    }
+
+    /// Writes records as they are, in one transaction and without events: `synced` ones
+    /// count as uploaded. For seeding a benchmark's queue, where a transaction per record
+    /// would measure the disk rather than the agent.
+    pub fn import(&mut self, records: &[NewAttachment]) -> Result<()> {
+        let tx = self.write_tx()?;
+        {
+            let mut stmt = tx.prepare(
+                "INSERT INTO attachments (id, filename, local_uri, timestamp, size, media_type,
+                    state, has_synced, meta_data, checklist, row, sha256, mtime_ns, object_key,
+                    created_at, ctime_ns)
+                 VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            )?;
+            for (i, r) in records.iter().enumerate() {
+                stmt.execute(params![
+                    r.id,
+                    r.filename,
+                    r.local_uri,
+                    r.size,
+                    r.media_type,
+                    r.state.as_str(),
+                    (r.state == State::Synced) as i64,
+                    r.meta_data,
+                    r.checklist,
+                    r.row,
+                    r.sha256,
+                    r.mtime_ns,
+                    r.object_key,
+                    i as i64,
+                    r.ctime_ns,
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Clears the worker markers left by a process that died mid-upload.
     pub fn clear_uploading(&self) -> Result<usize> {
         Ok(self.conn.execute(
@@ -838,11 +1112,11 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// The most recent event of `kind` (e.g. the last upload, the last failure).
-    pub fn last_event(&self, kinds: &[&str]) -> Result<Option<Event>> {
+    /// The most recent event of one of `kinds` (e.g. the last upload, the last failure).
+    pub fn last_event(&self, kinds: &[EventKind]) -> Result<Option<Event>> {
         let list = kinds
             .iter()
-            .map(|k| format!("'{k}'"))
+            .map(|k| format!("'{}'", k.as_str().replace('\'', "''")))
             .collect::<Vec<_>>()
             .join(",");
         Ok(self
@@ -879,26 +1153,35 @@ impl Store {
     /// Appends an event that is not a state change (paused, resumed, repaired, …).
     pub fn log_event(
         &self,
-        kind: &str,
-        outcome: &str,
+        kind: EventKind,
+        outcome: EventOutcome,
         att: Option<&Attachment>,
         reason: Option<&str>,
     ) -> Result<()> {
-        event_conn(&self.conn, now_ms(), kind, outcome, att, None, None, reason)
+        event_conn(
+            &self.conn,
+            now_ms(),
+            &kind,
+            outcome,
+            att,
+            None,
+            None,
+            reason,
+        )
     }
 
     /// Appends an event about a checklist rather than one attachment.
     pub fn log_event_for(
         &self,
-        kind: &str,
-        outcome: &str,
+        kind: EventKind,
+        outcome: EventOutcome,
         checklist: Option<&str>,
         reason: Option<&str>,
     ) -> Result<()> {
         event_row(
             &self.conn,
             now_ms(),
-            kind,
+            &kind,
             outcome,
             None,
             checklist,
@@ -992,50 +1275,196 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    // ----- control -----------------------------------------------------------------
+    // ----- control: the switches and facts the daemon and the CLI share ----------
 
-    pub fn control_get(&self, key: &str) -> Result<Option<String>> {
+    /// Whether an operator paused uploads (`fieldsync pause`, MQTT `cmd/pause`).
+    pub fn operator_paused(&self) -> Result<bool> {
+        Ok(self.control_get(key::PAUSED)?.as_deref() == Some("1"))
+    }
+
+    pub fn set_operator_paused(&self, paused: bool) -> Result<()> {
+        self.control_set(key::PAUSED, if paused { "1" } else { "0" })
+    }
+
+    /// When a command last asked the daemon to look at the queue again (unix ms).
+    pub fn wake_requested_at(&self) -> Result<Option<i64>> {
+        self.control_parse(key::WAKE)
+    }
+
+    pub fn set_wake_requested_at(&self, at: i64) -> Result<()> {
+        self.control_set(key::WAKE, &at.to_string())
+    }
+
+    /// The reason code uploads are paused for, as the running daemon last wrote it; None
+    /// while they run.
+    pub fn pause_reason(&self) -> Result<Option<String>> {
+        Ok(self
+            .control_get(key::PAUSE_REASON)?
+            .filter(|r| !r.is_empty()))
+    }
+
+    pub fn set_pause_reason(&self, reason: Option<&str>) -> Result<()> {
+        self.control_set(key::PAUSE_REASON, reason.unwrap_or(""))
+    }
+
+    /// The daemon's last condition report (`conditions::report::ConditionsReport`); None
+    /// when none was written or it does not parse as `T`.
+    pub fn conditions_report<T: serde::de::DeserializeOwned>(&self) -> Result<Option<T>> {
+        self.control_json(key::CONDITIONS)
+    }
+
+    pub fn set_conditions_report<T: Serialize>(&self, report: &T) -> Result<()> {
+        self.control_set_json(key::CONDITIONS, report)
+    }
+
+    /// The bytes counted against today's metered budget (the conditions' `Budget`); None
+    /// when none was written or it does not parse as `T`.
+    pub fn metered_budget<T: serde::de::DeserializeOwned>(&self) -> Result<Option<T>> {
+        self.control_json(key::BUDGET)
+    }
+
+    pub fn set_metered_budget<T: Serialize>(&self, budget: &T) -> Result<()> {
+        self.control_set_json(key::BUDGET, budget)
+    }
+
+    /// The running (or last) daemon's process id and start time (unix ms).
+    pub fn daemon_started(&self) -> Result<Option<(u32, i64)>> {
+        Ok(self
+            .control_parse(key::PID)?
+            .zip(self.control_parse(key::STARTED_AT)?))
+    }
+
+    pub fn set_daemon_started(&self, pid: u32, at: i64) -> Result<()> {
+        self.control_set(key::PID, &pid.to_string())?;
+        self.control_set(key::STARTED_AT, &at.to_string())
+    }
+
+    /// The last event the MQTT broker acknowledged: later ones are sent after a reconnect.
+    pub fn events_acked_seq(&self) -> Result<Option<i64>> {
+        self.control_parse(key::EVENTS_ACKED_SEQ)
+    }
+
+    pub fn set_events_acked_seq(&self, seq: i64) -> Result<()> {
+        self.control_set(key::EVENTS_ACKED_SEQ, &seq.to_string())
+    }
+
+    /// The content hash of the manifest last published for `checklist`.
+    pub fn published_checklist(&self, checklist: &str) -> Result<Option<String>> {
+        self.control_get(&key::published(checklist))
+    }
+
+    pub fn set_published_checklist(&self, checklist: &str, digest: &str) -> Result<()> {
+        self.control_set(&key::published(checklist), digest)
+    }
+
+    /// The hash of the malformed checklist.json of `checklist` last reported.
+    pub fn invalid_checklist(&self, checklist: &str) -> Result<Option<String>> {
+        self.control_get(&key::checklist_invalid(checklist))
+    }
+
+    pub fn set_invalid_checklist(&self, checklist: &str, digest: &str) -> Result<()> {
+        self.control_set(&key::checklist_invalid(checklist), digest)
+    }
+
+    /// Runs `f` in one transaction: the writes it makes through `&Store` commit together
+    /// or not at all (a condition report with its events).
+    pub fn atomically<T>(&self, f: impl FnOnce(&Store) -> Result<T>) -> Result<T> {
+        let tx = rusqlite::Transaction::new_unchecked(
+            &self.conn,
+            rusqlite::TransactionBehavior::Immediate,
+        )?;
+        let v = f(self)?;
+        tx.commit()?;
+        Ok(v)
+    }
+
+    fn control_get(&self, key: &str) -> Result<Option<String>> {
         Ok(self
             .conn
-            .query_row("SELECT value FROM control WHERE key=?1", [key], |r| {
-                r.get(0)
-            })
+            .prepare_cached("SELECT value FROM control WHERE key=?1")?
+            .query_row([key], |r| r.get(0))
             .optional()?)
     }
 
-    pub fn control_set(&self, key: &str, value: &str) -> Result<()> {
-        self.conn.execute(
-            "INSERT INTO control (key, value, updated_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT(key) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
-            params![key, value, now_ms()],
-        )?;
-        Ok(())
+    /// A number-valued key; a value that does not parse reads as absent.
+    fn control_parse<T: FromStr>(&self, key: &str) -> Result<Option<T>> {
+        Ok(self.control_get(key)?.and_then(|v| v.parse().ok()))
     }
 
-    pub fn control_delete(&self, key: &str) -> Result<()> {
+    /// A JSON-valued key; a value that does not parse as `T` reads as absent.
+    fn control_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        Ok(self
+            .control_get(key)?
+            .and_then(|v| serde_json::from_str(&v).ok()))
+    }
+
+    fn control_set_json<T: Serialize>(&self, key: &str, v: &T) -> Result<()> {
+        self.control_set(key, &serde_json::to_string(v).expect("serialisable"))
+    }
+
+    fn control_set(&self, key: &str, value: &str) -> Result<()> {
         self.conn
-            .execute("DELETE FROM control WHERE key=?1", [key])?;
+            .prepare_cached(
+                "INSERT INTO control (key, value, updated_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(key) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
+            )?
+            .execute(params![key, value, now_ms()])?;
         Ok(())
     }
+}
 
-    /// The connection, for the few callers with a query of their own (bulk updates, bench
-    /// seeding).
-    pub fn conn(&self) -> &Connection {
-        &self.conn
+/// Keys of the control table. The strings are the stored form: databases written by
+/// earlier versions keep working only while they stay the same.
+mod key {
+    /// "1" while an operator paused uploads, "0" after a resume.
+    pub const PAUSED: &str = "paused";
+    /// Unix ms of the last command that asked the daemon to look again.
+    pub const WAKE: &str = "wake";
+    /// The reason code uploads are paused for, "" when they run. Written by the daemon.
+    pub const PAUSE_REASON: &str = "daemon.pause_reason";
+    /// The condition report as JSON. Written by the daemon.
+    pub const CONDITIONS: &str = "daemon.conditions";
+    pub const PID: &str = "daemon.pid";
+    pub const STARTED_AT: &str = "daemon.started_at";
+    /// Today's metered byte count: `{"day":"YYYY-MM-DD","used":N}`.
+    pub const BUDGET: &str = "conditions.budget";
+    /// The sequence number of the last event the MQTT broker acknowledged.
+    pub const EVENTS_ACKED_SEQ: &str = "mqtt.events_acked_seq";
+
+    /// The content hash of the manifest published for a checklist.
+    pub fn published(checklist: &str) -> String {
+        format!("published:{checklist}")
+    }
+
+    /// The hash of a checklist.json already reported invalid.
+    pub fn checklist_invalid(checklist: &str) -> String {
+        format!("checklist_invalid:{checklist}")
     }
 }
 
 fn event_from_row(r: &Row<'_>) -> rusqlite::Result<Event> {
+    let bad = |i: usize, e: String| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.into())
+    };
+    let state = |i: usize| -> rusqlite::Result<Option<State>> {
+        r.get::<_, Option<String>>(i)?
+            .map(|s| State::from_str(&s).map_err(|e| bad(i, e)))
+            .transpose()
+    };
+    let outcome: String = r.get(3)?;
     Ok(Event {
         seq: r.get(0)?,
         time: r.get(1)?,
-        kind: r.get(2)?,
-        outcome: r.get(3)?,
+        kind: EventKind::parse(&r.get::<_, String>(2)?),
+        outcome: EventOutcome::ALL
+            .into_iter()
+            .find(|o| o.as_str() == outcome)
+            .ok_or_else(|| bad(3, format!("unknown event outcome `{outcome}`")))?,
         attachment_id: r.get(4)?,
         checklist: r.get(5)?,
         row: r.get(6)?,
-        from_state: r.get(7)?,
-        to_state: r.get(8)?,
+        from_state: state(7)?,
+        to_state: state(8)?,
         reason: r.get(9)?,
     })
 }
@@ -1054,8 +1483,8 @@ fn get_tx(conn: &Connection, id: &str) -> Result<Attachment> {
 fn event_conn(
     conn: &Connection,
     now: i64,
-    kind: &str,
-    outcome: &str,
+    kind: &EventKind,
+    outcome: EventOutcome,
     att: Option<&Attachment>,
     from: Option<State>,
     to: Option<State>,
@@ -1079,8 +1508,8 @@ fn event_conn(
 fn event_row(
     conn: &Connection,
     now: i64,
-    kind: &str,
-    outcome: &str,
+    kind: &EventKind,
+    outcome: EventOutcome,
     att: Option<&Attachment>,
     checklist: Option<&str>,
     from: Option<State>,
@@ -1092,8 +1521,8 @@ fn event_row(
             to_state, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         params![
             now,
-            kind,
-            outcome,
+            kind.as_str(),
+            outcome.as_str(),
             att.map(|a| a.id.as_str()),
             checklist,
             att.map(|a| a.row.as_str()),
@@ -1148,26 +1577,21 @@ mod tests {
     fn every_transition_appends_an_event() {
         let mut s = Store::open_in_memory().unwrap();
         s.insert(&new("a", "/x/a.jpg"), None).unwrap();
-        s.transition(
-            "a",
-            State::Synced,
-            Change {
-                kind: "uploaded",
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        s.transition("a", State::Synced, Change::of(EventKind::Uploaded))
+            .unwrap();
         let ev = s.events_after(0, 10).unwrap();
         assert_eq!(ev.len(), 2);
-        assert_eq!(ev[0].kind, "enqueued");
-        assert_eq!(ev[1].kind, "uploaded");
-        assert_eq!(ev[1].from_state.as_deref(), Some("queued_upload"));
-        assert_eq!(ev[1].to_state.as_deref(), Some("synced"));
+        assert_eq!(ev[0].kind, EventKind::Enqueued);
+        assert_eq!(ev[1].kind, EventKind::Uploaded);
+        assert_eq!(ev[1].from_state, Some(State::QueuedUpload));
+        assert_eq!(ev[1].to_state, Some(State::Synced));
         let a = s.get("a").unwrap().unwrap();
         assert!(a.has_synced);
         assert_eq!(a.bytes_sent, 10);
         // A forbidden transition changes nothing and logs nothing.
-        assert!(s.transition("a", State::Failed, Change::default()).is_err());
+        assert!(s
+            .transition("a", State::Failed, Change::of(EventKind::Failed))
+            .is_err());
         assert_eq!(s.events_after(0, 10).unwrap().len(), 2);
     }
 
@@ -1192,9 +1616,8 @@ mod tests {
             "a",
             State::Failed,
             Change {
-                kind: "failed",
                 error: Some(("read_error", "denied")),
-                ..Default::default()
+                ..Change::of(EventKind::Failed)
             },
         )
         .unwrap();
@@ -1294,20 +1717,6 @@ mod tests {
     }
 }
 
-/// Keys of the control table shared by the daemon and the CLI.
-pub mod control {
-    /// "1" while an operator paused uploads.
-    pub const PAUSED: &str = "paused";
-    /// Written by `fieldsync sync`: any change wakes the scheduler.
-    pub const WAKE: &str = "wake";
-    /// The reason code uploads are paused for, "" when they run. Written by the daemon.
-    pub const PAUSE_REASON: &str = "daemon.pause_reason";
-    /// The condition report as JSON. Written by the daemon.
-    pub const CONDITIONS: &str = "daemon.conditions";
-    pub const PID: &str = "daemon.pid";
-    pub const STARTED_AT: &str = "daemon.started_at";
-}
-
 /// The three wire forms of an event, pinned to the bytes the released agent produced:
 /// `fieldsync events --json` (time in unix ms), MQTT `…/events` (time as RFC 3339 text)
 /// and status' `last_success` / `last_error` (the README tables).
@@ -1360,7 +1769,7 @@ mod wire_tests {
     fn mqtt_event_json_and_cbor_are_pinned() {
         let s = store_with_events();
         let e = s.events_after(0, 1).unwrap().remove(0);
-        let msg = crate::reporter::EventMessage::from(e);
+        let msg = e.form(EventForm::Message);
         assert_eq!(
             String::from_utf8(encode(PayloadFormat::Json, &msg)).unwrap(),
             MQTT

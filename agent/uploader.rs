@@ -21,7 +21,7 @@ use crate::config::Upload;
 use crate::ingest::{Ingestor, Outcome};
 use crate::remote::{ErrorClass, Remote, RemoteError, ResumeLog, UploadCtx, UploadJob};
 use crate::scheduler::{verdict, Verdict};
-use crate::store::{Attachment, Change, PartRecord, State, Store, StoreError};
+use crate::store::{Attachment, Change, EventKind, PartRecord, State, Store, StoreError};
 use crate::util::{ctime_ns, mtime_ns, now_ms};
 
 /// Progress is written to the store at most this often per upload (each write is an
@@ -287,9 +287,8 @@ impl Worker {
                             &att.id,
                             State::Failed,
                             Change {
-                                kind: "failed",
                                 error: Some((&e.code, &e.message)),
-                                ..Default::default()
+                                ..Change::of(EventKind::Failed)
                             },
                         )?;
                     }
@@ -324,10 +323,9 @@ impl Worker {
             &att.id,
             State::Synced,
             Change {
-                kind: "uploaded",
                 reason: Some(reason),
                 etag,
-                ..Default::default()
+                ..Change::of(EventKind::Uploaded)
             },
         )?;
         Ok(())
@@ -339,9 +337,8 @@ impl Worker {
             &att.id,
             State::Archived,
             Change {
-                kind: "archived",
                 reason: Some("deleted_before_upload"),
-                ..Default::default()
+                ..Change::of(EventKind::Archived)
             },
         )?;
         Ok(())

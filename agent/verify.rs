@@ -18,7 +18,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::ingest::{Ingestor, Outcome};
-use crate::store::{Change, State, Store, StoreError};
+use crate::store::{Change, EventKind, EventOutcome, State, Store, StoreError};
 use crate::util::mtime_ns;
 
 /// Records checked per query: bounds start-up memory on a device with a long history.
@@ -79,14 +79,13 @@ pub fn repair(store: &mut Store, ingestor: &Ingestor) -> Result<Vec<Repair>, Sto
                 &a.id,
                 to,
                 Change {
-                    kind: if to == State::Failed {
-                        "failed"
-                    } else {
-                        "archived"
-                    },
                     reason: Some(reason),
                     error: (to == State::Failed).then_some((reason, msg.as_str())),
-                    ..Default::default()
+                    ..Change::of(if to == State::Failed {
+                        EventKind::Failed
+                    } else {
+                        EventKind::Archived
+                    })
                 },
             )?;
             out.push(Repair {
@@ -100,8 +99,8 @@ pub fn repair(store: &mut Store, ingestor: &Ingestor) -> Result<Vec<Repair>, Sto
     }
     for r in &out {
         store.log_event(
-            "repaired",
-            "applied",
+            EventKind::Repaired,
+            EventOutcome::Applied,
             store.get(&r.id)?.as_ref(),
             Some(&r.reason),
         )?;

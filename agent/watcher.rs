@@ -469,9 +469,8 @@ pub fn deleted_before_upload(store: &mut Store, path: &Path) {
             &a.id,
             State::Archived,
             Change {
-                kind: "archived",
                 reason: Some("deleted_before_upload"),
-                ..Default::default()
+                ..Change::of(crate::store::EventKind::Archived)
             },
         ) {
             Ok(_) => info!(id = %a.id, path = %path.display(), "deleted before upload; archived"),

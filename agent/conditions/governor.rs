@@ -32,10 +32,7 @@ use super::settings::{Conditions, MeteredPolicy, Retention};
 use super::{admit, failing, is_metered, Facts, Link, Policy, Reason};
 use crate::bus::{MonitorMsg, Shared};
 use crate::remote::{ErrorClass, Remote, RemoteError};
-use crate::store::{control, Attachment, Store, StoreError};
-
-/// Control key holding today's metered byte count: `{"day":"YYYY-MM-DD","used":N}`.
-pub const BUDGET_KEY: &str = "conditions.budget";
+use crate::store::{Attachment, EventKind, EventOutcome, Store, StoreError};
 
 /// How far ahead of the ideal pace the rate limiter lets a sender run. Small, so a 10 s
 /// transfer takes 10 s, not 9: the limit protects a link other apps share.
@@ -181,8 +178,7 @@ impl Governor {
         let c = settings.conditions.clone();
         let today = probes::local_now();
         let budget = store
-            .control_get(BUDGET_KEY)?
-            .and_then(|s| serde_json::from_str::<Budget>(&s).ok())
+            .metered_budget::<Budget>()?
             .filter(|b| b.day == today.date)
             .unwrap_or(Budget {
                 day: today.date.clone(),
@@ -297,53 +293,68 @@ impl Governor {
         if !(first || discrete || since >= HEARTBEAT || (fast && since >= NUMBERS_EVERY)) {
             return Ok(());
         }
-        let (json, budget, budget_version) = {
+        let (report, json, budget, budget_version) = {
             let i = lock(&self.inner);
-            let json = serde_json::to_string(&self.report(&i, facts, &now_failing, deferred))
-                .unwrap_or_default();
-            (json, i.budget.clone(), i.budget_version)
+            let report = self.report(&i, facts, &now_failing, deferred);
+            let json = serde_json::to_string(&report).unwrap_or_default();
+            (report, json, i.budget.clone(), i.budget_version)
         };
         if !(first || discrete) && json == p.json {
             p.written_at = Some(Instant::now());
             return Ok(());
         }
-        let tx = store.conn().unchecked_transaction()?;
-        store.control_set(
-            control::PAUSE_REASON,
-            shown.map(|r| r.as_str()).unwrap_or(""),
-        )?;
-        store.control_set(control::CONDITIONS, &json)?;
-        store.control_set(
-            BUDGET_KEY,
-            &serde_json::to_string(&budget).unwrap_or_default(),
-        )?;
-        if p.summary.as_deref() != Some(summary.as_str()) {
-            info!(conditions = %summary, "conditions changed");
-            store.log_event("conditions_changed", "applied", None, Some(&summary))?;
-        }
-        if now_failing.contains(&Reason::DiskLow) && !p.failing.contains(&Reason::DiskLow) {
-            warn!(
-                free = ?facts.disk_free,
-                min_free = self.policy.min_free_disk,
-                "disk space low after evicting what retention allows"
-            );
-            store.log_event("disk_low", "applied", None, Some("disk_low"))?;
-        }
-        let was = p.shown.flatten();
-        if p.shown != Some(shown) && !(first && shown.is_none()) {
-            match shown {
-                Some(r) => {
-                    info!(reason = r.as_str(), "uploads paused");
-                    store.log_event("paused", "applied", None, Some(r.as_str()))?;
-                }
-                None => {
-                    let was = was.map(|r| r.as_str()).unwrap_or("");
-                    info!(was, "uploads resumed");
-                    store.log_event("resumed", "applied", None, Some(was))?;
+        store.atomically(|store| {
+            store.set_pause_reason(shown.map(|r| r.as_str()))?;
+            store.set_conditions_report(&report)?;
+            store.set_metered_budget(&budget)?;
+            if p.summary.as_deref() != Some(summary.as_str()) {
+                info!(conditions = %summary, "conditions changed");
+                store.log_event(
+                    EventKind::ConditionsChanged,
+                    EventOutcome::Applied,
+                    None,
+                    Some(&summary),
+                )?;
+            }
+            if now_failing.contains(&Reason::DiskLow) && !p.failing.contains(&Reason::DiskLow) {
+                warn!(
+                    free = ?facts.disk_free,
+                    min_free = self.policy.min_free_disk,
+                    "disk space low after evicting what retention allows"
+                );
+                store.log_event(
+                    EventKind::DiskLow,
+                    EventOutcome::Applied,
+                    None,
+                    Some("disk_low"),
+                )?;
+            }
+            let was = p.shown.flatten();
+            if p.shown != Some(shown) && !(first && shown.is_none()) {
+                match shown {
+                    Some(r) => {
+                        info!(reason = r.as_str(), "uploads paused");
+                        store.log_event(
+                            EventKind::Paused,
+                            EventOutcome::Applied,
+                            None,
+                            Some(r.as_str()),
+                        )?;
+                    }
+                    None => {
+                        let was = was.map(|r| r.as_str()).unwrap_or("");
+                        info!(was, "uploads resumed");
+                        store.log_event(
+                            EventKind::Resumed,
+                            EventOutcome::Applied,
+                            None,
+                            Some(was),
+                        )?;
+                    }
                 }
             }
-        }
-        tx.commit()?;
+            Ok(())
+        })?;
         p.summary = Some(summary);
         p.shown = Some(shown);
         p.json = json;
@@ -357,10 +368,7 @@ impl Governor {
     /// Persists the budget (daemon shutdown).
     pub fn finish(&self, store: &Store) {
         let budget = lock(&self.inner).budget.clone();
-        if let Err(e) = store.control_set(
-            BUDGET_KEY,
-            &serde_json::to_string(&budget).unwrap_or_default(),
-        ) {
+        if let Err(e) = store.set_metered_budget(&budget) {
             warn!(error = %e, "cannot persist the metered data budget");
         }
     }

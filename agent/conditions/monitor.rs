@@ -19,7 +19,7 @@ use tracing::debug;
 
 use super::governor::Governor;
 use crate::bus::{MonitorMsg, SchedMsg};
-use crate::store::Store;
+use crate::store::{EventKind, EventOutcome, Store};
 
 /// Remote probes while offline back off from this to [`OFFLINE_PROBE_MAX`].
 const OFFLINE_PROBE_MIN: Duration = Duration::from_secs(1);
@@ -156,8 +156,8 @@ pub async fn run(
                 if let Some(e) = failure {
                     debug!(error = %e, retry_in = ?backoff_if_down, "remote not reachable");
                     let _ = store.log_event(
-                        "probe_failed",
-                        "skipped",
+                        EventKind::ProbeFailed,
+                        EventOutcome::Skipped,
                         None,
                         Some(&format!(
                             "{e}; next probe in {}ms",

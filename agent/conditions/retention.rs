@@ -16,7 +16,7 @@ use std::path::Path;
 use tracing::{info, warn};
 
 use super::settings::Retention;
-use crate::store::{Attachment, Change, State, Store, StoreError};
+use crate::store::{Attachment, Change, EventKind, EventOutcome, State, Store, StoreError};
 use crate::util::mtime_ns;
 
 /// Why a local copy was deleted (the reason of its `evicted` event).
@@ -59,13 +59,17 @@ fn evict(store: &mut Store, a: &Attachment, reason: &str) -> Result<bool, StoreE
             &a.id,
             State::Archived,
             Change {
-                kind: "evicted",
                 reason: Some(reason),
-                ..Default::default()
+                ..Change::of(EventKind::Evicted)
             },
         )?;
     } else {
-        store.log_event("evicted", "applied", Some(a), Some(reason))?;
+        store.log_event(
+            EventKind::Evicted,
+            EventOutcome::Applied,
+            Some(a),
+            Some(reason),
+        )?;
     }
     Ok(true)
 }
@@ -186,14 +190,7 @@ mod tests {
                 .unwrap();
             if synced {
                 self.store
-                    .transition(
-                        id,
-                        State::Synced,
-                        Change {
-                            kind: "uploaded",
-                            ..Default::default()
-                        },
-                    )
+                    .transition(id, State::Synced, Change::of(EventKind::Uploaded))
                     .unwrap();
             }
             std::thread::sleep(std::time::Duration::from_millis(2));
@@ -204,7 +201,7 @@ mod tests {
                 .events_after(0, 1000)
                 .unwrap()
                 .into_iter()
-                .filter(|e| e.kind == "evicted")
+                .filter(|e| e.kind == EventKind::Evicted)
                 .map(|e| e.attachment_id.unwrap())
                 .collect()
         }
