@@ -1754,6 +1754,67 @@ mod wire_tests {
         6462613169636865636b6c69737462633163726f776272316a66726f6d5f73746174656d71756575\
         65645f75706c6f616468746f5f73746174656673796e63656466726561736f6ef6";
 
+    /// Every kind's string: the wire schema and the stored form.
+    #[test]
+    fn event_kind_strings_are_pinned() {
+        let strings: Vec<&str> = EventKind::KNOWN.iter().map(EventKind::as_str).collect();
+        assert_eq!(
+            strings,
+            [
+                "enqueued",
+                "uploaded",
+                "retry_scheduled",
+                "failed",
+                "archived",
+                "retried",
+                "restored",
+                "evicted",
+                "repaired",
+                "pause_requested",
+                "resume_requested",
+                "paused",
+                "resumed",
+                "conditions_changed",
+                "disk_low",
+                "probe_failed",
+                "sidecar_invalid",
+                "checklist_published",
+                "checklist_invalid",
+            ]
+        );
+        for k in EventKind::KNOWN {
+            assert_eq!(EventKind::parse(k.as_str()), k);
+            assert_eq!(
+                serde_json::to_string(&k).unwrap(),
+                format!("\"{}\"", k.as_str())
+            );
+            let back: EventKind = serde_json::from_str(&format!("\"{k}\"")).unwrap();
+            assert_eq!(back, k);
+        }
+        // The CLI lays kinds out in columns.
+        assert_eq!(format!("[{:<10}]", EventKind::Paused), "[paused    ]");
+        assert_eq!(format!("[{:<8}]", EventOutcome::Skipped), "[skipped ]");
+    }
+
+    /// A kind written by a newer version reads back verbatim instead of failing the log.
+    #[test]
+    fn unknown_event_kinds_are_kept() {
+        let s = Store::open_in_memory().unwrap();
+        s.conn
+            .execute_batch(
+                "INSERT INTO events (time, kind, outcome) VALUES (5, 'downloaded', 'applied');",
+            )
+            .unwrap();
+        let e = s.events_after(0, 1).unwrap().remove(0);
+        assert_eq!(e.kind, EventKind::Other("downloaded".into()));
+        assert_eq!(
+            serde_json::to_string(&e.form(EventForm::Summary)).unwrap(),
+            r#"{"time":"1970-01-01T00:00:00.005Z","kind":"downloaded","attachment_id":null,"checklist":null,"row":null,"reason":null}"#
+        );
+        let other = EventKind::Other("downloaded".into());
+        assert_eq!(s.last_event(&[other]).unwrap().unwrap().seq, e.seq);
+    }
+
     fn hex(b: &[u8]) -> String {
         b.iter().map(|x| format!("{x:02x}")).collect()
     }
@@ -1783,5 +1844,182 @@ mod wire_tests {
         let snap = crate::status::snapshot(&s, "d", "file:x", false).unwrap();
         let json = serde_json::to_string(&snap).unwrap();
         assert!(json.contains(STATUS), "{json}");
+    }
+}
+
+/// The databases released versions left behind (`tests/fixtures/queue-v*.db`) open,
+/// migrate and read through today's API: rows, resume state, events and control values.
+#[cfg(test)]
+mod fixture_tests {
+    use super::*;
+
+    const RELEASED: [i64; 2] = [1, 2];
+
+    fn id(n: u32) -> String {
+        format!("0b6f7e0a-1d1c-4f55-9d51-0c8a4f1e000{n}")
+    }
+
+    fn open_copy(v: i64, dir: &Path) -> Store {
+        let src =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/queue-v{v}.db"));
+        let p = dir.join("queue.db");
+        std::fs::copy(src, &p).unwrap();
+        let before: i64 = Connection::open(&p)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(before, v, "fixture queue-v{v}.db");
+        Store::open(&p).unwrap()
+    }
+
+    #[test]
+    fn released_databases_migrate_and_read_their_rows() {
+        for v in RELEASED {
+            let dir = tempfile::tempdir().unwrap();
+            let s = open_copy(v, dir.path());
+            assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
+            let all = s.list(&ListFilter::default()).unwrap();
+            assert_eq!(all.len(), if v >= 2 { 7 } else { 6 }, "v{v}");
+            let synced = s.get(&id(1)).unwrap().unwrap();
+            assert_eq!(synced.state, State::Synced);
+            assert!(synced.has_synced);
+            assert_eq!(synced.remote_etag.as_deref(), Some("\"e0001\""));
+            assert_eq!(
+                synced.meta_data.as_deref(),
+                Some(r#"{"inspector":"kim","note":"north wall"}"#)
+            );
+            assert_eq!(synced.ctime_ns, None, "v{v}: rows before 002 hash again");
+            let retry = s.get(&id(3)).unwrap().unwrap();
+            assert_eq!((retry.state, retry.attempts), (State::QueuedUpload, 2));
+            assert_eq!(retry.last_error_code.as_deref(), Some("io"));
+            // The newest record of a path is the live one, not the superseded one.
+            assert_eq!(
+                s.latest_for_path(&retry.local_uri).unwrap().unwrap().id,
+                id(3)
+            );
+            let mp = s.get(&id(4)).unwrap().unwrap();
+            assert_eq!(mp.upload_id.as_deref(), Some("mpu-0004"));
+            assert_eq!(mp.part_size, Some(8388608));
+            assert_eq!(
+                s.parts(&id(4)).unwrap(),
+                vec![PartRecord {
+                    part_number: 1,
+                    size: 8,
+                    etag: "\"p1\"".into(),
+                    checksum: "crc32c:AAAAAA==".into(),
+                }]
+            );
+            assert_eq!(s.uploading().unwrap()[0].id, id(4), "v{v}: stale marker");
+            let failed = s.get(&id(5)).unwrap().unwrap();
+            assert_eq!(failed.state, State::Failed);
+            assert_eq!(failed.last_error_code.as_deref(), Some("read_error"));
+            let counts: Vec<(State, i64)> = s
+                .counts()
+                .unwrap()
+                .into_iter()
+                .map(|(st, c)| (st, c.count))
+                .collect();
+            let queued = if v >= 2 { 3 } else { 2 };
+            assert_eq!(
+                counts,
+                [
+                    (State::QueuedUpload, queued),
+                    (State::Synced, 1),
+                    (State::QueuedDelete, 0),
+                    (State::QueuedDownload, 0),
+                    (State::Archived, 2),
+                    (State::Failed, 1),
+                ]
+            );
+            if v >= 2 {
+                assert!(s.get(&id(7)).unwrap().unwrap().ctime_ns.is_some());
+            }
+            let due = s.due_uploads(i64::MAX, 10, false, &[]).unwrap();
+            assert_eq!(due.len() as i64, queued, "v{v}");
+        }
+    }
+
+    #[test]
+    fn released_databases_read_their_events() {
+        for v in RELEASED {
+            let dir = tempfile::tempdir().unwrap();
+            let s = open_copy(v, dir.path());
+            let ev = s.events_after(0, 1000).unwrap();
+            assert_eq!(ev.len(), if v >= 2 { 23 } else { 22 }, "v{v}");
+            assert_eq!(s.last_event_seq().unwrap(), ev.len() as i64);
+            assert!(
+                ev.iter().all(|e| !matches!(e.kind, EventKind::Other(_))),
+                "v{v}: every released kind is known: {ev:?}"
+            );
+            let up = s.last_event(&EventKind::SUCCESS).unwrap().unwrap();
+            assert_eq!(up.attachment_id, Some(id(6)));
+            assert_eq!(up.from_state, Some(State::QueuedUpload));
+            assert_eq!(up.to_state, Some(State::Synced));
+            assert_eq!(up.outcome, EventOutcome::Applied);
+            let err = s.last_event(&EventKind::ERROR).unwrap().unwrap();
+            assert_eq!(err.kind, EventKind::RetryScheduled);
+            assert_eq!(err.outcome, EventOutcome::Skipped);
+            assert_eq!(err.reason.as_deref(), Some("io: connection reset by peer"));
+            let published = ev
+                .iter()
+                .find(|e| e.kind == EventKind::ChecklistPublished)
+                .unwrap();
+            assert_eq!(published.checklist.as_deref(), Some("c1"));
+            assert_eq!(published.attachment_id, None);
+            // New events continue the old sequence.
+            s.log_event(EventKind::Repaired, EventOutcome::Applied, None, None)
+                .unwrap();
+            assert_eq!(s.last_event_seq().unwrap(), ev.len() as i64 + 1);
+        }
+    }
+
+    #[test]
+    fn released_databases_read_their_control_values() {
+        #[derive(Debug, PartialEq, serde::Deserialize)]
+        struct Budget {
+            day: String,
+            used: u64,
+        }
+        for v in RELEASED {
+            let dir = tempfile::tempdir().unwrap();
+            let s = open_copy(v, dir.path());
+            assert!(s.operator_paused().unwrap(), "v{v}");
+            assert_eq!(
+                s.pause_reason().unwrap().as_deref(),
+                Some("paused_by_operator")
+            );
+            assert_eq!(s.wake_requested_at().unwrap(), Some(1795255740003));
+            assert_eq!(s.daemon_started().unwrap(), Some((4242, 1795254600000)));
+            assert_eq!(s.events_acked_seq().unwrap(), Some(12));
+            assert_eq!(
+                s.metered_budget::<Budget>().unwrap(),
+                Some(Budget {
+                    day: "2026-11-21".into(),
+                    used: 1048576
+                })
+            );
+            let report: crate::conditions::report::ConditionsReport =
+                s.conditions_report().unwrap().expect("report parses");
+            assert_eq!(report.network.interface.as_deref(), Some("wwan0"));
+            assert_eq!(report.budget.used, 1048576);
+            assert_eq!(report.battery.percent, Some(81));
+            assert_eq!(report.failing, ["paused_by_operator"]);
+            assert_eq!(
+                s.published_checklist("c1").unwrap().map(|d| d.len()),
+                Some(64)
+            );
+            assert_eq!(
+                s.invalid_checklist("c2").unwrap().map(|d| d.len()),
+                Some(64)
+            );
+            assert_eq!(s.published_checklist("c2").unwrap(), None);
+            // Written back under the same keys.
+            s.set_operator_paused(false).unwrap();
+            s.set_pause_reason(None).unwrap();
+            s.set_events_acked_seq(20).unwrap();
+            assert!(!s.operator_paused().unwrap());
+            assert_eq!(s.pause_reason().unwrap(), None);
+            assert_eq!(s.events_acked_seq().unwrap(), Some(20));
+        }
     }
 }
