@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::conditions::report::ConditionsReport;
 use crate::conditions::settings::MeteredPolicy;
-use crate::store::{CountBytes, Event, Store, StoreError};
+use crate::device::{self, DeviceHealth};
 use crate::store::control;
+use crate::store::{CountBytes, Event, Store, StoreError};
 use crate::util::{now_ms, rfc3339};
 
 /// Bumped when a field changes meaning or disappears (adding fields does not bump it).
@@ -40,6 +41,10 @@ pub struct Snapshot {
     pub conditions: Option<ConditionsReport>,
     pub last_success: Option<EventRef>,
     pub last_error: Option<EventRef>,
+    /// Device health (uptime, load, memory, the daemon's RSS and CPU time). The daemon
+    /// samples it at the MQTT heartbeat, the CLI when it runs.
+    #[serde(default)]
+    pub device: DeviceHealth,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -84,13 +89,39 @@ impl From<Event> for EventRef {
     }
 }
 
-/// Builds the snapshot. `daemon_running` comes from the daemon's lock (the daemon passes
-/// true for itself).
+/// Builds the snapshot for the CLI. `daemon_running` comes from the daemon's lock; the
+/// device health is sampled now, with the running daemon's own RSS and CPU time (its pid is
+/// in the store).
 pub fn snapshot(
     store: &Store,
     device_id: &str,
     remote: &str,
     daemon_running: bool,
+) -> Result<Snapshot, StoreError> {
+    let pid = if daemon_running {
+        store
+            .control_get(control::PID)?
+            .and_then(|p| p.parse().ok())
+    } else {
+        None
+    };
+    snapshot_with(
+        store,
+        device_id,
+        remote,
+        daemon_running,
+        device::sample(pid),
+    )
+}
+
+/// Builds the snapshot with a device sample taken by the caller (the daemon samples at its
+/// heartbeat, not on every status change).
+pub fn snapshot_with(
+    store: &Store,
+    device_id: &str,
+    remote: &str,
+    daemon_running: bool,
+    device: DeviceHealth,
 ) -> Result<Snapshot, StoreError> {
     let now = now_ms();
     let counts: BTreeMap<String, CountBytes> = store
@@ -154,6 +185,7 @@ pub fn snapshot(
         last_error: store
             .last_event(&["failed", "retry_scheduled"])?
             .map(Into::into),
+        device,
     })
 }
 
@@ -234,6 +266,7 @@ pub fn render(s: &Snapshot) -> String {
             e.reason.as_deref().unwrap_or("")
         ));
     }
+    out.push_str(&format!("device: {}\n", device::summary(&s.device)));
     if let Some(c) = &s.conditions {
         out.push_str(&render_conditions(c));
     }
@@ -371,11 +404,15 @@ mod empty_if_none {
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ConditionsReport>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<ConditionsReport>, D::Error> {
         let v = serde_json::Value::deserialize(d)?;
         if v.as_object().is_some_and(|o| o.is_empty()) || v.is_null() {
             return Ok(None);
         }
-        serde_json::from_value(v).map(Some).map_err(serde::de::Error::custom)
+        serde_json::from_value(v)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
     }
 }
