@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::ingest::{absolute, Ingestor};
 use crate::publisher::{self, PublishLoop, Publisher};
 use crate::remote::{self, Remote};
-use crate::reporter::Reporter;
+use crate::reporter::{self, Reporter};
 use crate::store::{control, Store, StoreError};
 use crate::util::now_ms;
 use crate::watcher::{self, IngestLoop, IngestSink, SettleTimes};
@@ -153,6 +153,7 @@ struct Parts {
     publish: PublishLoop,
     publish_rx: UnboundedReceiver<PublishMsg>,
     monitor: (Arc<Governor>, Store, UnboundedReceiver<MonitorMsg>),
+    reporter: Option<Reporter>,
     /// Kept alive for as long as the daemon runs (inotify on capture and the wake file).
     _watchers: (notify::RecommendedWatcher, notify::RecommendedWatcher),
 }
@@ -201,9 +202,10 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         warn!(error = %e, "remote not reachable yet; uploads will retry");
     }
 
-    // Fleet reporting: stopped after every other part so `offline` comes last.
+    // Fleet reporting: configuration and store checked now; it runs as a task, joined
+    // after every other part so `offline` comes last.
     let reporter = match cfg.mqtt {
-        Some(_) => Some(Reporter::spawn(&cfg, &db_path, remote.describe())?),
+        Some(_) => Some(Reporter::new(&cfg, &db_path, remote.describe())?),
         None => None,
     };
 
@@ -291,6 +293,7 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         publish,
         publish_rx,
         monitor: (gov, monitor_store, mon_rx),
+        reporter,
         _watchers: (capture_watch, wake_watch),
     };
 
@@ -304,15 +307,12 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
             source,
         })?;
     let result = runtime.block_on(supervise(parts));
-    if let Some(r) = reporter {
-        r.stop();
-    }
     info!("fieldsync stopped");
     result
 }
 
 /// Starts every part as a task, waits for the scheduler to finish (shutdown, or idle with
-/// `until_idle`), then joins the others in order.
+/// `until_idle`), then joins the others in order, the MQTT reporter last.
 async fn supervise(p: Parts) -> Result<(), DaemonError> {
     let token = p.shared.shutdown.clone();
     let signals = {
@@ -335,6 +335,17 @@ async fn supervise(p: Parts) -> Result<(), DaemonError> {
             token.cancel();
         })
     };
+    // The reporter's last word (final status, `offline`) waits for `last_word`, sent once
+    // every other part is joined (or dropped, should the supervisor itself fail).
+    let (last_word, last_word_rx) = tokio::sync::oneshot::channel::<()>();
+    let reporter = p.reporter.map(|r| {
+        tokio::spawn(reporter::run(
+            r,
+            token.clone(),
+            p.shared.queue_changed.subscribe(),
+            last_word_rx,
+        ))
+    });
     let (gov, monitor_store, mon_rx) = p.monitor;
     let monitor = tokio::spawn(monitor::run(
         gov,
@@ -377,6 +388,10 @@ async fn supervise(p: Parts) -> Result<(), DaemonError> {
     }
     drop(publish);
     join(signals).await;
+    let _ = last_word.send(());
+    if let Some(r) = reporter {
+        join(r).await;
+    }
     result
 }
 
