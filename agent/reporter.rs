@@ -1007,6 +1007,82 @@ mod tests {
         assert_eq!(backlog_start(900, 20, 500), (20, 0));
     }
 
+    /// A core and its event loop (kept, never polled: the request channel fills up).
+    fn core() -> (Core, EventLoop) {
+        let (client, eventloop) =
+            AsyncClient::new(rumqttc::MqttOptions::new("t", "localhost", 1883), 8);
+        let core = Core {
+            device_id: "d".into(),
+            remote: "file:x".into(),
+            format: PayloadFormat::Json,
+            max_backlog: 500,
+            gate: StatusGate::new(STATUS_MIN_GAP, Duration::from_secs(60)),
+            topics: Topics::new("fieldsync/d"),
+            client,
+            store: Store::open_in_memory().unwrap(),
+            sampler: Sampler::new(None),
+            device: DeviceHealth::default(),
+            connected: false,
+            outstanding: VecDeque::new(),
+            sent_seq: 0,
+            acked_seq: 0,
+            persisted_seq: 0,
+            persisted_at: Instant::now(),
+            data_version: 0,
+            events_pending: false,
+            look_at: None,
+            hold_until: None,
+            last_status: None,
+            closed: false,
+        };
+        (core, eventloop)
+    }
+
+    #[test]
+    fn the_next_turn_is_never_a_busy_loop() {
+        let (mut c, _el) = core();
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        assert_eq!(c.next_due(t0), None, "disconnected, nothing to record");
+        c.acked_seq = 3;
+        assert_eq!(c.next_due(t0), Some(c.persisted_at + PERSIST_EVERY));
+        c.acked_seq = 0;
+        c.connected = true;
+        assert_eq!(c.next_due(t0), Some(t0), "first status at once");
+        c.gate.sent(t0);
+        c.gate.unchanged();
+        assert_eq!(c.next_due(t0), Some(t0 + s(60)), "idle: the heartbeat only");
+        c.look_at = Some(t0 + s(1));
+        assert_eq!(c.next_due(t0), Some(t0 + s(1)), "a change to look at");
+        // The request channel was full: nothing before the hold ends.
+        c.hold_until = Some(t0 + s(2));
+        assert_eq!(c.next_due(t0), Some(t0 + s(2)));
+    }
+
+    #[test]
+    fn a_full_request_channel_holds_publishing_and_moves_the_deadline() {
+        let (mut c, _el) = core();
+        c.connected = true;
+        // Capacity 8 and nobody drains it (no event loop runs).
+        for _ in 0..8 {
+            assert!(c.publish("x".into(), false, vec![], None));
+        }
+        assert!(!c.publish("x".into(), false, vec![], None));
+        let held = c.hold_until.expect("held");
+        assert!(c.next_due(Instant::now()).is_some_and(|t| t >= held));
+        // Once the hold is over, a turn that still cannot publish the due status holds
+        // again: the next turn is never due at once.
+        c.hold_until = Some(Instant::now());
+        c.turn();
+        let now = Instant::now();
+        assert!(
+            c.next_due(now).is_some_and(|t| t > now),
+            "{:?}",
+            c.hold_until
+        );
+        assert!(c.last_status.is_none());
+    }
+
     #[test]
     fn status_news_ignores_the_clock() {
         let store = Store::open_in_memory().unwrap();
