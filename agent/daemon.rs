@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::ingest::{absolute, Ingestor};
 use crate::publisher::{self, PublishLoop, Publisher};
 use crate::remote::{self, Remote};
-use crate::reporter::Reporter;
+use crate::reporter::{self, Reporter};
 use crate::store::{Store, StoreError};
 use crate::util::now_ms;
 use crate::watcher::{self, IngestLoop, IngestSink, SettleTimes};
@@ -153,6 +153,7 @@ struct Parts {
     publish: PublishLoop,
     publish_rx: UnboundedReceiver<PublishMsg>,
     monitor: (Arc<Governor>, Store, UnboundedReceiver<MonitorMsg>),
+    reporter: Option<Reporter>,
     /// Kept alive for as long as the daemon runs (inotify on capture and the wake file).
     _watchers: (notify::RecommendedWatcher, notify::RecommendedWatcher),
 }
@@ -167,6 +168,22 @@ struct Parts {
 /// workers joined, budget persisted), then ingest, the conditions monitor and the
 /// publisher, and MQTT last, so `offline` is the final word.
 pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), DaemonError> {
+    // The runtime and the signal handlers come first: a SIGTERM that arrives while the
+    // parts are still being built (a slow start-up repair, a probe) is then held for the
+    // supervisor instead of killing the process with the default action.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("fieldsync-blocking")
+        .build()
+        .map_err(|source| DaemonError::Io {
+            what: "start the runtime",
+            path: String::new(),
+            source,
+        })?;
+    let signals = {
+        let _in_runtime = runtime.enter();
+        Signals::install()?
+    };
     let state_dir = absolute(&cfg.paths.state_dir);
     mkdir(&state_dir)?;
     // Capture never stops because of the agent: make sure the folder exists to watch it.
@@ -200,9 +217,10 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         warn!(error = %e, "remote not reachable yet; uploads will retry");
     }
 
-    // Fleet reporting: stopped after every other part so `offline` comes last.
+    // Fleet reporting: configuration and store checked now; it runs as a task, joined
+    // after every other part so `offline` comes last.
     let reporter = match cfg.mqtt {
-        Some(_) => Some(Reporter::spawn(&cfg, &db_path, remote.describe())?),
+        Some(_) => Some(Reporter::new(&cfg, &db_path, remote.describe())?),
         None => None,
     };
 
@@ -290,41 +308,22 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         publish,
         publish_rx,
         monitor: (gov, monitor_store, mon_rx),
+        reporter,
         _watchers: (capture_watch, wake_watch),
     };
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .thread_name("fieldsync-blocking")
-        .build()
-        .map_err(|source| DaemonError::Io {
-            what: "start the runtime",
-            path: String::new(),
-            source,
-        })?;
-    let result = runtime.block_on(supervise(parts));
-    if let Some(r) = reporter {
-        r.stop();
-    }
+    let result = runtime.block_on(supervise(parts, signals));
     info!("fieldsync stopped");
     result
 }
 
 /// Starts every part as a task, waits for the scheduler to finish (shutdown, or idle with
-/// `until_idle`), then joins the others in order.
-async fn supervise(p: Parts) -> Result<(), DaemonError> {
+/// `until_idle`), then joins the others in order, the MQTT reporter last.
+async fn supervise(p: Parts, signals: Signals) -> Result<(), DaemonError> {
     let token = p.shared.shutdown.clone();
     let signals = {
         let token = token.clone();
-        let install = |kind| {
-            signal(kind).map_err(|source| DaemonError::Io {
-                what: "install signal handler",
-                path: String::new(),
-                source,
-            })
-        };
-        let mut term = install(SignalKind::terminate())?;
-        let mut int = install(SignalKind::interrupt())?;
+        let Signals { mut term, mut int } = signals;
         tokio::spawn(async move {
             tokio::select! {
                 _ = term.recv() => info!(signal = "SIGTERM", "stopping"),
@@ -334,6 +333,17 @@ async fn supervise(p: Parts) -> Result<(), DaemonError> {
             token.cancel();
         })
     };
+    // The reporter's last word (final status, `offline`) waits for `last_word`, sent once
+    // every other part is joined (or dropped, should the supervisor itself fail).
+    let (last_word, last_word_rx) = tokio::sync::oneshot::channel::<()>();
+    let reporter = p.reporter.map(|r| {
+        tokio::spawn(reporter::run(
+            r,
+            token.clone(),
+            p.shared.queue_changed.subscribe(),
+            last_word_rx,
+        ))
+    });
     let (gov, monitor_store, mon_rx) = p.monitor;
     let monitor = tokio::spawn(monitor::run(
         gov,
@@ -376,7 +386,34 @@ async fn supervise(p: Parts) -> Result<(), DaemonError> {
     }
     drop(publish);
     join(signals).await;
+    let _ = last_word.send(());
+    if let Some(r) = reporter {
+        join(r).await;
+    }
     result
+}
+
+/// The stop signals, registered before anything else starts.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Must run inside the runtime's context.
+    fn install() -> Result<Signals, DaemonError> {
+        let install = |kind| {
+            signal(kind).map_err(|source| DaemonError::Io {
+                what: "install signal handler",
+                path: String::new(),
+                source,
+            })
+        };
+        Ok(Signals {
+            term: install(SignalKind::terminate())?,
+            int: install(SignalKind::interrupt())?,
+        })
+    }
 }
 
 /// Waits for a task; a panic in it is re-raised here.

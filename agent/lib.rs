@@ -11,6 +11,7 @@ pub mod commands;
 pub mod conditions;
 pub mod config;
 pub mod daemon;
+pub mod device;
 pub mod fleet;
 pub mod ingest;
 pub mod publisher;

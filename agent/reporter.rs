@@ -1,39 +1,51 @@
 //! The fleet reporter: publishes the device's state, status snapshot and event log over
 //! MQTT and applies operator commands from the dashboard (DESIGN.md, "MQTT contract").
 //!
-//! Two plain threads, like the rest of the daemon:
-//! - `mqtt-net` owns the `rumqttc` sync [`Connection`] and only drives the network: it
-//!   forwards connection changes, incoming commands and acknowledgements to the reporter
-//!   over a bounded channel, and waits out the reconnect backoff.
-//! - `mqtt-reporter` owns a read-mostly store connection and the [`Client`]. It never
-//!   blocks on the network: every publish is `try_publish` into `rumqttc`'s bounded request
-//!   channel, and it publishes only while connected, so a slow or dead broker costs at most
-//!   that channel's capacity in memory. What could not be sent stays in the store: the
-//!   status is re-read when it is next due (never a backlog of stale snapshots), and events
-//!   are re-read from the event log after the last one the broker acknowledged.
+//! One task on the daemon's runtime ([`run`]), driving `rumqttc`'s [`AsyncClient`] and
+//! [`EventLoop`]:
+//! - The event loop is polled by one future that owns it and is never dropped mid-poll
+//!   (`EventLoop::poll` is not cancel-safe: a write cut short would lose a packet the
+//!   session counts as sent); it also waits out the reconnect backoff.
+//! - Everything that touches the store (reading the event log and the snapshot, applying
+//!   a command, recording the acknowledged event position) runs on the blocking pool with
+//!   the reporter's state ([`Core`]) moved there and back, while the event loop keeps
+//!   being polled. Acknowledgements only move counters and are applied on the task.
+//! - It never blocks on the network: every publish is `try_publish` into `rumqttc`'s
+//!   bounded request channel, and it publishes only while connected, so a slow or dead
+//!   broker costs at most that channel's capacity in memory. What could not be sent stays
+//!   in the store: the status is re-read when it is next due (never a backlog of stale
+//!   snapshots), and events are re-read from the event log after the last one the broker
+//!   acknowledged.
 //!
-//! The sync API was chosen over the async one because the reporter's work is blocking
-//! SQLite reads and writes, which must not run on an async reactor; `rumqttc` keeps its
-//! small current-thread runtime inside the `Connection`, on the net thread only.
+//! It looks at the store when the queue changed (`queue_changed`), then once more a second
+//! later while the store keeps changing (upload progress is written without a wake-up),
+//! and when the status is due (debounce, heartbeat): an idle daemon's reporter wakes for
+//! the heartbeat and the keep-alive only.
+//!
+//! Stop: from the shutdown token on it no longer (re)connects. While connected it goes on
+//! reporting until the supervisor has joined every other part (`last_word`), then sends
+//! the last events, a final status and `offline`, waits a bounded time for the broker to
+//! acknowledge them and disconnects: `offline` is the daemon's final word.
 //!
 //! Invariant: uploads never wait for the reporter. It shares nothing with the uploader but
 //! the SQLite file (WAL: its reads never block the writers; its writes are one-row commands
 //! an operator asked for, and the acknowledged event position every few seconds).
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use rumqttc::{Client, ClientError, Connection, Event, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, ClientError, ConnectionError, Event, EventLoop, Outgoing, Packet, QoS};
 use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::commands;
 use crate::config::Config;
+use crate::device::{DeviceHealth, Sampler};
 use crate::mqtt::{self, MqttError, PayloadFormat, Topics};
 use crate::status::{self, Snapshot};
 use crate::store::{EventForm, EventKind, Store, StoreError};
@@ -44,13 +56,12 @@ use crate::util::{now_ms, rfc3339};
 /// a few command results).
 const REQUEST_CAPACITY: usize = 64;
 
-/// Net-thread notifications waiting for the reporter. The reporter drains them quickly; the
-/// bound only stops a command flood from growing memory (it then backs up into TCP).
+/// Broker messages waiting while the reporter's state is busy with the store. Past this the
+/// event loop is not polled until they are handled (a command flood backs up into TCP).
 const NET_CAPACITY: usize = 128;
 
-/// How often the reporter looks at `PRAGMA data_version` and the event log: changes show
-/// on MQTT within half a second, for one cheap query (the brief's "≤ 2/s").
-const TICK: Duration = Duration::from_millis(500);
+/// When the request channel was full, publishing is tried again after this long.
+const RETRY_FULL: Duration = Duration::from_millis(500);
 
 /// Status is published at most this often under load (progress writes change the store
 /// several times a second).
@@ -207,6 +218,14 @@ impl StatusGate {
             None
         }
     }
+    /// When [`StatusGate::due`] next says something (`now` if it already does).
+    pub fn next_due(&self, now: Instant) -> Instant {
+        match self.last_sent {
+            None => now,
+            Some(last) if self.changed => last + self.min_gap.min(self.heartbeat),
+            Some(last) => last + self.heartbeat,
+        }
+    }
     pub fn sent(&mut self, now: Instant) {
         self.last_sent = Some(now);
         self.changed = false;
@@ -229,18 +248,20 @@ pub fn backlog_start(acked: i64, last: i64, max_backlog: i64) -> (i64, i64) {
     }
 }
 
-/// Two snapshots that differ only in their clock-driven fields are the same news.
+/// Two snapshots that differ only in their clock-driven fields (the time, ages, the
+/// device sample) are the same news.
 fn same_news(a: &Snapshot, b: &Snapshot) -> bool {
     let strip = |s: &Snapshot| {
         let mut s = s.clone();
         s.time = String::new();
         s.pending.oldest_age_s = None;
+        s.device = DeviceHealth::default();
         s
     };
     strip(a) == strip(b)
 }
 
-/// What the net thread tells the reporter.
+/// What the event loop tells the reporter's state.
 #[derive(Debug)]
 enum Net {
     Connected,
@@ -257,17 +278,25 @@ enum Net {
     Closed,
 }
 
-/// A running reporter; [`Reporter::stop`] publishes `offline` and disconnects.
+impl Net {
+    /// Handling it reads or writes the store (so it runs on the blocking pool); the others
+    /// only move counters.
+    fn needs_store(&self) -> bool {
+        matches!(self, Net::Connected | Net::Command { .. })
+    }
+}
+
+/// A reporter ready to [`run`]: configuration checked, store opened, nothing connected yet.
 pub struct Reporter {
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
+    core: Core,
+    eventloop: EventLoop,
+    link: Link,
 }
 
 impl Reporter {
-    /// Starts the reporter threads. Fails only on configuration problems (unreadable
-    /// password file or certificates) or when the store cannot be opened; an unreachable
-    /// broker is retried in the background.
-    pub fn spawn(cfg: &Config, db_path: &Path, remote: String) -> Result<Reporter, ReporterError> {
+    /// Fails only on configuration problems (unreadable password file or certificates) or
+    /// when the store cannot be opened; an unreachable broker is retried once running.
+    pub fn new(cfg: &Config, db_path: &Path, remote: String) -> Result<Reporter, ReporterError> {
         let m = cfg.mqtt.clone().unwrap_or_default();
         let topics = Topics::new(m.prefix(&cfg.device_id));
         let client_id = m.client_id.clone().unwrap_or_else(|| cfg.device_id.clone());
@@ -283,24 +312,10 @@ impl Reporter {
                 seq
             }
         };
-        let (client, connection) = Client::new(opts, REQUEST_CAPACITY);
-        let stop = Arc::new(AtomicBool::new(false));
-        let (net_tx, net_rx) = mpsc::sync_channel(NET_CAPACITY);
-        let (net_done_tx, net_done_rx) = mpsc::channel();
-        {
-            let stop = stop.clone();
-            let endpoint = m.endpoint();
-            thread::Builder::new()
-                .name("mqtt-net".into())
-                .spawn(move || {
-                    net_loop(connection, net_tx, stop, endpoint);
-                    let _ = net_done_tx.send(());
-                })
-                .expect("spawn mqtt-net thread");
-        }
+        let (client, eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
         info!(broker = %m.endpoint(), prefix = %topics.prefix, client_id = %client_id,
               format = ?m.format, "mqtt reporting enabled");
-        let mut r = Run {
+        let core = Core {
             device_id: cfg.device_id.clone(),
             remote,
             format: m.format,
@@ -309,8 +324,8 @@ impl Reporter {
             topics,
             client,
             store,
-            stop: stop.clone(),
-            net_rx,
+            sampler: Sampler::own(),
+            device: DeviceHealth::default(),
             connected: false,
             outstanding: VecDeque::new(),
             sent_seq: acked,
@@ -319,47 +334,262 @@ impl Reporter {
             persisted_at: Instant::now(),
             data_version: 0,
             events_pending: true,
+            look_at: None,
+            hold_until: None,
             last_status: None,
             closed: false,
         };
-        let thread = thread::Builder::new()
-            .name("mqtt-reporter".into())
-            .spawn(move || {
-                r.run();
-                let disconnected_cleanly = r.closed;
-                // Dropping the client ends the net thread's loop. After a clean DISCONNECT
-                // give it a moment to close the socket; it is never joined, so a broker
-                // that stopped answering (or a connect attempt under way) cannot hold up
-                // the stop.
-                drop(r);
-                if disconnected_cleanly {
-                    let _ = net_done_rx.recv_timeout(STOP_GRACE);
-                }
-            })
-            .expect("spawn mqtt-reporter thread");
-        Ok(Reporter { stop, thread })
-    }
-
-    /// Publishes a final status and `offline`, waits briefly for the broker to take them,
-    /// disconnects. Called by the daemon after uploads have stopped.
-    pub fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.thread.join();
+        Ok(Reporter {
+            core,
+            eventloop,
+            link: Link::new(m.endpoint()),
+        })
     }
 }
 
-/// The reporter thread's state.
-struct Run {
+/// The event loop being polled, owned by the future that polls it: handed back with the
+/// result, so a poll is never cut short.
+type Polling = Pin<Box<dyn Future<Output = (EventLoop, Result<Event, ConnectionError>)> + Send>>;
+
+/// Polls `el` once, after `backoff` (the reconnect delay after a failure).
+fn poll_after(mut el: EventLoop, backoff: Duration) -> Polling {
+    Box::pin(async move {
+        if !backoff.is_zero() {
+            tokio::time::sleep(backoff).await;
+            // Publishes made before the loss was noticed would go out after the
+            // reconnect, stale and out of step with the acknowledgement count: drop them
+            // (the new session starts clean anyway).
+            el.clean();
+        }
+        let r = el.poll().await;
+        (el, r)
+    })
+}
+
+/// Runs the reporter until the supervisor has joined every other part (`last_word` sent,
+/// or its sender dropped), then says `offline` and disconnects. From `shutdown` on it does
+/// not (re)connect, so a broker that is away never holds up a stop.
+pub async fn run(
+    r: Reporter,
+    shutdown: CancellationToken,
+    mut queue_changed: watch::Receiver<u64>,
+    mut last_word: oneshot::Receiver<()>,
+) {
+    let Reporter {
+        core,
+        eventloop,
+        mut link,
+    } = r;
+    // `None` while on the blocking pool with `job`.
+    let mut core = Some(core);
+    let mut job: Option<tokio::task::JoinHandle<Core>> = None;
+    let mut polling = Some(poll_after(eventloop, Duration::ZERO));
+    // Broker news not yet applied to `core` (it was busy with the store).
+    let mut inbox: VecDeque<Net> = VecDeque::new();
+    let mut poked = false;
+    let mut watching = true;
+    let mut stopping = false;
+    loop {
+        if let Some(c) = core.as_mut() {
+            if std::mem::take(&mut poked) {
+                c.look_at = Some(Instant::now());
+            }
+            while inbox.front().is_some_and(|m| !m.needs_store()) {
+                c.on_net(inbox.pop_front().expect("front"));
+            }
+            let now = Instant::now();
+            if !inbox.is_empty() || c.next_due(now).is_some_and(|t| t <= now) {
+                let mut c = core.take().expect("core");
+                let news: Vec<Net> = inbox.drain(..).collect();
+                job = Some(tokio::task::spawn_blocking(move || {
+                    for m in news {
+                        c.on_net(m);
+                    }
+                    c.turn();
+                    c
+                }));
+            }
+        }
+        let wake = core.as_ref().and_then(|c| c.next_due(Instant::now()));
+        tokio::select! {
+            (el, res) = async { polling.as_mut().expect("polling").await },
+                if polling.is_some() && inbox.len() < NET_CAPACITY =>
+            {
+                let (news, backoff) = link.on_poll(res);
+                let lost = matches!(news, Some(Net::Disconnected));
+                inbox.extend(news);
+                // Stopping: no reconnection.
+                polling = (!(stopping && lost)).then(|| poll_after(el, backoff));
+            }
+            c = async { job.as_mut().expect("job").await }, if job.is_some() => {
+                job = None;
+                core = Some(c.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())));
+            }
+            r = queue_changed.changed(), if watching => match r {
+                Ok(()) => poked = true,
+                Err(_) => watching = false,
+            },
+            _ = shutdown.cancelled(), if !stopping => {
+                stopping = true;
+                if !link.up {
+                    // Connecting or waiting to: give up (the broker has nothing of ours to
+                    // forget: the will was published, or we never got through).
+                    polling = None;
+                }
+            }
+            _ = &mut last_word => break,
+            _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now).into()),
+                if wake.is_some() && core.is_some() => {}
+        }
+    }
+
+    // Every other part is joined: what the store says now is final.
+    let core = match core {
+        Some(c) => c,
+        None => join(job.take().expect("job")).await,
+    };
+    let news: Vec<Net> = inbox.drain(..).collect();
+    let mut core = join(tokio::task::spawn_blocking(move || {
+        let mut c = core;
+        for m in news {
+            c.on_net(m);
+        }
+        c.farewell();
+        c
+    }))
+    .await;
+    if core.connected {
+        let deadline = tokio::time::Instant::now() + STOP_GRACE;
+        let mut bye = false;
+        while let Some(p) = polling.as_mut() {
+            if !bye && core.outstanding.is_empty() {
+                if core.client.try_disconnect().is_err() {
+                    break;
+                }
+                bye = true;
+            }
+            let Ok((el, res)) = tokio::time::timeout_at(deadline, p).await else {
+                break;
+            };
+            match res {
+                Ok(Event::Incoming(Packet::PubAck(_))) => core.on_net(Net::PubAck),
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                    core.on_net(Net::Closed);
+                    break;
+                }
+                // Commands after the stop are not applied.
+                Ok(_) => {}
+                Err(e) => {
+                    debug!(error = %mqtt::describe(&e), "mqtt connection lost while stopping");
+                    core.on_net(Net::Disconnected);
+                    break;
+                }
+            }
+            polling = Some(poll_after(el, Duration::ZERO));
+        }
+        if bye {
+            info!("mqtt: published offline and disconnected");
+        } else {
+            warn!("mqtt: broker did not acknowledge `offline` in time; it will publish `lost`");
+        }
+    }
+    // Closes the socket.
+    drop(polling);
+    join(tokio::task::spawn_blocking(move || {
+        core.persist_acked(true)
+    }))
+    .await;
+}
+
+/// Waits for a blocking job; a panic in it is re-raised here.
+async fn join<T>(h: tokio::task::JoinHandle<T>) -> T {
+    h.await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+/// The connection as the log sees it: says when it came and went (once per distinct
+/// error, not on every retry) and computes the reconnect backoff.
+struct Link {
+    endpoint: String,
+    /// A CONNACK was received and no error since.
+    up: bool,
+    failures: u32,
+    last_error: String,
+    was_connected: bool,
+}
+
+impl Link {
+    fn new(endpoint: String) -> Link {
+        Link {
+            endpoint,
+            up: false,
+            failures: 0,
+            last_error: String::new(),
+            was_connected: false,
+        }
+    }
+
+    /// What one poll means for the reporter's state, and how long to wait before polling
+    /// again.
+    fn on_poll(&mut self, res: Result<Event, ConnectionError>) -> (Option<Net>, Duration) {
+        let news = match res {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                if self.failures > 0 || self.was_connected {
+                    info!(broker = %self.endpoint, "mqtt reconnected");
+                } else {
+                    info!(broker = %self.endpoint, "mqtt connected");
+                }
+                self.failures = 0;
+                self.last_error.clear();
+                self.was_connected = true;
+                self.up = true;
+                Net::Connected
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => Net::Command {
+                topic: p.topic,
+                payload: p.payload.to_vec(),
+                retain: p.retain,
+            },
+            Ok(Event::Incoming(Packet::PubAck(_))) => Net::PubAck,
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => Net::Closed,
+            Ok(_) => return (None, Duration::ZERO),
+            Err(e) => {
+                self.failures += 1;
+                let why = mqtt::describe(&e);
+                let delay = mqtt::reconnect_delay(self.failures, fastrand::f64());
+                let endpoint = &self.endpoint;
+                if why != self.last_error {
+                    if self.up && self.failures == 1 {
+                        warn!(broker = %endpoint, error = %why, "mqtt connection lost; reconnecting");
+                    } else {
+                        warn!(broker = %endpoint, error = %why, retry_in = ?delay, "mqtt cannot connect; will retry");
+                    }
+                    self.last_error = why;
+                } else {
+                    debug!(broker = %endpoint, error = %self.last_error, retry_in = ?delay, "mqtt cannot connect");
+                }
+                self.up = false;
+                return (Some(Net::Disconnected), delay);
+            }
+        };
+        (Some(news), Duration::ZERO)
+    }
+}
+
+/// The reporter's state and its store connection. Moved to the blocking pool for
+/// everything that touches the store ([`Core::turn`], connecting, commands).
+struct Core {
     device_id: String,
     remote: String,
     format: PayloadFormat,
     max_backlog: i64,
     gate: StatusGate,
     topics: Topics,
-    client: Client,
+    client: AsyncClient,
     store: Store,
-    stop: Arc<AtomicBool>,
-    net_rx: Receiver<Net>,
+    sampler: Sampler,
+    /// The device sample in the status, refreshed at the heartbeat.
+    device: DeviceHealth,
     connected: bool,
     /// One entry per QoS 1 publish not yet acknowledged, oldest first: the event sequence
     /// number it carried, if it was an event.
@@ -373,36 +603,36 @@ struct Run {
     data_version: i64,
     /// The event log may hold events not yet handed to the client.
     events_pending: bool,
+    /// When to look at the store next: the queue changed, or was still changing.
+    look_at: Option<Instant>,
+    /// Nothing is tried before this: the request channel was full, or the store failed.
+    hold_until: Option<Instant>,
     last_status: Option<Snapshot>,
     /// Our DISCONNECT went out (a clean stop).
     closed: bool,
 }
 
-impl Run {
-    fn run(&mut self) {
-        loop {
-            match self.net_rx.recv_timeout(TICK) {
-                Ok(msg) => {
-                    self.on_net(msg);
-                    while let Ok(m) = self.net_rx.try_recv() {
-                        self.on_net(m);
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    // The net thread ended: nothing more can be published.
-                    self.connected = false;
-                }
-            }
-            if self.stop.load(Ordering::Relaxed) {
-                self.shutdown();
-                return;
-            }
-            if let Err(e) = self.tick() {
-                warn!(error = %e, "mqtt reporter cannot read the queue; will retry");
-            }
-            self.persist_acked(false);
+impl Core {
+    /// When [`Core::turn`] is next due; `None`: not before something happens.
+    fn next_due(&self, now: Instant) -> Option<Instant> {
+        let persist =
+            (self.acked_seq != self.persisted_seq).then(|| self.persisted_at + PERSIST_EVERY);
+        let report = self.connected.then(|| {
+            let t = self
+                .look_at
+                .map_or(self.gate.next_due(now), |l| l.min(self.gate.next_due(now)));
+            self.hold_until.map_or(t, |h| t.max(h))
+        });
+        [persist, report].into_iter().flatten().min()
+    }
+
+    /// The periodic store work: the event log, the status, the acknowledged position.
+    fn turn(&mut self) {
+        if let Err(e) = self.tick() {
+            warn!(error = %e, "mqtt reporter cannot read the queue; will retry");
+            self.hold_until = Some(Instant::now() + RETRY_FULL);
         }
+        self.persist_acked(false);
     }
 
     fn on_net(&mut self, msg: Net) {
@@ -410,8 +640,10 @@ impl Run {
             Net::Connected => {
                 self.connected = true;
                 self.outstanding.clear();
+                self.hold_until = None;
                 if let Err(e) = self.on_connect() {
                     warn!(error = %e, "mqtt reporter cannot read the queue; will retry");
+                    self.hold_until = Some(Instant::now() + RETRY_FULL);
                 }
             }
             Net::Disconnected => {
@@ -472,18 +704,37 @@ impl Run {
     }
 
     fn tick(&mut self) -> Result<(), StoreError> {
+        if !self.connected {
+            self.look_at = None;
+            return Ok(());
+        }
+        let now = Instant::now();
+        if self.hold_until.is_some_and(|h| now < h) {
+            return Ok(());
+        }
+        self.hold_until = None;
+        self.look_at = None;
         let dv = self.store.data_version()?;
         if dv != self.data_version {
             self.data_version = dv;
             self.gate.changed();
             self.events_pending = true;
-        }
-        if !self.connected {
-            return Ok(());
+            // Still changing, perhaps (upload progress, a report written after the
+            // wake-up): look again once the status may be published again.
+            self.look_at = Some(now + STATUS_MIN_GAP);
         }
         self.pump_events()?;
-        if let Some(heartbeat) = self.gate.due(Instant::now()) {
-            let snap = status::snapshot(&self.store, &self.device_id, &self.remote, true)?;
+        if let Some(heartbeat) = self.gate.due(now) {
+            if heartbeat || self.last_status.is_none() {
+                self.device = self.sampler.sample();
+            }
+            let snap = status::snapshot_with(
+                &self.store,
+                &self.device_id,
+                &self.remote,
+                true,
+                self.device.clone(),
+            )?;
             let news = self
                 .last_status
                 .as_ref()
@@ -502,7 +753,7 @@ impl Run {
     }
 
     /// Hands events after `sent_seq` to the client, oldest first, until the log is
-    /// exhausted or the client's channel is full (the rest go on the next tick).
+    /// exhausted or the client's channel is full (the rest go on a later turn).
     fn pump_events(&mut self) -> Result<(), StoreError> {
         if !self.events_pending {
             return Ok(());
@@ -523,6 +774,10 @@ impl Run {
             self.acked_seq = self.acked_seq.max(self.sent_seq);
         }
         self.events_pending = full_batch;
+        if full_batch {
+            // More of a backlog: the next batch on the next turn, at once.
+            self.look_at = Some(Instant::now());
+        }
         Ok(())
     }
 
@@ -558,6 +813,7 @@ impl Run {
         // Our own writes do not change our `data_version`: look again now.
         self.gate.changed();
         self.events_pending = true;
+        self.look_at = Some(Instant::now());
     }
 
     /// Hands one QoS 1 publish to the client without blocking. False when the client's
@@ -571,12 +827,13 @@ impl Run {
                 self.outstanding.push_back(seq);
                 true
             }
-            Err(ClientError::TryRequest(_)) => {
-                debug!("mqtt: request channel full; will publish later");
-                false
-            }
             Err(e) => {
-                debug!(error = %e, "mqtt: cannot publish");
+                if matches!(e, ClientError::TryRequest(_)) {
+                    debug!("mqtt: request channel full; will publish later");
+                } else {
+                    debug!(error = %e, "mqtt: cannot publish");
+                }
+                self.hold_until = Some(Instant::now() + RETRY_FULL);
                 false
             }
         }
@@ -594,116 +851,35 @@ impl Run {
         }
     }
 
-    /// Clean stop: the last events, a final status (as `fieldsync status` shows a stopped
-    /// daemon), `offline`, then DISCONNECT once the broker has acknowledged them, so the
-    /// broker never mistakes the stop for a loss and publishes the will.
-    fn shutdown(&mut self) {
-        if self.connected {
-            let _ = self.tick();
-            let _ = self.pump_events();
-            if let Ok(snap) = status::snapshot(&self.store, &self.device_id, &self.remote, false) {
-                let payload = mqtt::encode(self.format, &snap);
-                self.publish(self.topics.status(), true, payload, None);
-            }
-            self.publish(
-                self.topics.state(),
-                true,
-                mqtt::STATE_OFFLINE.as_bytes().to_vec(),
-                None,
-            );
-            let deadline = Instant::now() + STOP_GRACE;
-            while self.connected && !self.outstanding.is_empty() && Instant::now() < deadline {
-                if let Ok(m) = self.net_rx.recv_timeout(Duration::from_millis(50)) {
-                    self.on_net(m);
-                }
-            }
-            if self.connected && self.outstanding.is_empty() {
-                let _ = self.client.try_disconnect();
-                let deadline = Instant::now() + STOP_GRACE;
-                while self.connected && Instant::now() < deadline {
-                    if let Ok(m) = self.net_rx.recv_timeout(Duration::from_millis(50)) {
-                        self.on_net(m);
-                    }
-                }
-                info!("mqtt: published offline and disconnected");
-            } else {
-                warn!("mqtt: broker did not acknowledge `offline` in time; it will publish `lost`");
-            }
+    /// The last word, once every other part has stopped: the last events, a final status
+    /// (as `fieldsync status` shows a stopped daemon) and `offline`. The caller then waits
+    /// for the broker to acknowledge them and disconnects, so the broker never mistakes the
+    /// stop for a loss and publishes the will.
+    fn farewell(&mut self) {
+        if !self.connected {
+            return;
         }
-        self.persist_acked(true);
-    }
-}
-
-/// Drives the connection: forwards what the reporter needs, reconnects with backoff.
-fn net_loop(mut conn: Connection, tx: SyncSender<Net>, stop: Arc<AtomicBool>, endpoint: String) {
-    let mut failures: u32 = 0;
-    let mut last_error = String::new();
-    let mut was_connected = false;
-    loop {
-        let event = match conn.recv() {
-            Ok(ev) => ev,
-            // Every client handle is gone: the reporter ended.
-            Err(_) => return,
-        };
-        let msg = match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                if failures > 0 || was_connected {
-                    info!(broker = %endpoint, "mqtt reconnected");
-                } else {
-                    info!(broker = %endpoint, "mqtt connected");
-                }
-                failures = 0;
-                last_error.clear();
-                was_connected = true;
-                Some(Net::Connected)
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => Some(Net::Command {
-                topic: p.topic,
-                payload: p.payload.to_vec(),
-                retain: p.retain,
-            }),
-            Ok(Event::Incoming(Packet::PubAck(_))) => Some(Net::PubAck),
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
-                let _ = tx.send(Net::Closed);
-                return;
-            }
-            Ok(_) => None,
-            Err(e) => {
-                failures += 1;
-                let why = mqtt::describe(&e);
-                let delay = mqtt::reconnect_delay(failures, fastrand::f64());
-                if why != last_error {
-                    if was_connected && failures == 1 {
-                        warn!(broker = %endpoint, error = %why, "mqtt connection lost; reconnecting");
-                    } else {
-                        warn!(broker = %endpoint, error = %why, retry_in = ?delay, "mqtt cannot connect; will retry");
-                    }
-                    last_error = why;
-                } else {
-                    debug!(broker = %endpoint, error = %last_error, retry_in = ?delay, "mqtt cannot connect");
-                }
-                if tx.send(Net::Disconnected).is_err() {
-                    return;
-                }
-                let until = Instant::now() + delay;
-                while Instant::now() < until {
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    thread::sleep(Duration::from_millis(100).min(until - Instant::now()));
-                }
-                // Publishes the reporter made before it learnt of the loss would go out
-                // after the reconnect, stale and out of step with its acknowledgement
-                // count: drop them (the new session starts clean anyway).
-                conn.eventloop.clean();
-                None
-            }
-        };
-        if let Some(m) = msg {
-            if tx.send(m).is_err() {
-                return;
-            }
+        self.hold_until = None;
+        let _ = self.tick();
+        self.hold_until = None;
+        let _ = self.pump_events();
+        self.device = self.sampler.sample();
+        if let Ok(snap) = status::snapshot_with(
+            &self.store,
+            &self.device_id,
+            &self.remote,
+            false,
+            self.device.clone(),
+        ) {
+            let payload = mqtt::encode(self.format, &snap);
+            self.publish(self.topics.status(), true, payload, None);
         }
+        self.publish(
+            self.topics.state(),
+            true,
+            mqtt::STATE_OFFLINE.as_bytes().to_vec(),
+            None,
+        );
     }
 }
 
@@ -765,8 +941,16 @@ mod tests {
         g.unchanged();
         assert_eq!(g.due(t0 + s(5)), None);
         assert_eq!(g.due(t0 + s(61)), Some(true), "heartbeat");
+        assert_eq!(g.next_due(t0 + s(5)), t0 + s(61), "next: the heartbeat");
+        g.changed();
+        assert_eq!(
+            g.next_due(t0 + s(5)),
+            t0 + s(2),
+            "next: a change, debounced"
+        );
         g.reset();
         assert_eq!(g.due(t0 + s(62)), Some(true), "after reconnect");
+        assert_eq!(g.next_due(t0 + s(62)), t0 + s(62));
     }
 
     #[test]
@@ -776,6 +960,82 @@ mod tests {
         assert_eq!(backlog_start(0, 0, 500), (0, 0));
         // The log was trimmed or recreated below our position: restart at its end.
         assert_eq!(backlog_start(900, 20, 500), (20, 0));
+    }
+
+    /// A core and its event loop (kept, never polled: the request channel fills up).
+    fn core() -> (Core, EventLoop) {
+        let (client, eventloop) =
+            AsyncClient::new(rumqttc::MqttOptions::new("t", "localhost", 1883), 8);
+        let core = Core {
+            device_id: "d".into(),
+            remote: "file:x".into(),
+            format: PayloadFormat::Json,
+            max_backlog: 500,
+            gate: StatusGate::new(STATUS_MIN_GAP, Duration::from_secs(60)),
+            topics: Topics::new("fieldsync/d"),
+            client,
+            store: Store::open_in_memory().unwrap(),
+            sampler: Sampler::new(None),
+            device: DeviceHealth::default(),
+            connected: false,
+            outstanding: VecDeque::new(),
+            sent_seq: 0,
+            acked_seq: 0,
+            persisted_seq: 0,
+            persisted_at: Instant::now(),
+            data_version: 0,
+            events_pending: false,
+            look_at: None,
+            hold_until: None,
+            last_status: None,
+            closed: false,
+        };
+        (core, eventloop)
+    }
+
+    #[test]
+    fn the_next_turn_is_never_a_busy_loop() {
+        let (mut c, _el) = core();
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        assert_eq!(c.next_due(t0), None, "disconnected, nothing to record");
+        c.acked_seq = 3;
+        assert_eq!(c.next_due(t0), Some(c.persisted_at + PERSIST_EVERY));
+        c.acked_seq = 0;
+        c.connected = true;
+        assert_eq!(c.next_due(t0), Some(t0), "first status at once");
+        c.gate.sent(t0);
+        c.gate.unchanged();
+        assert_eq!(c.next_due(t0), Some(t0 + s(60)), "idle: the heartbeat only");
+        c.look_at = Some(t0 + s(1));
+        assert_eq!(c.next_due(t0), Some(t0 + s(1)), "a change to look at");
+        // The request channel was full: nothing before the hold ends.
+        c.hold_until = Some(t0 + s(2));
+        assert_eq!(c.next_due(t0), Some(t0 + s(2)));
+    }
+
+    #[test]
+    fn a_full_request_channel_holds_publishing_and_moves_the_deadline() {
+        let (mut c, _el) = core();
+        c.connected = true;
+        // Capacity 8 and nobody drains it (no event loop runs).
+        for _ in 0..8 {
+            assert!(c.publish("x".into(), false, vec![], None));
+        }
+        assert!(!c.publish("x".into(), false, vec![], None));
+        let held = c.hold_until.expect("held");
+        assert!(c.next_due(Instant::now()).is_some_and(|t| t >= held));
+        // Once the hold is over, a turn that still cannot publish the due status holds
+        // again: the next turn is never due at once.
+        c.hold_until = Some(Instant::now());
+        c.turn();
+        let now = Instant::now();
+        assert!(
+            c.next_due(now).is_some_and(|t| t > now),
+            "{:?}",
+            c.hold_until
+        );
+        assert!(c.last_status.is_none());
     }
 
     #[test]

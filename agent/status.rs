@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::conditions::report::ConditionsReport;
 use crate::conditions::settings::MeteredPolicy;
+use crate::device::{self, DeviceHealth};
 use crate::store::{CountBytes, Event, EventForm, EventKind, Store, StoreError};
 use crate::util::{now_ms, rfc3339};
 
@@ -43,6 +44,9 @@ pub struct Snapshot {
     /// The newest failure (`failed`, `retry_scheduled`), in its summary form.
     #[serde(serialize_with = "summary")]
     pub last_error: Option<Event>,
+    /// Device health (uptime, load, memory, the daemon's RSS and CPU time). The daemon
+    /// samples it at the MQTT heartbeat, the CLI when it runs.
+    pub device: DeviceHealth,
 }
 
 /// Status quotes an event in its summary form (the README's `{time, kind, …}`).
@@ -69,13 +73,37 @@ pub struct Uploading {
     pub percent: f64,
 }
 
-/// Builds the snapshot. `daemon_running` comes from the daemon's lock (the daemon passes
-/// true for itself).
+/// Builds the snapshot for the CLI. `daemon_running` comes from the daemon's lock; the
+/// device health is sampled now, with the running daemon's own RSS and CPU time (its pid is
+/// in the store).
 pub fn snapshot(
     store: &Store,
     device_id: &str,
     remote: &str,
     daemon_running: bool,
+) -> Result<Snapshot, StoreError> {
+    let pid = if daemon_running {
+        store.daemon_started()?.map(|(pid, _)| pid)
+    } else {
+        None
+    };
+    snapshot_with(
+        store,
+        device_id,
+        remote,
+        daemon_running,
+        device::sample(pid),
+    )
+}
+
+/// Builds the snapshot with a device sample taken by the caller (the daemon samples at its
+/// heartbeat, not on every status change).
+pub fn snapshot_with(
+    store: &Store,
+    device_id: &str,
+    remote: &str,
+    daemon_running: bool,
+    device: DeviceHealth,
 ) -> Result<Snapshot, StoreError> {
     let now = now_ms();
     let counts: BTreeMap<String, CountBytes> = store
@@ -133,6 +161,7 @@ pub fn snapshot(
         conditions,
         last_success: store.last_event(&EventKind::SUCCESS)?,
         last_error: store.last_event(&EventKind::ERROR)?,
+        device,
     })
 }
 
@@ -213,6 +242,7 @@ pub fn render(s: &Snapshot) -> String {
             e.reason.as_deref().unwrap_or("")
         ));
     }
+    out.push_str(&format!("device: {}\n", device::summary(&s.device)));
     if let Some(c) = &s.conditions {
         out.push_str(&render_conditions(c));
     }

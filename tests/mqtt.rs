@@ -109,6 +109,24 @@ fn status_converges_to_all_synced_with_one_uploaded_event_per_photo() {
     assert_eq!(mqtt_status["counts"], cli["counts"]);
     assert_eq!(mqtt_status["device_id"], "dev1");
     assert_eq!(mqtt_status["daemon_running"], true);
+    // Device health: the daemon's own memory and CPU time, in both (the CLI reads the
+    // daemon's process, not its own).
+    for (who, s) in [("mqtt", &mqtt_status), ("cli", &cli)] {
+        let d = &s["device"];
+        assert!(d["rss_bytes"].as_u64().is_some_and(|r| r > 0), "{who}: {d}");
+        assert!(d["cpu_s"].as_f64().is_some(), "{who}: {d}");
+        assert!(d["uptime_s"].as_u64().is_some_and(|u| u > 0), "{who}: {d}");
+        let mem = (
+            d["mem_available_bytes"].as_u64(),
+            d["mem_total_bytes"].as_u64(),
+        );
+        assert!(
+            matches!(mem, (Some(a), Some(t)) if a <= t && t > 0),
+            "{who}: {d}"
+        );
+        assert!(d["load_1m"].as_f64().is_some(), "{who}: {d}");
+    }
+    assert!(env.cli_ok(&["status"]).contains("\ndevice: up "));
 
     // Snapshots converge: the synced count never goes backwards.
     let synced: Vec<i64> = sub
@@ -200,6 +218,7 @@ fn kill_publishes_lost_and_clean_stop_publishes_offline() {
     let last = sub.last("/status").unwrap().json();
     assert_eq!(last["daemon_running"], false);
     assert_eq!(last["pause_reason"], "not_running");
+    assert!(last["device"].is_object(), "{last}");
     // A dashboard connecting later sees `offline`, retained.
     let late = Sub::new(broker.port, "fieldsync/dev1/state");
     wait(&env, &d, &late, &broker, 20, "retained offline", || {

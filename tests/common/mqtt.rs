@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
-use super::{tail, wait_for};
+use super::tail;
 
 /// `n` distinct ports nobody listens on right now (bound together, then released for
 /// mosquitto to take).
@@ -46,7 +46,27 @@ impl Broker {
     /// `extra` is appended to the config (more listeners, auth); `{dir}`, `{port2}` and
     /// `{port3}` in it are replaced by the broker's temp dir and two more free ports.
     /// Anonymous access is allowed unless `extra` sets `allow_anonymous`.
+    ///
+    /// The ports are free when chosen but must be released for mosquitto to bind them: a
+    /// listener that takes one meanwhile (another test's broker, TLS or password listener,
+    /// or black hole; another suite running on the machine) makes mosquitto exit with
+    /// "Address already in use". Then it starts again on fresh ports.
     pub fn with_config(extra: &str) -> Broker {
+        const ATTEMPTS: usize = 5;
+        for attempt in 1..=ATTEMPTS {
+            let mut b = Broker::configure(extra);
+            match b.launch() {
+                Ok(()) => return b,
+                Err(e) if attempt < ATTEMPTS => {
+                    eprintln!("mosquitto did not start ({e}); trying other ports")
+                }
+                Err(e) => panic!("{e}\n{}", b.log_text()),
+            }
+        }
+        unreachable!()
+    }
+
+    fn configure(extra: &str) -> Broker {
         let dir = tempfile::Builder::new()
             .prefix("fieldsync-mosquitto-")
             .tempdir()
@@ -76,27 +96,37 @@ impl Broker {
             extra
         );
         fs::write(&conf, text).unwrap();
-        let mut b = Broker {
+        Broker {
             port,
             extra_ports: ports[1..].to_vec(),
             dir,
             conf,
             log,
             child: None,
-        };
-        b.restart();
-        b
+        }
     }
 
     /// Starts (again) on the same port and waits until it accepts connections.
     pub fn restart(&mut self) {
+        if let Err(e) = self.launch() {
+            panic!("{e}\n{}", self.log_text());
+        }
+    }
+
+    /// Starts mosquitto and waits until this mosquitto listens: its log says `running` for
+    /// this start (printed once every listener is bound) and a connection is accepted.
+    /// Accepting alone proves nothing: the port may have been taken by another listener,
+    /// which the tests would then talk to (a black hole never answers CONNECT: the
+    /// subscriber's SUBACK wait times out).
+    fn launch(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "broker already running");
+        let runs_before = self.runs_logged();
         let out = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("stdout.log"))
             .unwrap();
-        let child = Command::new(mosquitto_bin())
+        let mut child = Command::new(mosquitto_bin())
             .arg("-c")
             .arg(&self.conf)
             .stdin(Stdio::null())
@@ -104,14 +134,39 @@ impl Broker {
             .stderr(Stdio::from(out))
             .spawn()
             .expect("start mosquitto (Debian package `mosquitto`)");
-        self.child = Some(child);
-        let port = self.port;
-        wait_for(
-            Duration::from_secs(20),
-            "mosquitto to listen",
-            || TcpStream::connect(("127.0.0.1", port)).is_ok(),
-            || self.log_text(),
-        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return Err(format!(
+                    "mosquitto on port {} exited at start-up ({st})",
+                    self.port
+                ));
+            }
+            if self.runs_logged() > runs_before
+                && TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "timed out after 20s waiting for mosquitto to listen on port {}",
+                    self.port
+                ));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// How many times the log says mosquitto started listening.
+    fn runs_logged(&self) -> usize {
+        fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("mosquitto version") && l.ends_with(" running"))
+            .count()
     }
 
     /// SIGTERM (mosquitto saves retained messages) and wait.
