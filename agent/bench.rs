@@ -98,7 +98,12 @@ fn core(args: BenchArgs) -> Result<i32, CliError> {
     }
     let hash_secs = t.elapsed().as_secs_f64();
     let cfg = env.config()?;
-    let ingestor = Ingestor::new(&cfg);
+    let ingestor = Ingestor::new(
+        &cfg.paths.capture,
+        &cfg.ingest,
+        &cfg.remote.prefix,
+        &cfg.device_id,
+    );
     let mut store = Store::open(&cfg.db_path()).map_err(err)?;
     let t = Instant::now();
     for f in &files {
@@ -154,7 +159,12 @@ fn core(args: BenchArgs) -> Result<i32, CliError> {
     // The periodic rescan's cost, through the same code path, amortised over its interval.
     let cfg = env.config()?;
     let (unknown, full_pass, periodic_pass) = {
-        let ingestor = Ingestor::new(&cfg);
+        let ingestor = Ingestor::new(
+            &cfg.paths.capture,
+            &cfg.ingest,
+            &cfg.remote.prefix,
+            &cfg.device_id,
+        );
         let store = Store::open(&cfg.db_path()).map_err(err)?;
         let mut dirs = Default::default();
         let mut unknown = 0;
@@ -291,7 +301,12 @@ impl BenchEnv {
     fn seed_records(&self, synced: usize, queued: usize) -> Result<(), CliError> {
         let cfg = self.config()?;
         let files = self.make_photos(synced + queued, 1024, 2)?;
-        let ingestor = Ingestor::new(&cfg);
+        let ingestor = Ingestor::new(
+            &cfg.paths.capture,
+            &cfg.ingest,
+            &cfg.remote.prefix,
+            &cfg.device_id,
+        );
         let store = Store::open(&cfg.db_path()).map_err(err)?;
         store.control_set(control::PAUSED, "1").map_err(err)?;
         let conn = store.conn();
