@@ -172,16 +172,9 @@ impl HttpRemote {
         }
     }
 
-    fn answer_error(&self, mut resp: Resp, what: &str) -> RemoteError {
-        let status = resp.status().as_u16();
-        let retry_after = net::header(&resp, "retry-after");
-        let says = net::parse_error_body(&net::read_body(&mut resp));
-        self.scrub(net::status_error(
-            status,
-            retry_after.as_deref(),
-            &says,
-            what,
-        ))
+    /// [`net::answer_error`] without our credentials in the server's text.
+    fn answer_error(&self, resp: Resp, what: &str) -> RemoteError {
+        self.scrub(net::answer_error(resp, what))
     }
 
     /// Asks the backend for a presigned request. 401/403 here mean the device token was

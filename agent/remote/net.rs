@@ -573,6 +573,15 @@ pub fn status_error(
     RemoteError::new(class, code, message)
 }
 
+/// The error for a non-2xx answer: its class, and the server's code and message (read from
+/// the body). The caller scrubs its credentials from it.
+pub fn answer_error(mut resp: ureq::http::Response<ureq::Body>, what: &str) -> RemoteError {
+    let status = resp.status().as_u16();
+    let retry_after = header(&resp, "retry-after");
+    let says = parse_error_body(&read_body(&mut resp));
+    status_error(status, retry_after.as_deref(), &says, what)
+}
+
 /// Retry-After as delta-seconds or an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
 pub fn parse_retry_after(v: &str) -> Option<Duration> {
     let v = v.trim();

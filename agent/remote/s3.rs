@@ -416,17 +416,9 @@ impl S3Remote {
         }
     }
 
-    /// The error for a non-2xx answer, with the server's code and message.
-    fn answer_error(&self, mut resp: Resp, what: &str) -> RemoteError {
-        let status = resp.status().as_u16();
-        let retry_after = net::header(&resp, "retry-after");
-        let says = net::parse_error_body(&net::read_body(&mut resp));
-        self.scrub(net::status_error(
-            status,
-            retry_after.as_deref(),
-            &says,
-            what,
-        ))
+    /// [`net::answer_error`] without our credentials in the server's text.
+    fn answer_error(&self, resp: Resp, what: &str) -> RemoteError {
+        self.scrub(net::answer_error(resp, what))
     }
 
     fn is_no_such_upload(resp: &mut Resp) -> Option<String> {
