@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// The units these tables are written in, for the conditions code that reads them.
 pub use crate::units::{parse_size, parse_timetable, parse_window, Dur, Size, Timetable, Window};
 
 /// What metered links (cellular) may be used for.
