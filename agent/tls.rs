@@ -37,11 +37,10 @@ pub enum RootsError {
 /// operating system's trust store (see the module comment for why).
 pub fn roots(bundle: Option<&Path>) -> Result<Vec<CertificateDer<'static>>, RootsError> {
     let Some(path) = bundle else {
+        // Entries rustls cannot use are skipped later (`add_parsable_certificates`), as
+        // every TLS client skips them.
         let certs = rustls_native_certs::load_native_certs().certs;
-        // Entries rustls cannot use are skipped, as every TLS client skips them.
-        let mut store = rustls::RootCertStore::empty();
-        let (added, _) = store.add_parsable_certificates(certs.iter().cloned());
-        if added == 0 {
+        if certs.is_empty() {
             return Err(RootsError::NoSystemRoots);
         }
         return Ok(certs);
