@@ -97,7 +97,12 @@ fn core(args: BenchArgs) -> Result<i32, CliError> {
     }
     let hash_secs = t.elapsed().as_secs_f64();
     let cfg = env.config()?;
-    let ingestor = Ingestor::new(&cfg);
+    let ingestor = Ingestor::new(
+        &cfg.paths.capture,
+        &cfg.ingest,
+        &cfg.remote.prefix,
+        &cfg.device_id,
+    );
     let mut store = Store::open(&cfg.db_path()).map_err(err)?;
     let t = Instant::now();
     for f in &files {
@@ -153,7 +158,12 @@ fn core(args: BenchArgs) -> Result<i32, CliError> {
     // The periodic rescan's cost, through the same code path, amortised over its interval.
     let cfg = env.config()?;
     let (unknown, full_pass, periodic_pass) = {
-        let ingestor = Ingestor::new(&cfg);
+        let ingestor = Ingestor::new(
+            &cfg.paths.capture,
+            &cfg.ingest,
+            &cfg.remote.prefix,
+            &cfg.device_id,
+        );
         let store = Store::open(&cfg.db_path()).map_err(err)?;
         let mut dirs = Default::default();
         let mut unknown = 0;
@@ -290,7 +300,12 @@ impl BenchEnv {
     fn seed_records(&self, synced: usize, queued: usize) -> Result<(), CliError> {
         let cfg = self.config()?;
         let files = self.make_photos(synced + queued, 1024, 2)?;
-        let ingestor = Ingestor::new(&cfg);
+        let ingestor = Ingestor::new(
+            &cfg.paths.capture,
+            &cfg.ingest,
+            &cfg.remote.prefix,
+            &cfg.device_id,
+        );
         let mut store = Store::open(&cfg.db_path()).map_err(err)?;
         store.set_operator_paused(true).map_err(err)?;
         let mut records = Vec::with_capacity(files.len());

@@ -253,7 +253,7 @@ fn open_store(cfg: &Config) -> Result<Store, CliError> {
 }
 
 fn remote_name(cfg: &Config) -> String {
-    crate::remote::build(cfg)
+    crate::remote::build(&cfg.remote, &cfg.device_id)
         .map(|r| r.describe())
         .unwrap_or_else(|e| format!("invalid ({e})"))
 }
@@ -360,7 +360,12 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             row,
         } => {
             let mut store = open_store(&cfg)?;
-            let ingestor = Ingestor::new(&cfg);
+            let ingestor = Ingestor::new(
+                &cfg.paths.capture,
+                &cfg.ingest,
+                &cfg.remote.prefix,
+                &cfg.device_id,
+            );
             let path = absolute(&file);
             let outcome = ingestor
                 .ingest_as(&mut store, &path, (checklist, row))
@@ -402,7 +407,12 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         }
         Command::Verify { json } => {
             let mut store = open_store(&cfg)?;
-            let ingestor = Ingestor::new(&cfg);
+            let ingestor = Ingestor::new(
+                &cfg.paths.capture,
+                &cfg.ingest,
+                &cfg.remote.prefix,
+                &cfg.device_id,
+            );
             let repairs = verify::repair(&mut store, &ingestor)?;
             if json {
                 print_json(&repairs);
@@ -459,7 +469,8 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Config {
             command: ConfigCommand::Check,
         } => {
-            crate::remote::build(&cfg).map_err(|e| CliError::new(exit::USAGE, e))?;
+            crate::remote::build(&cfg.remote, &cfg.device_id)
+                .map_err(|e| CliError::new(exit::USAGE, e))?;
             if let Some(m) = &cfg.mqtt {
                 // Reads the password file and certificates, as the daemon will.
                 crate::mqtt::options(m, "check", None)

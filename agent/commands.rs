@@ -1,6 +1,7 @@
 //! Operator commands shared by the CLI and MQTT `cmd/<name>`: one store path for both,
-//! so a command behaves the same wherever it comes from. Each is one small write that a
-//! running daemon notices through `PRAGMA data_version` within a second.
+//! so a command behaves the same wherever it comes from. Each is one small write; the CLI
+//! then touches the wake file, which a running daemon watches (inotify), so it takes effect
+//! at once (`PRAGMA data_version`, checked every 5 s, is the backstop).
 
 use crate::store::{EventKind, EventOutcome, Store, StoreError};
 use crate::util::now_ms;

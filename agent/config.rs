@@ -3,15 +3,25 @@
 //! Unknown keys, wrong types and bad values are rejected at start with one line naming the
 //! file, the key and what was expected (`ConfigError`). `config/demo.toml` is compiled in
 //! as the embedded default used when no config file exists.
+//!
+//! By section: a table read by one part is defined (with its defaults and checks) in that
+//! part: `[ingest]` in `ingest`, `[remote]` and its kinds in `remote`, `[conditions]` and
+//! `[retention]` in `conditions::settings`, `[mqtt]` in `mqtt`. This module assembles
+//! them, holds the tables several parts read (`[paths]`, `[upload]`, `[log]`) and the
+//! loader; the caller hands each part only its own section. The parts never import this
+//! module, and values are written in the same units everywhere (`crate::units`).
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
-/// Byte sizes (`"50MB"`, `"8MiB"`, a number of bytes) mean the same in every table.
-pub use crate::conditions::settings::{parse_size, Size};
+use crate::conditions::settings::{Conditions, Retention};
+use crate::ingest::IngestConfig;
+use crate::mqtt::MqttConfig;
+use crate::remote::RemoteConfig;
+/// Durations and byte sizes mean the same in every table.
+pub use crate::units::{parse_size, Dur, Size};
 
 /// The demo configuration, used when no `--config` is given and the default path is absent.
 pub const DEMO_TOML: &str = include_str!("../config/demo.toml");
@@ -46,22 +56,22 @@ pub struct Config {
     #[serde(default)]
     pub paths: Paths,
     #[serde(default)]
-    pub ingest: Ingest,
+    pub ingest: IngestConfig,
     #[serde(default)]
     pub upload: Upload,
     #[serde(default)]
-    pub remote: Remote,
+    pub remote: RemoteConfig,
     #[serde(default)]
     pub log: Log,
     /// When uploads may run: network, metered budget, battery, disk, schedule, rate.
     #[serde(default)]
-    pub conditions: crate::conditions::settings::Conditions,
+    pub conditions: Conditions,
     /// Which local copies of uploaded files may be deleted.
     #[serde(default)]
-    pub retention: crate::conditions::settings::Retention,
+    pub retention: Retention,
 
-    /// Fleet reporting over MQTT; absent: no MQTT at all (see `crate::mqtt::MqttConfig`).
-    pub mqtt: Option<crate::mqtt::MqttConfig>,
+    /// Fleet reporting over MQTT; absent: no MQTT at all.
+    pub mqtt: Option<MqttConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -78,34 +88,6 @@ impl Default for Paths {
         Paths {
             capture: "/var/lib/fieldsync/capture".into(),
             state_dir: "/var/lib/fieldsync".into(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Ingest {
-    /// A file not closed after writing is taken once its size and mtime were unchanged
-    /// this long.
-    pub settle: Dur,
-    /// After a close-after-write, how long no further write must follow.
-    pub close_settle: Dur,
-    /// Full rescan of the capture folder, the backstop for missed inotify events.
-    pub rescan_interval: Dur,
-    /// Path template below the capture folder: `{checklist}`, `{row}`, `{file}`, `*`.
-    pub layout: String,
-    /// Glob patterns (on the file name) that are never ingested.
-    pub ignore: Vec<String>,
-}
-
-impl Default for Ingest {
-    fn default() -> Self {
-        Ingest {
-            settle: Dur::secs(2),
-            close_settle: Dur(Duration::from_millis(300)),
-            rescan_interval: Dur::secs(300),
-            layout: "{checklist}/{row}/{file}".into(),
-            ignore: vec![".*".into(), "*.tmp".into(), "*.part".into(), "*~".into()],
         }
     }
 }
@@ -154,45 +136,6 @@ impl Default for Upload {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum RemoteKind {
-    File,
-    S3,
-    Http,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Remote {
-    /// Which remote uploads go to; its own table below holds its settings.
-    pub kind: RemoteKind,
-    /// First component of every object key.
-    pub prefix: String,
-    pub file: Option<FileRemote>,
-    pub s3: Option<crate::remote::s3::S3Config>,
-    pub http: Option<crate::remote::http::HttpConfig>,
-}
-
-impl Default for Remote {
-    fn default() -> Self {
-        Remote {
-            kind: RemoteKind::File,
-            prefix: "fieldsync".into(),
-            file: None,
-            s3: None,
-            http: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileRemote {
-    /// The directory objects are written to (a NAS mount, a USB drive, the demo folder).
-    pub path: PathBuf,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     Text,
     Json,
@@ -212,49 +155,6 @@ impl Default for Log {
             format: LogFormat::Text,
             level: "info".into(),
         }
-    }
-}
-
-/// A duration written as `"250ms"`, `"5s"`, `"5m"`, `"1h 30m"`, or a number of seconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dur(pub Duration);
-
-impl Dur {
-    pub const fn secs(s: u64) -> Dur {
-        Dur(Duration::from_secs(s))
-    }
-}
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = Dur;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a duration such as \"500ms\", \"30s\", \"5m\" or a number of seconds")
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Dur, E> {
-                Ok(Dur::secs(v))
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Dur, E> {
-                u64::try_from(v)
-                    .map(Dur::secs)
-                    .map_err(|_| E::custom("expected a duration that is not negative"))
-            }
-            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Dur, E> {
-                Duration::try_from_secs_f64(v)
-                    .map(Dur)
-                    .map_err(|_| E::custom("expected a duration that is not negative"))
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Dur, E> {
-                humantime::parse_duration(v).map(Dur).map_err(|e| {
-                    E::custom(format!(
-                        "invalid duration \"{v}\" ({e}); expected e.g. \"500ms\", \"30s\", \"5m\""
-                    ))
-                })
-            }
-        }
-        d.deserialize_any(V)
     }
 }
 
@@ -316,7 +216,26 @@ impl Config {
     }
 
     /// Checks values that the types alone cannot: returns the key and what is expected.
-    fn validate(&self) -> Result<(), (&'static str, String)> {
+    fn validate(&self) -> Result<(), (String, String)> {
+        let own = |(k, m): (&str, String)| (k.to_string(), m);
+        self.validate_own().map_err(own)?;
+        self.ingest.validate().map_err(own)?;
+        self.remote.validate()?;
+        self.conditions.validate().map_err(own)?;
+        if let Some(m) = &self.mqtt {
+            m.validate().map_err(own)?;
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err((
+                "log.level".into(),
+                "expected a level such as \"info\" or \"fieldsync=debug\"".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The keys of this module's own tables.
+    fn validate_own(&self) -> Result<(), (&'static str, String)> {
         if self.device_id.is_empty() || self.device_id.contains(['/', '+', '#']) {
             return Err((
                 "device_id",
@@ -340,56 +259,6 @@ impl Config {
         }
         if self.upload.permanent_attempts == 0 {
             return Err(("upload.permanent_attempts", "expected at least 1".into()));
-        }
-        if self.ingest.rescan_interval.0 < Duration::from_secs(1) {
-            return Err(("ingest.rescan_interval", "expected at least 1s".into()));
-        }
-        if let Err(e) = crate::ingest::Layout::parse(&self.ingest.layout) {
-            return Err(("ingest.layout", e));
-        }
-        if self.remote.prefix.starts_with('/') || self.remote.prefix.contains("..") {
-            return Err((
-                "remote.prefix",
-                "expected a relative key prefix without `..`".into(),
-            ));
-        }
-        match self.remote.kind {
-            RemoteKind::File if self.remote.file.is_none() => {
-                return Err((
-                    "remote.file",
-                    "expected a [remote.file] table with `path` when remote.kind = \"file\"".into(),
-                ))
-            }
-            RemoteKind::S3 => match &self.remote.s3 {
-                None => {
-                    return Err((
-                        "remote.s3",
-                        "expected a [remote.s3] table when remote.kind = \"s3\"".into(),
-                    ))
-                }
-                Some(s3) => s3.validate()?,
-            },
-            RemoteKind::Http => match &self.remote.http {
-                None => {
-                    return Err((
-                        "remote.http",
-                        "expected a [remote.http] table when remote.kind = \"http\"".into(),
-                    ))
-                }
-                Some(h) => h.validate()?,
-            },
-            _ => {}
-        }
-        self.conditions.validate()?;
-
-        if let Some(m) = &self.mqtt {
-            m.validate()?;
-        }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err((
-                "log.level",
-                "expected a level such as \"info\" or \"fieldsync=debug\"".into(),
-            ));
         }
         Ok(())
     }
@@ -420,7 +289,26 @@ mod tests {
     #[test]
     fn embedded_demo_config_is_valid() {
         let c = Config::demo();
-        assert_eq!(c.remote.kind, RemoteKind::File);
+        assert_eq!(c.remote.kind, crate::remote::RemoteKind::File);
+    }
+
+    #[test]
+    fn annotated_example_config_is_valid() {
+        let text = include_str!("../config/s3.example.toml");
+        let c = Config::parse(text, "s3.example.toml").unwrap();
+        let s3 = c.remote.s3.unwrap();
+        assert_eq!(s3.bucket, "inspection-photos");
+        assert_eq!(c.upload.auth_recheck.0, Duration::from_secs(60));
+        // The commented-out http variant is valid too.
+        let (_, http) = text.split_once("# --- or:").unwrap();
+        let http: String = http
+            .lines()
+            .skip(1)
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = Config::parse(&http, "http").unwrap();
+        assert_eq!(c.remote.kind, crate::remote::RemoteKind::Http);
     }
 
     #[test]
@@ -470,5 +358,58 @@ mod tests {
         .unwrap();
         assert_eq!(c.upload.sync_interval.0, Duration::from_millis(250));
         assert_eq!(c.upload.initial_backoff.0, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn http_client_keys_are_read_and_checked_in_either_remote_table() {
+        let s3 =
+            "[remote]\nkind = \"s3\"\n[remote.s3]\nendpoint = \"http://x\"\nbucket = \"bbb\"\n";
+        let c = Config::parse(
+            &format!("{s3}connect_timeout = \"2s\"\nca_bundle = \"/ca.pem\"\n"),
+            "t",
+        )
+        .unwrap();
+        let client = c.remote.s3.unwrap().client;
+        assert_eq!(client.connect_timeout.0, Duration::from_secs(2));
+        assert_eq!(client.read_timeout.0, Duration::from_secs(60), "default");
+        assert_eq!(client.ca_bundle.as_deref(), Some(Path::new("/ca.pem")));
+        let c = Config::parse(
+            "[remote]\nkind = \"http\"\nhttp = { endpoint = \"http://x\", read_timeout = \"7s\" }\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            c.remote.http.unwrap().client.read_timeout.0,
+            Duration::from_secs(7)
+        );
+
+        // Unknown keys are still rejected with file, line and key, and the list of what
+        // is expected has both kinds of keys.
+        let e = err(&format!("{s3}timeout = \"5s\"\n"));
+        assert!(
+            e.starts_with("config /etc/x.toml: line 6: key `remote.s3.timeout`: "),
+            "{e}"
+        );
+        assert!(
+            e.contains("`part_size`") && e.contains("`read_timeout`"),
+            "{e}"
+        );
+        let e = err(
+            "[remote]\nkind = \"http\"\n[remote.http]\nendpoint = \"http://x\"\nreadtimeout = 1\n",
+        );
+        assert!(e.contains("line 5: key `remote.http.readtimeout`"), "{e}");
+        // Wrong types and bad values name the key in the table it was written in.
+        let e = err(&format!("{s3}read_timeout = \"soon\"\n"));
+        assert!(
+            e.contains("line 6: key `remote.s3.read_timeout`: invalid duration"),
+            "{e}"
+        );
+        let e = err("[remote]\nkind = \"http\"\n[remote.http]\nendpoint = \"http://x\"\nconnect_timeout = \"0s\"\n");
+        assert!(
+            e.contains("key `remote.http.connect_timeout`: expected more than 0s"),
+            "{e}"
+        );
+        let e = err(&format!("{s3}ca_bundle = 5\n"));
+        assert!(e.contains("line 6: key `remote.s3.ca_bundle`"), "{e}");
     }
 }

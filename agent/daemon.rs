@@ -38,7 +38,8 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("remote: {0}")]
+    /// Starts with the key it is about (`remote.s3.ca_bundle …`): no prefix of its own.
+    #[error("{0}")]
     Remote(String),
     #[error("watch {path}: {source}")]
     Watch { path: String, source: notify::Error },
@@ -198,13 +199,19 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
     let db_path = state_dir.join("queue.db");
     let mut store = Store::open(&db_path)?;
     store.set_daemon_started(std::process::id(), now_ms())?;
-    let ingestor = Arc::new(Ingestor::new(&cfg));
+    let ingestor = Arc::new(Ingestor::new(
+        &cfg.paths.capture,
+        &cfg.ingest,
+        &cfg.remote.prefix,
+        &cfg.device_id,
+    ));
     let repairs = verify::repair(&mut store, &ingestor)?;
     for r in &repairs {
         info!(id = %r.id, path = %r.path, from = %r.from, to = %r.to, reason = %r.reason, "repaired at start-up");
     }
 
-    let remote: Arc<dyn Remote> = Arc::from(remote::build(&cfg).map_err(DaemonError::Remote)?);
+    let remote: Arc<dyn Remote> =
+        Arc::from(remote::build(&cfg.remote, &cfg.device_id).map_err(DaemonError::Remote)?);
     info!(
         version = env!("CARGO_PKG_VERSION"),
         device = %cfg.device_id,

@@ -9,12 +9,13 @@ use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use crate::config::Config;
 use crate::remote::object_key;
 use crate::store::{Attachment, EventKind, EventOutcome, NewAttachment, State, Store, StoreError};
+use crate::units::Dur;
 use crate::util::{ctime_ns, glob_match, hex, mtime_ns};
 
 /// Checklist name given to photos outside the layout: they are uploaded, never dropped.
@@ -25,6 +26,46 @@ pub const CHECKLIST_FILE: &str = "checklist.json";
 
 /// Read buffer for hashing.
 const HASH_CHUNK: usize = 256 * 1024;
+
+/// `[ingest]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// A file not closed after writing is taken once its size and mtime were unchanged
+    /// this long.
+    pub settle: Dur,
+    /// After a close-after-write, how long no further write must follow.
+    pub close_settle: Dur,
+    /// Full rescan of the capture folder, the backstop for missed inotify events.
+    pub rescan_interval: Dur,
+    /// Path template below the capture folder: `{checklist}`, `{row}`, `{file}`, `*`.
+    pub layout: String,
+    /// Glob patterns (on the file name) that are never ingested.
+    pub ignore: Vec<String>,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            settle: Dur::secs(2),
+            close_settle: Dur(std::time::Duration::from_millis(300)),
+            rescan_interval: Dur::secs(300),
+            layout: "{checklist}/{row}/{file}".into(),
+            ignore: vec![".*".into(), "*.tmp".into(), "*.part".into(), "*~".into()],
+        }
+    }
+}
+
+impl IngestConfig {
+    /// Checks what the types cannot: the key and what is expected.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.rescan_interval.0 < std::time::Duration::from_secs(1) {
+            return Err(("ingest.rescan_interval", "expected at least 1s".into()));
+        }
+        Layout::parse(&self.layout).map_err(|e| ("ingest.layout", e))?;
+        Ok(())
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -194,13 +235,14 @@ pub struct Ingestor {
 }
 
 impl Ingestor {
-    pub fn new(cfg: &Config) -> Ingestor {
+    /// An ingestor for the folder `capture`, naming objects `<prefix>/<device>/…`.
+    pub fn new(capture: &Path, cfg: &IngestConfig, prefix: &str, device: &str) -> Ingestor {
         Ingestor {
-            capture: absolute(&cfg.paths.capture),
-            layout: Layout::parse(&cfg.ingest.layout).expect("layout validated with the config"),
-            ignore: cfg.ingest.ignore.clone(),
-            prefix: cfg.remote.prefix.clone(),
-            device: cfg.device_id.clone(),
+            capture: absolute(capture),
+            layout: Layout::parse(&cfg.layout).expect("layout validated with the config"),
+            ignore: cfg.ignore.clone(),
+            prefix: prefix.to_string(),
+            device: device.to_string(),
         }
     }
 
@@ -535,15 +577,11 @@ mod tests {
     use super::*;
 
     fn setup(dir: &Path) -> (Ingestor, Store) {
-        let cfg = Config::parse(
-            &format!(
-                "device_id = \"dev\"\n[paths]\ncapture = \"{}\"\n[remote.file]\npath = \"/x\"\n",
-                dir.display()
-            ),
-            "t",
+        let cfg = IngestConfig::default();
+        (
+            Ingestor::new(dir, &cfg, "fieldsync", "dev"),
+            Store::open_in_memory().unwrap(),
         )
-        .unwrap();
-        (Ingestor::new(&cfg), Store::open_in_memory().unwrap())
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub mod scheduler;
 pub mod status;
 pub mod store;
 pub mod systemd;
+pub mod tls;
+pub mod units;
 pub mod uploader;
 pub mod util;
 pub mod verify;

@@ -16,7 +16,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 
-use crate::config::Dur;
+use crate::units::Dur;
 
 /// Largest MQTT packet we accept: commands are tiny, and a bigger packet must not make the
 /// agent allocate without bound.
@@ -368,36 +368,28 @@ fn certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>,
     Ok(certs)
 }
 
-/// A rustls client configuration on the ring provider (no aws-lc-rs: it needs cmake and a
-/// C toolchain for every ARM target and adds ~1 MB).
+/// A rustls client configuration trusting what the HTTP remotes trust (`crate::tls`: the
+/// system's store, or `ca_file` instead).
 pub fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, MqttError> {
+    let found = crate::tls::roots(cfg.ca_file.as_deref()).map_err(|e| match e {
+        crate::tls::RootsError::Read { path, source } => MqttError::File {
+            key: "ca_file",
+            path,
+            source,
+        },
+        crate::tls::RootsError::Pem { path, message } => MqttError::Pem {
+            key: "ca_file",
+            path,
+            message,
+        },
+        crate::tls::RootsError::NoSystemRoots => MqttError::Tls(format!("{e}; set mqtt.ca_file")),
+    })?;
     let mut roots = rustls::RootCertStore::empty();
-    match &cfg.ca_file {
-        Some(path) => {
-            for c in certs("ca_file", path)? {
-                roots
-                    .add(c)
-                    .map_err(|e| pem_err("ca_file", path, format!("unusable CA: {e}")))?;
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            for c in found.certs {
-                let _ = roots.add(c);
-            }
-            if roots.is_empty() {
-                return Err(MqttError::Tls(
-                    "no CA certificates in the system trust store; set mqtt.ca_file".into(),
-                ));
-            }
-        }
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| MqttError::Tls(e.to_string()))?
-    .with_root_certificates(roots);
+    roots.add_parsable_certificates(found);
+    let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| MqttError::Tls(e.to_string()))?
+        .with_root_certificates(roots);
     match (&cfg.client_cert, &cfg.client_key) {
         (Some(cert), Some(key)) => {
             let chain = certs("client_cert", cert)?;

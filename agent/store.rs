@@ -604,8 +604,9 @@ impl Store {
             .pragma_query_value(None, "user_version", |r| r.get(0))?)
     }
 
-    /// Changes whenever another connection commits: the daemon polls it to notice CLI
-    /// commands within a second without any IPC.
+    /// Changes whenever another connection commits: the daemon checks it every few seconds
+    /// (`scheduler::CONTROL_POLL`), the backstop should a CLI command's wake file touch be
+    /// missed.
     pub fn data_version(&self) -> Result<i64> {
         Ok(self
             .conn

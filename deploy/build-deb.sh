@@ -29,7 +29,8 @@ deb_version="${version}-1"
 
 # The newest glibc symbol version the binary needs (none for a static musl build).
 glibc=$(readelf -V --wide "$bin" 2>/dev/null | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -Vu | tail -n1 || true)
-depends="adduser"
+# https remotes and MQTT over TLS trust the system store (README, "Trusted roots").
+depends="adduser, ca-certificates"
 [ -n "$glibc" ] && depends="libc6 (>= $glibc), $depends"
 
 stage=$(mktemp -d)

@@ -104,32 +104,15 @@ pub struct LocalTime {
     pub minute_of_day: u16,
 }
 
-extern "C" {
-    // In every Linux libc; the `libc` crate does not declare it for unix targets.
-    fn tzset();
-}
-
+/// The local time now. The zone is the system's as every program reads it (`TZ` when set:
+/// a zone name, a path or a POSIX rule; else `/etc/localtime`), re-read at most every few
+/// minutes, so a zone changed while the daemon runs applies without a restart. A zone that
+/// cannot be read is UTC.
 pub fn local_now() -> LocalTime {
-    static TZ_INIT: std::sync::Once = std::sync::Once::new();
-    // SAFETY: tzset only reads TZ and /etc/localtime; called once before localtime_r.
-    TZ_INIT.call_once(|| unsafe { tzset() });
-    let t: libc::time_t = unsafe { libc::time(std::ptr::null_mut()) };
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointers to a time_t and a tm we own.
-    if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
-        return LocalTime {
-            date: "1970-01-01".into(),
-            minute_of_day: 0,
-        };
-    }
+    let now = jiff::Zoned::now();
     LocalTime {
-        date: format!(
-            "{:04}-{:02}-{:02}",
-            tm.tm_year + 1900,
-            tm.tm_mon + 1,
-            tm.tm_mday
-        ),
-        minute_of_day: (tm.tm_hour * 60 + tm.tm_min) as u16,
+        date: now.date().to_string(),
+        minute_of_day: (now.hour() as u16) * 60 + now.minute() as u16,
     }
 }
 

@@ -14,6 +14,14 @@ use sha2::{Digest, Sha256};
 use super::{ErrorClass, Remote, RemoteError, RemoteObject, UploadCtx, UploadJob, Uploaded};
 use crate::util::hex;
 
+/// `[remote.file]`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// The directory objects are written to (a NAS mount, a USB drive, the demo folder).
+    pub path: PathBuf,
+}
+
 /// Copy buffer; also the granularity of progress reports and stop checks.
 const CHUNK: usize = 256 * 1024;
 

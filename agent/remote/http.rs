@@ -16,18 +16,21 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use tracing::info;
 
-use super::net::{self, b64, Secret};
+use super::net::{self, b64, HttpClient, Secret, WithHttpClient};
 use super::{ErrorClass, Remote, RemoteError, RemoteObject, UploadCtx, UploadJob, Uploaded};
-use crate::config::Dur;
 use crate::util::hex;
 
-/// `[remote.http]`.
+/// `[remote.http]`: the keys below and the shared HTTP-client keys ([`HttpClient`]), which
+/// apply to the backend and to the storage behind the presigned URLs.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct HttpConfig {
+    /// `ca_bundle`, `connect_timeout`, `read_timeout`, written in this table.
+    #[serde(skip)]
+    pub client: HttpClient,
     /// The backend's presign endpoint, e.g. `https://api.example.com/fieldsync/presign`.
     pub endpoint: String,
     /// The device token, sent as `Authorization: Bearer …`. Prefer `token_file` or the
@@ -37,26 +40,31 @@ pub struct HttpConfig {
     /// A file holding the device token (surrounding whitespace ignored).
     #[serde(default)]
     pub token_file: Option<PathBuf>,
-    /// PEM CA certificates to trust for the backend and the storage (private CA).
-    #[serde(default)]
-    pub ca_bundle: Option<PathBuf>,
-    /// Default 10s.
-    #[serde(default = "default_connect_timeout")]
-    pub connect_timeout: Dur,
-    /// Default 60s.
-    #[serde(default = "default_read_timeout")]
-    pub read_timeout: Dur,
 }
 
-fn default_connect_timeout() -> Dur {
-    Dur::secs(10)
+impl<'de> Deserialize<'de> for HttpConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        net::with_client(d)
+    }
 }
-fn default_read_timeout() -> Dur {
-    Dur::secs(60)
+
+impl WithHttpClient for HttpConfig {
+    fn own_keys<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        HttpConfig::deserialize(d)
+    }
+    fn client_mut(&mut self) -> &mut HttpClient {
+        &mut self.client
+    }
 }
 
 impl HttpConfig {
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+    /// Checks values the types cannot; returns the key and what is expected.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        self.validate_own().map_err(|(k, m)| (k.to_string(), m))?;
+        self.client.validate("remote.http")
+    }
+
+    fn validate_own(&self) -> Result<(), (&'static str, String)> {
         match url::Url::parse(&self.endpoint) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {}
             _ => {
@@ -74,15 +82,6 @@ impl HttpConfig {
         }
         if self.token.as_ref().is_some_and(Secret::is_empty) {
             return Err(("remote.http.token", "expected a non-empty token".into()));
-        }
-        if self.connect_timeout.0.is_zero() {
-            return Err((
-                "remote.http.connect_timeout",
-                "expected more than 0s".into(),
-            ));
-        }
-        if self.read_timeout.0 < std::time::Duration::from_secs(1) {
-            return Err(("remote.http.read_timeout", "expected at least 1s".into()));
         }
         Ok(())
     }
@@ -149,12 +148,8 @@ impl HttpRemote {
                     .into(),
             );
         }
-        let agent = net::agent(
-            cfg.ca_bundle.as_deref(),
-            cfg.connect_timeout.0,
-            cfg.read_timeout.0,
-        )
-        .map_err(|e| format!("remote.http.{e}"))?;
+        let https = cfg.endpoint.starts_with("https:");
+        let agent = net::agent(&cfg.client, "remote.http", https)?;
         let host = url::Url::parse(&cfg.endpoint)
             .ok()
             .and_then(|u| u.host_str().map(str::to_string))
@@ -177,16 +172,9 @@ impl HttpRemote {
         }
     }
 
-    fn answer_error(&self, mut resp: Resp, what: &str) -> RemoteError {
-        let status = resp.status().as_u16();
-        let retry_after = net::header(&resp, "retry-after");
-        let says = net::parse_error_body(&net::read_body(&mut resp));
-        self.scrub(net::status_error(
-            status,
-            retry_after.as_deref(),
-            &says,
-            what,
-        ))
+    /// [`net::answer_error`] without our credentials in the server's text.
+    fn answer_error(&self, resp: Resp, what: &str) -> RemoteError {
+        self.scrub(net::answer_error(resp, what))
     }
 
     /// Asks the backend for a presigned request. 401/403 here mean the device token was

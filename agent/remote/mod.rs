@@ -7,13 +7,84 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::config;
+use serde::Deserialize;
+
 use crate::store::PartRecord;
 
 pub mod file;
 pub mod http;
 mod net;
 pub mod s3;
+
+pub use net::HttpClient;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RemoteKind {
+    File,
+    S3,
+    Http,
+}
+
+/// `[remote]`: which remote uploads go to, and each kind's own table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteConfig {
+    /// Which remote uploads go to; its own table below holds its settings.
+    pub kind: RemoteKind,
+    /// First component of every object key.
+    pub prefix: String,
+    pub file: Option<file::FileConfig>,
+    pub s3: Option<s3::S3Config>,
+    pub http: Option<http::HttpConfig>,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        RemoteConfig {
+            kind: RemoteKind::File,
+            prefix: "fieldsync".into(),
+            file: None,
+            s3: None,
+            http: None,
+        }
+    }
+}
+
+impl RemoteConfig {
+    /// Checks what the types cannot: the key and what is expected. Only the table of the
+    /// configured kind is checked (the others may be kept for later).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: &str| Err((k.to_string(), m.to_string()));
+        if self.prefix.starts_with('/') || self.prefix.contains("..") {
+            return bad(
+                "remote.prefix",
+                "expected a relative key prefix without `..`",
+            );
+        }
+        match self.kind {
+            RemoteKind::File if self.file.is_none() => bad(
+                "remote.file",
+                "expected a [remote.file] table with `path` when remote.kind = \"file\"",
+            ),
+            RemoteKind::File => Ok(()),
+            RemoteKind::S3 => match &self.s3 {
+                None => bad(
+                    "remote.s3",
+                    "expected a [remote.s3] table when remote.kind = \"s3\"",
+                ),
+                Some(s3) => s3.validate(),
+            },
+            RemoteKind::Http => match &self.http {
+                None => bad(
+                    "remote.http",
+                    "expected a [remote.http] table when remote.kind = \"http\"",
+                ),
+                Some(h) => h.validate(),
+            },
+        }
+    }
+}
 
 /// Why a remote operation did not succeed; drives the retry decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,36 +230,22 @@ pub trait Remote: Send + Sync {
     fn probe(&self) -> Result<(), RemoteError>;
 }
 
-/// Builds the configured remote.
-pub fn build(cfg: &config::Config) -> Result<Box<dyn Remote>, String> {
-    match cfg.remote.kind {
-        config::RemoteKind::File => {
-            let f = cfg
-                .remote
-                .file
-                .as_ref()
-                .ok_or("remote.file: missing [remote.file] table")?;
+/// Builds the configured remote; `device_id` names this device to an `http` backend.
+/// An error starts with the key it is about (`remote.s3.ca_bundle …`).
+pub fn build(cfg: &RemoteConfig, device_id: &str) -> Result<Box<dyn Remote>, String> {
+    let missing = |kind: &str| format!("remote.{kind}: missing [remote.{kind}] table");
+    match cfg.kind {
+        RemoteKind::File => {
+            let f = cfg.file.as_ref().ok_or_else(|| missing("file"))?;
             Ok(Box::new(file::FileRemote::new(f.path.clone())))
         }
-        config::RemoteKind::S3 => {
-            let c = cfg
-                .remote
-                .s3
-                .as_ref()
-                .ok_or("remote.s3: missing [remote.s3] table")?;
+        RemoteKind::S3 => {
+            let c = cfg.s3.as_ref().ok_or_else(|| missing("s3"))?;
             Ok(Box::new(s3::S3Remote::new(c)?))
         }
-        config::RemoteKind::Http => {
-            let c = cfg
-                .remote
-                .http
-                .as_ref()
-                .ok_or("remote.http: missing [remote.http] table")?;
-            Ok(Box::new(http::HttpRemote::new(
-                c,
-                &cfg.device_id,
-                &cfg.remote.prefix,
-            )?))
+        RemoteKind::Http => {
+            let c = cfg.http.as_ref().ok_or_else(|| missing("http"))?;
+            Ok(Box::new(http::HttpRemote::new(c, device_id, &cfg.prefix)?))
         }
     }
 }

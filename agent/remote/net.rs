@@ -1,7 +1,8 @@
 //! HTTP plumbing shared by the `s3` and `http` remotes: the ureq agent (rustls with ring,
 //! optional private CA bundle, stall timeouts), the streaming request body that reports
 //! progress, honours the rate limit and stops at a safe point, the mapping of HTTP answers
-//! and transport failures to [`ErrorClass`], and the small config value types both use.
+//! and transport failures to [`ErrorClass`], and the config both share: the HTTP-client
+//! keys ([`HttpClient`]) and credentials ([`Secret`]).
 //!
 //! Invariant: nothing here formats a request URL into a message. Presigned URLs carry the
 //! access key id and, with temporary credentials, the session token in their query.
@@ -9,15 +10,18 @@
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::path::Path;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use md5::Md5;
-use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 use sha2::{Digest, Sha256};
 
 use super::file::local_read_error;
 use super::{ErrorClass, RemoteError};
+use crate::units::Dur;
 
 /// Read size for hashing and for request bodies: also the granularity of progress
 /// reports, rate-limit accounting and stop checks. Small enough that a SIGTERM is honoured
@@ -56,43 +60,223 @@ impl fmt::Debug for Secret {
 
 pub const MIB: u64 = 1024 * 1024;
 
-/// Builds the HTTP agent. Status codes are returned, not raised, so every answer goes
-/// through [`status_error`]; redirects are not followed (a redirected signed request
-/// fails anyway, and following one could send a presigned URL's body elsewhere).
-pub fn agent(
-    ca_bundle: Option<&Path>,
-    connect_timeout: Duration,
-    io_timeout: Duration,
-) -> Result<ureq::Agent, String> {
-    use ureq::tls::{RootCerts, TlsConfig, TlsProvider};
-    let mut tls = TlsConfig::builder().provider(TlsProvider::Rustls);
-    if let Some(path) = ca_bundle {
-        let pem = std::fs::read(path).map_err(|e| format!("ca_bundle {}: {e}", path.display()))?;
-        let mut certs = Vec::new();
-        for item in ureq::tls::parse_pem(&pem) {
-            match item {
-                Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
-                Ok(_) => {}
-                Err(e) => return Err(format!("ca_bundle {}: {e}", path.display())),
-            }
+/// The HTTP-client keys the `s3` and `http` remotes share. They are written in the
+/// remote's own table (`[remote.s3]`, `[remote.http]`) beside its other keys, and defined,
+/// defaulted and checked only here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpClient {
+    /// PEM file of CA certificates to trust instead of the system's trust store (a
+    /// private CA); see [`crate::tls::roots`].
+    pub ca_bundle: Option<PathBuf>,
+    /// TCP + TLS connect. Default 10s.
+    pub connect_timeout: Dur,
+    /// A read or write that makes no progress this long fails the request. Default 60s.
+    pub read_timeout: Dur,
+}
+
+impl Default for HttpClient {
+    fn default() -> Self {
+        HttpClient {
+            ca_bundle: None,
+            connect_timeout: Dur::secs(10),
+            read_timeout: Dur::secs(60),
         }
-        if certs.is_empty() {
-            return Err(format!(
-                "ca_bundle {}: no PEM certificate found",
-                path.display()
+    }
+}
+
+impl HttpClient {
+    /// The keys, as written in the config file.
+    const KEYS: [&'static str; 3] = ["ca_bundle", "connect_timeout", "read_timeout"];
+
+    /// Reads the value of `key` (one of [`Self::KEYS`]).
+    fn set<'de, D: Deserializer<'de>>(&mut self, key: &str, value: D) -> Result<(), D::Error> {
+        match key {
+            "ca_bundle" => self.ca_bundle = Some(PathBuf::deserialize(value)?),
+            "connect_timeout" => self.connect_timeout = Dur::deserialize(value)?,
+            "read_timeout" => self.read_timeout = Dur::deserialize(value)?,
+            _ => unreachable!("not an HTTP-client key: {key}"),
+        }
+        Ok(())
+    }
+
+    /// Checks what the types cannot; `table` is where the keys were written
+    /// (`remote.s3`). Returns the key and what is expected.
+    pub fn validate(&self, table: &str) -> Result<(), (String, String)> {
+        if self.connect_timeout.0.is_zero() {
+            return Err((
+                format!("{table}.connect_timeout"),
+                "expected more than 0s".into(),
             ));
         }
-        tls = tls.root_certs(RootCerts::new_with_certs(&certs));
+        if self.read_timeout.0 < Duration::from_secs(1) {
+            return Err((
+                format!("{table}.read_timeout"),
+                "expected at least 1s".into(),
+            ));
+        }
+        Ok(())
     }
+}
+
+/// A remote's table that holds the [`HttpClient`] keys beside its own. serde's `flatten`
+/// would buffer the table, which loses the line of an error and does not combine with
+/// `deny_unknown_fields`. Instead [`with_client`] reads the table's keys once, in order:
+/// it takes the HTTP-client keys out as they come and hands every other key to the
+/// remote's own derived deserializer, whose `deny_unknown_fields` still rejects an unknown
+/// key, with the key's line, as for every other table.
+pub trait WithHttpClient: Sized {
+    /// The derived deserializer of the table's own keys (`#[serde(remote = "Self")]`).
+    fn own_keys<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error>;
+    /// Where the HTTP-client keys go (a `#[serde(skip)]` field).
+    fn client_mut(&mut self) -> &mut HttpClient;
+}
+
+/// The `Deserialize` of a [`WithHttpClient`] table.
+pub fn with_client<'de, D: Deserializer<'de>, T: WithHttpClient>(d: D) -> Result<T, D::Error> {
+    struct Table<T>(PhantomData<T>);
+    impl<'de, T: WithHttpClient> Visitor<'de> for Table<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a table")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            let mut client = HttpClient::default();
+            let mut own = T::own_keys(OwnKeys {
+                map,
+                client: &mut client,
+            })?;
+            *own.client_mut() = client;
+            Ok(own)
+        }
+    }
+    d.deserialize_map(Table(PhantomData))
+}
+
+/// The table's map without the HTTP-client keys, as a deserializer for the own keys.
+struct OwnKeys<'c, A> {
+    map: A,
+    client: &'c mut HttpClient,
+}
+
+enum Key<K> {
+    Own(K),
+    Client(&'static str),
+}
+
+/// Reads one key: an HTTP-client key is reported as such, any other goes to `seed` (the
+/// own keys' field visitor). Both run inside the file's key deserializer, so an error
+/// (an unknown key) carries the key's position.
+struct KeySeed<'s, K>(&'s mut Option<K>);
+
+impl<'de, K: DeserializeSeed<'de>> DeserializeSeed<'de> for KeySeed<'_, K> {
+    type Value = Key<K::Value>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        let name = String::deserialize(d)?;
+        if let Some(k) = HttpClient::KEYS.iter().find(|k| **k == name) {
+            return Ok(Key::Client(k));
+        }
+        let seed = self.0.take().expect("one own key per call");
+        let name: de::value::StringDeserializer<D::Error> = name.into_deserializer();
+        seed.deserialize(name).map(Key::Own).map_err(|e| {
+            // The own keys' list of what is expected lacks the HTTP-client keys.
+            let msg = e.to_string();
+            let msg = msg.trim_end();
+            if msg.starts_with("unknown field") {
+                let more = HttpClient::KEYS.map(|k| format!("`{k}`")).join(", ");
+                de::Error::custom(format!("{msg}, {more}"))
+            } else {
+                e
+            }
+        })
+    }
+}
+
+struct ClientValue<'c> {
+    key: &'static str,
+    client: &'c mut HttpClient,
+}
+
+impl<'de> DeserializeSeed<'de> for ClientValue<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        self.client.set(self.key, d)
+    }
+}
+
+impl<'de, A: MapAccess<'de>> MapAccess<'de> for OwnKeys<'_, A> {
+    type Error = A::Error;
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        let mut seed = Some(seed);
+        loop {
+            match self.map.next_key_seed(KeySeed(&mut seed))? {
+                None => return Ok(None),
+                Some(Key::Own(k)) => return Ok(Some(k)),
+                Some(Key::Client(key)) => self.map.next_value_seed(ClientValue {
+                    key,
+                    client: self.client,
+                })?,
+            }
+        }
+    }
+    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, A::Error> {
+        self.map.next_value_seed(seed)
+    }
+}
+
+impl<'de, A: MapAccess<'de>> Deserializer<'de> for OwnKeys<'_, A> {
+    type Error = A::Error;
+    fn deserialize_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, A::Error> {
+        v.visit_map(self)
+    }
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map struct enum
+        identifier ignored_any
+    }
+}
+
+/// Builds the HTTP agent from the remote's [`HttpClient`] keys; `table` names them in
+/// errors (`remote.s3`). Status codes are returned, not raised, so every answer goes
+/// through [`status_error`]; redirects are not followed (a redirected signed request
+/// fails anyway, and following one could send a presigned URL's body elsewhere).
+///
+/// Without a `ca_bundle` the system's trust store must hold CAs only if `needs_tls` (the
+/// endpoint is https): a plain-http MinIO in the LAN works on a device without one.
+pub fn agent(client: &HttpClient, table: &str, needs_tls: bool) -> Result<ureq::Agent, String> {
+    use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
+    let roots = match crate::tls::roots(client.ca_bundle.as_deref()) {
+        Ok(r) => r,
+        Err(crate::tls::RootsError::NoSystemRoots) if !needs_tls => {
+            tracing::warn!(
+                "{table}: no CA certificates in the system trust store; https URLs will fail"
+            );
+            Vec::new()
+        }
+        Err(e @ crate::tls::RootsError::NoSystemRoots) => {
+            return Err(format!("{table}: {e}; set {table}.ca_bundle"))
+        }
+        Err(e) => return Err(format!("{table}.ca_bundle {e}")),
+    };
+    let roots: Vec<Certificate<'static>> = roots
+        .iter()
+        .map(|c| Certificate::from_der(c.as_ref()).to_owned())
+        .collect();
+    let tls = TlsConfig::builder()
+        .provider(TlsProvider::Rustls)
+        .unversioned_rustls_crypto_provider(crate::tls::provider())
+        .root_certs(RootCerts::new_with_certs(&roots));
     let cfg = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .max_redirects(0)
         .user_agent(concat!("fieldsync/", env!("CARGO_PKG_VERSION")))
-        .timeout_connect(Some(connect_timeout))
+        .timeout_connect(Some(client.connect_timeout.0))
         // Per read and per write: a stalled link fails after this long, a slow one that
         // keeps moving never does (a whole-request timeout would kill big parts on 2G).
-        .timeout_per_read(Some(io_timeout))
-        .timeout_per_write(Some(io_timeout))
+        .timeout_per_read(Some(client.read_timeout.0))
+        .timeout_per_write(Some(client.read_timeout.0))
         .tls_config(tls.build())
         .build();
     Ok(cfg.new_agent())
@@ -389,6 +573,15 @@ pub fn status_error(
     RemoteError::new(class, code, message)
 }
 
+/// The error for a non-2xx answer: its class, and the server's code and message (read from
+/// the body). The caller scrubs its credentials from it.
+pub fn answer_error(mut resp: ureq::http::Response<ureq::Body>, what: &str) -> RemoteError {
+    let status = resp.status().as_u16();
+    let retry_after = header(&resp, "retry-after");
+    let says = parse_error_body(&read_body(&mut resp));
+    status_error(status, retry_after.as_deref(), &says, what)
+}
+
 /// Retry-After as delta-seconds or an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
 pub fn parse_retry_after(v: &str) -> Option<Duration> {
     let v = v.trim();
@@ -400,44 +593,13 @@ pub fn parse_retry_after(v: &str) -> Option<Duration> {
     Some(Duration::from_secs(at.saturating_sub(now)).min(MAX_RETRY_AFTER))
 }
 
-/// Seconds since the epoch of an IMF-fixdate.
+/// Seconds since the epoch of an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`, RFC 9110's
+/// preferred form, which is RFC 2822's with the zone `GMT`).
 fn parse_http_date(v: &str) -> Option<u64> {
-    // "Sun, 06 Nov 1994 08:49:37 GMT"
-    let mut it = v.split_whitespace();
-    let _weekday = it.next()?;
-    let day: u64 = it.next()?.parse().ok()?;
-    let month = match it.next()? {
-        "Jan" => 1,
-        "Feb" => 2,
-        "Mar" => 3,
-        "Apr" => 4,
-        "May" => 5,
-        "Jun" => 6,
-        "Jul" => 7,
-        "Aug" => 8,
-        "Sep" => 9,
-        "Oct" => 10,
-        "Nov" => 11,
-        "Dec" => 12,
-        _ => return None,
-    };
-    let year: i64 = it.next()?.parse().ok()?;
-    let mut hms = it.next()?.split(':').map(|x| x.parse::<u64>().ok());
-    let (h, m, s) = (hms.next()??, hms.next()??, hms.next()??);
-    if it.next()? != "GMT" || day == 0 || day > 31 || h > 23 || m > 59 || s > 60 {
-        return None;
-    }
-    // Days from civil (Howard Hinnant's algorithm).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day as i64 - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    u64::try_from(days)
-        .ok()
-        .map(|d| d * 86_400 + h * 3600 + m * 60 + s)
+    let t = jiff::fmt::rfc2822::DateTimeParser::new()
+        .parse_timestamp(v)
+        .ok()?;
+    u64::try_from(t.as_second()).ok()
 }
 
 /// Server text may span lines or be long; status and MQTT want one short line.
@@ -467,7 +629,7 @@ mod tests {
 
     #[test]
     fn sizes_parse_with_units() {
-        use crate::config::parse_size;
+        use crate::units::parse_size;
         assert_eq!(parse_size("8MiB").unwrap(), 8 * MIB);
         assert_eq!(parse_size("5 MB").unwrap(), 5_000_000);
         assert_eq!(parse_size("1024").unwrap(), 1024);

@@ -28,15 +28,14 @@ use rusty_s3::actions::{
     HeadBucket, HeadObject, ListParts, PutObject, S3Action, UploadPart,
 };
 use rusty_s3::{Bucket, Credentials, UrlStyle};
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use sha2::{Digest, Sha256};
 use tracing::{debug, info};
 
-use super::net::{self, b64, Secret, MIB};
+use super::net::{self, b64, HttpClient, Secret, WithHttpClient, MIB};
 use super::{ErrorClass, Remote, RemoteError, RemoteObject, UploadCtx, UploadJob, Uploaded};
-use crate::config::Dur;
-use crate::config::Size;
 use crate::store::PartRecord;
+use crate::units::Size;
 use crate::util::hex;
 
 /// S3's limits on multipart uploads.
@@ -54,10 +53,13 @@ const SIGN_EXPIRY: Duration = Duration::from_secs(15 * 60);
 /// Metadata key holding the ingest sha256 (hex) of every object fieldsync writes.
 const META_SHA256: &str = "x-amz-meta-sha256";
 
-/// `[remote.s3]`.
+/// `[remote.s3]`: the keys below and the shared HTTP-client keys ([`HttpClient`]).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct S3Config {
+    /// `ca_bundle`, `connect_timeout`, `read_timeout`, written in this table.
+    #[serde(skip)]
+    pub client: HttpClient,
     /// `https://s3.eu-central-1.amazonaws.com`, `http://minio.local:9000`, …
     pub endpoint: String,
     /// SigV4 signing region. Default `us-east-1` (what MinIO, Garage and Ceph expect).
@@ -81,15 +83,6 @@ pub struct S3Config {
     /// Section of `credentials_file`. Default `default`.
     #[serde(default = "default_profile")]
     pub profile: String,
-    /// PEM file of CA certificates to trust instead of the built-in roots (private CA).
-    #[serde(default)]
-    pub ca_bundle: Option<PathBuf>,
-    /// Default 10s.
-    #[serde(default = "default_connect_timeout")]
-    pub connect_timeout: Dur,
-    /// A read or write that makes no progress this long fails the request. Default 60s.
-    #[serde(default = "default_read_timeout")]
-    pub read_timeout: Dur,
     /// Files larger than this use multipart upload. Default 8 MiB.
     #[serde(default = "default_part")]
     pub multipart_threshold: Size,
@@ -106,6 +99,21 @@ pub struct S3Config {
     /// metered field link wants. Raise it (rclone uses 4) on fast unmetered links.
     #[serde(default = "default_part_concurrency")]
     pub part_concurrency: u32,
+}
+
+impl<'de> Deserialize<'de> for S3Config {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        net::with_client(d)
+    }
+}
+
+impl WithHttpClient for S3Config {
+    fn own_keys<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        S3Config::deserialize(d)
+    }
+    fn client_mut(&mut self) -> &mut HttpClient {
+        &mut self.client
+    }
 }
 
 fn default_part_concurrency() -> u32 {
@@ -146,20 +154,18 @@ fn default_region() -> String {
 fn default_profile() -> String {
     "default".into()
 }
-fn default_connect_timeout() -> Dur {
-    Dur::secs(10)
-}
-fn default_read_timeout() -> Dur {
-    Dur::secs(60)
-}
 fn default_part() -> Size {
     Size(8 * MIB)
 }
 
 impl S3Config {
-    /// Checks values the types cannot; returns the key (below `remote.s3`) and what is
-    /// expected.
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+    /// Checks values the types cannot; returns the key and what is expected.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        self.validate_own().map_err(|(k, m)| (k.to_string(), m))?;
+        self.client.validate("remote.s3")
+    }
+
+    fn validate_own(&self) -> Result<(), (&'static str, String)> {
         match url::Url::parse(&self.endpoint) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {
                 if u.query().is_some() {
@@ -223,12 +229,6 @@ impl S3Config {
                 "remote.s3.credentials_file",
                 "expected either inline keys or a credentials_file, not both".into(),
             ));
-        }
-        if self.connect_timeout.0.is_zero() {
-            return Err(("remote.s3.connect_timeout", "expected more than 0s".into()));
-        }
-        if self.read_timeout.0 < Duration::from_secs(1) {
-            return Err(("remote.s3.read_timeout", "expected at least 1s".into()));
         }
         if !(MIN_PART..=MAX_PART).contains(&self.part_size.0) {
             return Err((
@@ -386,12 +386,7 @@ impl S3Remote {
             cfg.region.clone(),
         )
         .map_err(|e| format!("remote.s3.endpoint: {e}"))?;
-        let agent = net::agent(
-            cfg.ca_bundle.as_deref(),
-            cfg.connect_timeout.0,
-            cfg.read_timeout.0,
-        )
-        .map_err(|e| format!("remote.s3.{e}"))?;
+        let agent = net::agent(&cfg.client, "remote.s3", endpoint.scheme() == "https")?;
         info!(credentials = source.as_str(), bucket = %cfg.bucket, "s3 remote configured");
         Ok(S3Remote {
             bucket,
@@ -421,17 +416,9 @@ impl S3Remote {
         }
     }
 
-    /// The error for a non-2xx answer, with the server's code and message.
-    fn answer_error(&self, mut resp: Resp, what: &str) -> RemoteError {
-        let status = resp.status().as_u16();
-        let retry_after = net::header(&resp, "retry-after");
-        let says = net::parse_error_body(&net::read_body(&mut resp));
-        self.scrub(net::status_error(
-            status,
-            retry_after.as_deref(),
-            &says,
-            what,
-        ))
+    /// [`net::answer_error`] without our credentials in the server's text.
+    fn answer_error(&self, resp: Resp, what: &str) -> RemoteError {
+        self.scrub(net::answer_error(resp, what))
     }
 
     fn is_no_such_upload(resp: &mut Resp) -> Option<String> {
@@ -1135,25 +1122,6 @@ mod tests {
         let c: S3Config = toml::from_str(&text).map_err(|e| e.to_string())?;
         c.validate().map_err(|(k, m)| format!("{k}: {m}"))?;
         Ok(c)
-    }
-
-    #[test]
-    fn annotated_example_config_is_valid() {
-        let text = include_str!("../../config/s3.example.toml");
-        let c = crate::config::Config::parse(text, "s3.example.toml").unwrap();
-        let s3 = c.remote.s3.unwrap();
-        assert_eq!(s3.bucket, "inspection-photos");
-        assert_eq!(c.upload.auth_recheck.0, Duration::from_secs(60));
-        // The commented-out http variant is valid too.
-        let (_, http) = text.split_once("# --- or:").unwrap();
-        let http: String = http
-            .lines()
-            .skip(1)
-            .map(|l| l.strip_prefix("# ").unwrap_or(l))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        let c = crate::config::Config::parse(&http, "http").unwrap();
-        assert_eq!(c.remote.kind, crate::config::RemoteKind::Http);
     }
 
     #[test]
