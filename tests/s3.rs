@@ -144,6 +144,9 @@ fn killed_mid_multipart_resumes_and_resends_at_most_one_part() {
         bytes_sent(&env) >= 30_000_000
     });
     d.kill9();
+    // What the dead process had already written still drains through the proxy.
+    proxy.set_throttle(0);
+    proxy.wait_closed(Duration::from_secs(30));
     let before = proxy.up_bytes();
     let (parts, committed) = committed_parts(&env);
     assert!(parts >= 4, "parts committed before the kill: {parts}");
@@ -644,6 +647,9 @@ fn parallel_parts_land_byte_identical_and_resume_after_kill9() {
         committed_parts(&env).0 >= 4
     });
     d.kill9();
+    // What the dead process had already written still drains through the proxy.
+    proxy.set_throttle(0);
+    proxy.wait_closed(Duration::from_secs(30));
     let before = proxy.up_bytes();
     let (_, committed) = committed_parts(&env);
     proxy.set_throttle(0);
@@ -656,7 +662,8 @@ fn parallel_parts_land_byte_identical_and_resume_after_kill9() {
     // in flight (4) went twice.
     assert!(
         after <= size - committed as u64 + OVERHEAD,
-        "sent {after} after restart; {committed} of {size} were committed"
+        "sent {after} after restart; {committed} of {size} were committed\n{}",
+        env.dump(Some(&d))
     );
     assert!(before + after <= size + 4 * part + OVERHEAD);
 }

@@ -305,6 +305,18 @@ pub struct Faults {
     pub served_503: AtomicU32,
     pub resets: AtomicU32,
     pub connections: AtomicU32,
+    /// Client connections not yet closed. A killed client's kernel still delivers what
+    /// sat in its socket buffers, so byte counts are final only once this is 0.
+    pub open: AtomicU32,
+}
+
+/// Counts a client connection as open for as long as it lives.
+struct OpenGuard(Arc<Faults>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A TCP proxy on 127.0.0.1 in front of `upstream`.
@@ -346,6 +358,19 @@ impl FaultProxy {
         self.faults.up_bytes.load(Ordering::SeqCst)
     }
 
+    /// Waits until every client connection has closed (a killed daemon's sockets drain
+    /// their send buffers first), so `up_bytes` no longer moves.
+    pub fn wait_closed(&self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.faults.open.load(Ordering::SeqCst) > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "proxy connections still open after {timeout:?}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn set_throttle(&self, bps: u64) {
         self.faults.throttle_bps.store(bps, Ordering::SeqCst);
     }
@@ -368,6 +393,8 @@ impl Drop for FaultProxy {
 
 fn handle(client: TcpStream, upstream: SocketAddr, f: Arc<Faults>) {
     f.connections.fetch_add(1, Ordering::SeqCst);
+    f.open.fetch_add(1, Ordering::SeqCst);
+    let _open = OpenGuard(f.clone());
     let delay = f.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         thread::sleep(Duration::from_millis(delay));
