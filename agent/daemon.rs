@@ -226,8 +226,13 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
 
     // Fleet reporting: configuration and store checked now; it runs as a task, joined
     // after every other part so `offline` comes last.
-    let reporter = match cfg.mqtt {
-        Some(_) => Some(Reporter::new(&cfg, &db_path, remote.describe())?),
+    let reporter = match &cfg.mqtt {
+        Some(m) => Some(Reporter::new(
+            m,
+            &cfg.device_id,
+            &db_path,
+            remote.describe(),
+        )?),
         None => None,
     };
 

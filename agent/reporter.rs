@@ -44,9 +44,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::commands;
-use crate::config::Config;
 use crate::device::{DeviceHealth, Sampler};
-use crate::mqtt::{self, MqttError, PayloadFormat, Topics};
+use crate::mqtt::{self, MqttConfig, MqttError, PayloadFormat, Topics};
 use crate::status::{self, Snapshot};
 use crate::store::{EventForm, EventKind, Store, StoreError};
 use crate::util::{now_ms, rfc3339};
@@ -296,11 +295,15 @@ pub struct Reporter {
 impl Reporter {
     /// Fails only on configuration problems (unreadable password file or certificates) or
     /// when the store cannot be opened; an unreachable broker is retried once running.
-    pub fn new(cfg: &Config, db_path: &Path, remote: String) -> Result<Reporter, ReporterError> {
-        let m = cfg.mqtt.clone().unwrap_or_default();
-        let topics = Topics::new(m.prefix(&cfg.device_id));
-        let client_id = m.client_id.clone().unwrap_or_else(|| cfg.device_id.clone());
-        let opts = mqtt::options(&m, &client_id, Some(mqtt::last_will(&topics)))?;
+    pub fn new(
+        m: &MqttConfig,
+        device_id: &str,
+        db_path: &Path,
+        remote: String,
+    ) -> Result<Reporter, ReporterError> {
+        let topics = Topics::new(m.prefix(device_id));
+        let client_id = m.client_id.clone().unwrap_or_else(|| device_id.to_string());
+        let opts = mqtt::options(m, &client_id, Some(mqtt::last_will(&topics)))?;
         let store = Store::open(db_path)?;
         let acked = match store.events_acked_seq()? {
             Some(seq) => seq,
@@ -316,7 +319,7 @@ impl Reporter {
         info!(broker = %m.endpoint(), prefix = %topics.prefix, client_id = %client_id,
               format = ?m.format, "mqtt reporting enabled");
         let core = Core {
-            device_id: cfg.device_id.clone(),
+            device_id: device_id.to_string(),
             remote,
             format: m.format,
             max_backlog: m.max_backlog_events as i64,
