@@ -8,6 +8,12 @@
 //!   queued (paused) records.
 //!
 //! The daemon runs as a child process (this same binary), so RSS and CPU are its own.
+//!
+//! Built only with the `bench` cargo feature: the device binary carries none of this.
+//! `conditions` and `mqtt` are the other two suites.
+
+mod conditions;
+mod mqtt;
 
 use std::fs;
 use std::io::Write;
@@ -15,11 +21,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::cli::{exit, CliError};
 use crate::config::Config;
 use crate::ingest::{hash_file, Ingestor, Outcome};
-use crate::store::Store;
 use crate::store::control;
+use crate::store::Store;
+
+use super::common::LONG_VERSION;
+use super::error::{exit, CliError};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -60,11 +68,11 @@ pub fn run(args: BenchArgs) -> Result<i32, CliError> {
     match args.suite.as_deref() {
         None | Some("core") => core(args),
         Some("conditions") => {
-            crate::conditions::bench::run(args.idle_window.as_secs())
+            conditions::run(args.idle_window.as_secs())
                 .map_err(|e| err(format!("conditions: {e}")))?;
             Ok(exit::OK)
         }
-        Some("mqtt") => crate::mqtt_bench::run(args.mqtt_broker.as_deref()),
+        Some("mqtt") => mqtt::run(args.mqtt_broker.as_deref()),
         Some(other) => Err(CliError::new(
             exit::USAGE,
             format!("bench: unknown suite `{other}` (expected core, conditions or mqtt)"),
@@ -77,16 +85,12 @@ fn core(args: BenchArgs) -> Result<i32, CliError> {
     let base = match &args.dir {
         Some(d) => d.clone(),
         None => {
-            tmp = tempdir()?;
-            tmp.0.clone()
+            tmp = tempdir("fieldsync-bench-")?;
+            tmp.path().to_path_buf()
         }
     };
     let size = (args.size_mb * 1e6) as usize;
-    println!(
-        "fieldsync bench ({} on {})",
-        crate::cli::LONG_VERSION,
-        base.display()
-    );
+    println!("fieldsync bench ({} on {})", LONG_VERSION, base.display());
 
     // --- ingest ---------------------------------------------------------------------
     let env = BenchEnv::new(&base.join("ingest"))?;
@@ -218,17 +222,12 @@ fn core(args: BenchArgs) -> Result<i32, CliError> {
     Ok(exit::OK)
 }
 
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempdir() -> Result<TempDir, CliError> {
-    let p = std::env::temp_dir().join(format!("fieldsync-bench-{}", std::process::id()));
-    fs::create_dir_all(&p).map_err(err)?;
-    Ok(TempDir(p))
+/// A new directory under the system temp dir, removed on drop.
+fn tempdir(prefix: &str) -> Result<tempfile::TempDir, CliError> {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .map_err(err)
 }
 
 /// A capture/state/remote layout with its own config file.
@@ -365,7 +364,7 @@ fn stop(mut child: Child) {
 }
 
 /// A `Vm…:` line of /proc/<pid>/status in KiB.
-pub fn proc_kib(pid: u32, field: &str) -> Result<u64, CliError> {
+fn proc_kib(pid: u32, field: &str) -> Result<u64, CliError> {
     let s = fs::read_to_string(format!("/proc/{pid}/status")).map_err(err)?;
     s.lines()
         .find(|l| l.starts_with(field))
@@ -376,7 +375,7 @@ pub fn proc_kib(pid: u32, field: &str) -> Result<u64, CliError> {
 
 /// CPU time of all threads of a process in nanoseconds (schedstat: finer than the 10 ms
 /// ticks of /proc/<pid>/stat, which matters for an idle process).
-pub fn cpu_ns(pid: u32) -> Result<u64, CliError> {
+fn cpu_ns(pid: u32) -> Result<u64, CliError> {
     let mut total = 0;
     for t in fs::read_dir(format!("/proc/{pid}/task"))
         .map_err(err)?

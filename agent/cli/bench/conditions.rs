@@ -17,8 +17,8 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::governor::Bucket;
-use super::probes::{self, Probes};
+use crate::conditions::governor::Bucket;
+use crate::conditions::probes::{self, Probes};
 use crate::remote::file::FileRemote;
 use crate::remote::{Remote, ResumeLog, UploadCtx, UploadJob};
 use crate::store::PartRecord;
@@ -215,8 +215,11 @@ fn rate_accuracy(rate: u64, secs: u64, dir: &Path) -> Result<(), String> {
 
 /// Runs the conditions benchmark; `idle_secs` of 0 skips the idle-daemon measurement.
 pub fn run(idle_secs: u64) -> Result<(), String> {
-    let dir = tempfile_dir()?;
-    let d = dir.as_path();
+    let dir = tempfile::Builder::new()
+        .prefix("fieldsync-bench-conditions-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let d = dir.path();
     // A field device's tree: one battery, mains, two thermal zones, a cellular route.
     let ps = d.join("sys/class/power_supply");
     let w = |p: &Path, s: &str| write(p, s).map_err(|e| e.to_string());
@@ -260,14 +263,5 @@ pub fn run(idle_secs: u64) -> Result<(), String> {
     }
     rate_accuracy(1_000_000, 10, d)?;
     rate_accuracy(4_000_000, 10, d)?;
-    let _ = fs::remove_dir_all(d);
     Ok(())
-}
-
-/// A fresh directory under the system temp dir (tempfile is only a dev-dependency).
-fn tempfile_dir() -> Result<std::path::PathBuf, String> {
-    let p = std::env::temp_dir().join(format!("fieldsync-bench-conditions-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&p);
-    fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-    Ok(p)
 }
