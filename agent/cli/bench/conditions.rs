@@ -23,6 +23,8 @@ use crate::remote::file::FileRemote;
 use crate::remote::{Remote, ResumeLog, UploadCtx, UploadJob};
 use crate::store::PartRecord;
 
+use super::procfs::cpu_ns_over;
+
 /// Probe rounds measured per tree: enough for a stable per-round figure in ~1 s.
 const ROUNDS: u32 = 20_000;
 /// Rounds per hour at the default probe interval (5 s).
@@ -75,21 +77,6 @@ fn probe_cost(label: &str, p: &Probes, dir: &Path) {
     );
 }
 
-/// On-CPU time of every thread of `pid`, in nanoseconds (`/proc/<pid>/task/*/schedstat`;
-/// /proc/<pid>/stat counts in 10 ms clock ticks, too coarse for an idle daemon).
-fn proc_cpu(pid: u32) -> Option<Duration> {
-    let mut ns = 0u64;
-    for t in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
-        let s = fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
-        ns += s
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-    }
-    Some(Duration::from_nanos(ns))
-}
-
 fn idle_daemon(secs: u64, dir: &Path, probe_interval: &str) -> Result<f64, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let dir = &dir.join(format!("idle-{probe_interval}"));
@@ -120,14 +107,11 @@ fn idle_daemon(secs: u64, dir: &Path, probe_interval: &str) -> Result<f64, Strin
         .map_err(|e| e.to_string())?;
     // Start-up (migrations, first scan) is not idle cost.
     std::thread::sleep(Duration::from_secs(3));
-    let before = proc_cpu(child.id());
-    std::thread::sleep(Duration::from_secs(secs));
-    let after = proc_cpu(child.id());
+    let used = cpu_ns_over(child.id(), Duration::from_secs(secs)).map(Duration::from_nanos);
     let _ = child.kill();
     let _ = child.wait();
-    match (before, after) {
-        (Some(b), Some(a)) => {
-            let used = a.saturating_sub(b);
+    match used {
+        Ok(used) => {
             let per_hour = used.as_secs_f64() * 3600.0 / secs as f64;
             println!(
                 "idle daemon, probes every {probe_interval}: {:.3} s CPU over {secs} s = {per_hour:.2} s per hour (all threads, from schedstat)",
@@ -135,7 +119,7 @@ fn idle_daemon(secs: u64, dir: &Path, probe_interval: &str) -> Result<f64, Strin
             );
             Ok(per_hour)
         }
-        _ => Err("cannot read the daemon's /proc/<pid>/stat".into()),
+        Err(e) => Err(format!("cannot read the daemon's /proc/<pid>/task: {e}")),
     }
 }
 

@@ -17,6 +17,8 @@ use crate::store::Store;
 
 use crate::cli::error::{exit, CliError};
 
+use super::procfs;
+
 /// The launcher the integration tests use too.
 #[path = "../../../tests/common/mosquitto.rs"]
 mod mosquitto;
@@ -71,16 +73,8 @@ fn start_mosquitto(dir: &Path) -> Result<(LocalBroker, u16), CliError> {
 
 /// VmRSS and VmHWM of a process, in KiB.
 fn memory_kib(pid: u32) -> Option<(i64, i64)> {
-    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        s.lines()
-            .find(|l| l.starts_with(name))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
+    let kib = |field| procfs::status_kib(pid, field).map(|k| k as i64);
+    Some((kib("VmRSS:")?, kib("VmHWM:")?))
 }
 
 struct ModeResult {
