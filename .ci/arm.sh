@@ -6,6 +6,7 @@
 #      aarch64 gcc, qemu-user-static. armhf too when the archive serves its std.
 #   2. Release build per target with RUSTC=/usr/bin/rustc in target/cross (the host test
 #      build in target/ is left alone); stripped size reported, aarch64 must stay < 6 MiB.
+#      These are device builds (--no-default-features: no fleet view, no benchmarks).
 #   3. Smoke test of each ARM binary under qemu-user: --version names the target, a
 #      photo dropped into capture lands byte-identical in the file remote, `status --json`
 #      counts it synced, SIGTERM exits 0.
@@ -86,7 +87,7 @@ cross_build() {
     env RUSTC=/usr/bin/rustc CARGO_TARGET_DIR=target/cross FIELDSYNC_GIT_COMMIT="$commit" \
         "CARGO_TARGET_${upper}_LINKER=${prefix}-gcc" "CC_${lower}=${prefix}-gcc" \
         "AR_${lower}=${prefix}-ar" \
-        cargo build --locked --release --target "$triple"
+        cargo build --locked --release --no-default-features --target "$triple"
 }
 size_of() { stat -c %s "$1"; }
 mib() { awk -v b="$1" 'BEGIN { printf "%.2f MiB", b / 1048576 }'; }
@@ -111,7 +112,7 @@ fi
 
 phase "build x86_64 release (for the amd64 package)"
 b0=$SECONDS
-FIELDSYNC_GIT_COMMIT="$commit" cargo build --locked --release
+FIELDSYNC_GIT_COMMIT="$commit" cargo build --locked --release --no-default-features
 bin_host=target/release/fieldsync
 s=$(size_of "$bin_host")
 note "x86_64-unknown-linux-gnu: stripped binary $s bytes ($(mib "$s")), built in $((SECONDS - b0))s"

@@ -13,7 +13,6 @@
 
 use serde::Serialize;
 
-pub mod bench;
 pub mod governor;
 pub mod monitor;
 pub mod probes;

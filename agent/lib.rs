@@ -4,7 +4,6 @@
 //! and records them in the `store` → the `uploader` scheduler hands due attachments to
 //! workers when the `conditions` allow → a `remote` moves the bytes → `status` reports.
 
-pub mod bench;
 pub mod bus;
 pub mod cli;
 pub mod commands;
@@ -12,12 +11,10 @@ pub mod conditions;
 pub mod config;
 pub mod daemon;
 pub mod device;
-pub mod fleet;
 pub mod ingest;
 pub mod publisher;
 
 pub mod mqtt;
-pub mod mqtt_bench;
 pub mod remote;
 pub mod reporter;
 pub mod scheduler;

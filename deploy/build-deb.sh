@@ -2,8 +2,12 @@
 # Builds the fieldsync Debian package from an already built binary, for any architecture:
 #
 #   deploy/build-deb.sh BINARY DEB_ARCH [OUT_DIR]
+#   cargo build --locked --release --no-default-features
 #   deploy/build-deb.sh target/release/fieldsync amd64 target/deb
 #   deploy/build-deb.sh target/cross/aarch64-unknown-linux-gnu/release/fieldsync arm64 target/deb
+#
+# The package is for devices: give it the device build (`--no-default-features`: no fleet
+# view, no benchmarks; README "Builds"). Any build packages, as the tests do with theirs.
 #
 # Needs only dpkg-deb and readelf (binutils), so it packages a cross-built binary on the
 # build host without cargo-deb or debhelper. Prints the path of the .deb.

@@ -24,4 +24,5 @@ if ! command -v s3s-fs >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/s3s-fs" ]; th
 fi
 export PATH="$HOME/.cargo/bin:$PATH"
 
-cargo test --locked --all-targets "$@"
+# `bench` builds the benchmarks into the test binary and runs every suite (tests/bench.rs).
+cargo test --locked --all-targets --features bench "$@"

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod mosquitto;
 pub mod mqtt;
 
 pub mod s3;

@@ -3,7 +3,7 @@
 //! recording subscriber, and a throwaway test CA made with the `openssl` CLI.
 
 use std::fs;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,17 +13,12 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
-use super::tail;
+use super::{mosquitto, tail};
 
 /// `n` distinct ports nobody listens on right now (bound together, then released for
 /// mosquitto to take).
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
+    mosquitto::free_ports(n).unwrap()
 }
 
 pub struct Broker {
@@ -126,7 +121,7 @@ impl Broker {
             .append(true)
             .open(self.dir.path().join("stdout.log"))
             .unwrap();
-        let mut child = Command::new(mosquitto_bin())
+        let mut child = Command::new(mosquitto::bin())
             .arg("-c")
             .arg(&self.conf)
             .stdin(Stdio::null())
@@ -172,18 +167,7 @@ impl Broker {
     /// SIGTERM (mosquitto saves retained messages) and wait.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if c.try_wait().unwrap().is_some() {
-                    return;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            mosquitto::stop(&mut c);
         }
     }
 
@@ -205,14 +189,6 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-fn mosquitto_bin() -> &'static str {
-    if Path::new("/usr/sbin/mosquitto").exists() {
-        "/usr/sbin/mosquitto"
-    } else {
-        "mosquitto"
     }
 }
 

@@ -6,15 +6,21 @@
 //! mosquitto it starts itself (or `--mqtt-broker HOST:PORT`).
 
 use std::fs;
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::cli::{exit, CliError};
 use crate::mqtt::{self, PayloadFormat};
 use crate::status;
 use crate::store::{EventForm, EventKind, Store};
+
+use crate::cli::error::{exit, CliError};
+
+use super::procfs;
+
+/// The launcher the integration tests use too.
+#[path = "../../../tests/common/mosquitto.rs"]
+mod mosquitto;
 
 /// Photos uploaded in each mode before memory is sampled.
 const PHOTOS: u64 = 40;
@@ -35,39 +41,27 @@ struct LocalBroker(Child);
 
 impl Drop for LocalBroker {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        mosquitto::stop(&mut self.0);
     }
 }
 
 fn start_mosquitto(dir: &Path) -> Result<(LocalBroker, u16), CliError> {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| fail(format!("bench: no free port: {e}")))?
-        .port();
+    let port = mosquitto::free_ports(1).map_err(|e| fail(format!("bench: no free port: {e}")))?[0];
     let conf = dir.join("mosquitto.conf");
     fs::write(
         &conf,
         format!("listener {port} 127.0.0.1\nallow_anonymous true\nuser root\n"),
     )
     .map_err(|e| fail(format!("bench: {e}")))?;
-    let bin = ["/usr/sbin/mosquitto", "mosquitto"]
-        .into_iter()
-        .find(|b| Command::new(b).arg("-h").output().is_ok())
-        .ok_or_else(|| {
-            fail("bench mqtt: mosquitto not found; install it or pass --mqtt-broker HOST:PORT")
-        })?;
-    let child = Command::new(bin)
-        .arg("-c")
-        .arg(&conf)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| fail(format!("bench: start mosquitto: {e}")))?;
+    let child = mosquitto::spawn(&conf, Stdio::null(), Stdio::null()).map_err(|e| {
+        fail(format!(
+            "bench mqtt: start {}: {e}; install mosquitto or pass --mqtt-broker HOST:PORT",
+            mosquitto::bin()
+        ))
+    })?;
     let broker = LocalBroker(child);
     let start = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while !mosquitto::listening(port) {
         if start.elapsed() > Duration::from_secs(10) {
             return Err(fail("bench: mosquitto did not start listening"));
         }
@@ -78,16 +72,8 @@ fn start_mosquitto(dir: &Path) -> Result<(LocalBroker, u16), CliError> {
 
 /// VmRSS and VmHWM of a process, in KiB.
 fn memory_kib(pid: u32) -> Option<(i64, i64)> {
-    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        s.lines()
-            .find(|l| l.starts_with(name))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
+    let kib = |field| procfs::status_kib(pid, field).map(|k| k as i64);
+    Some((kib("VmRSS:")?, kib("VmHWM:")?))
 }
 
 struct ModeResult {
@@ -195,8 +181,11 @@ fn mib(kib: i64) -> String {
 
 /// `fieldsync bench mqtt [--mqtt-broker HOST:PORT]`.
 pub fn run(broker: Option<&str>) -> Result<i32, CliError> {
-    let root = std::env::temp_dir().join(format!("fieldsync-bench-mqtt-{}", std::process::id()));
-    fs::create_dir_all(&root).map_err(|e| fail(format!("bench: {e}")))?;
+    let tmp = tempfile::Builder::new()
+        .prefix("fieldsync-bench-mqtt-")
+        .tempdir()
+        .map_err(|e| fail(format!("bench: {e}")))?;
+    let root = tmp.path().to_path_buf();
     let outcome = (|| {
         let (_local, host, port) = match broker {
             Some(b) => {
@@ -278,9 +267,9 @@ pub fn run(broker: Option<&str>) -> Result<i32, CliError> {
         }
         Ok(exit::OK)
     })();
-    if outcome.is_ok() {
+    if outcome.is_err() {
         // Kept after a failure: the daemon logs and databases explain it.
-        let _ = fs::remove_dir_all(&root);
+        let _ = tmp.keep();
     }
     outcome
 }

@@ -17,11 +17,13 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::governor::Bucket;
-use super::probes::{self, Probes};
+use crate::conditions::governor::Bucket;
+use crate::conditions::probes::{self, Probes};
 use crate::remote::file::FileRemote;
 use crate::remote::{Remote, ResumeLog, UploadCtx, UploadJob};
 use crate::store::PartRecord;
+
+use super::procfs::cpu_ns_over;
 
 /// Probe rounds measured per tree: enough for a stable per-round figure in ~1 s.
 const ROUNDS: u32 = 20_000;
@@ -75,21 +77,6 @@ fn probe_cost(label: &str, p: &Probes, dir: &Path) {
     );
 }
 
-/// On-CPU time of every thread of `pid`, in nanoseconds (`/proc/<pid>/task/*/schedstat`;
-/// /proc/<pid>/stat counts in 10 ms clock ticks, too coarse for an idle daemon).
-fn proc_cpu(pid: u32) -> Option<Duration> {
-    let mut ns = 0u64;
-    for t in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
-        let s = fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
-        ns += s
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-    }
-    Some(Duration::from_nanos(ns))
-}
-
 fn idle_daemon(secs: u64, dir: &Path, probe_interval: &str) -> Result<f64, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let dir = &dir.join(format!("idle-{probe_interval}"));
@@ -120,14 +107,11 @@ fn idle_daemon(secs: u64, dir: &Path, probe_interval: &str) -> Result<f64, Strin
         .map_err(|e| e.to_string())?;
     // Start-up (migrations, first scan) is not idle cost.
     std::thread::sleep(Duration::from_secs(3));
-    let before = proc_cpu(child.id());
-    std::thread::sleep(Duration::from_secs(secs));
-    let after = proc_cpu(child.id());
+    let used = cpu_ns_over(child.id(), Duration::from_secs(secs)).map(Duration::from_nanos);
     let _ = child.kill();
     let _ = child.wait();
-    match (before, after) {
-        (Some(b), Some(a)) => {
-            let used = a.saturating_sub(b);
+    match used {
+        Ok(used) => {
             let per_hour = used.as_secs_f64() * 3600.0 / secs as f64;
             println!(
                 "idle daemon, probes every {probe_interval}: {:.3} s CPU over {secs} s = {per_hour:.2} s per hour (all threads, from schedstat)",
@@ -135,7 +119,7 @@ fn idle_daemon(secs: u64, dir: &Path, probe_interval: &str) -> Result<f64, Strin
             );
             Ok(per_hour)
         }
-        _ => Err("cannot read the daemon's /proc/<pid>/stat".into()),
+        Err(e) => Err(format!("cannot read the daemon's /proc/<pid>/task: {e}")),
     }
 }
 
@@ -215,8 +199,11 @@ fn rate_accuracy(rate: u64, secs: u64, dir: &Path) -> Result<(), String> {
 
 /// Runs the conditions benchmark; `idle_secs` of 0 skips the idle-daemon measurement.
 pub fn run(idle_secs: u64) -> Result<(), String> {
-    let dir = tempfile_dir()?;
-    let d = dir.as_path();
+    let dir = tempfile::Builder::new()
+        .prefix("fieldsync-bench-conditions-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let d = dir.path();
     // A field device's tree: one battery, mains, two thermal zones, a cellular route.
     let ps = d.join("sys/class/power_supply");
     let w = |p: &Path, s: &str| write(p, s).map_err(|e| e.to_string());
@@ -260,14 +247,5 @@ pub fn run(idle_secs: u64) -> Result<(), String> {
     }
     rate_accuracy(1_000_000, 10, d)?;
     rate_accuracy(4_000_000, 10, d)?;
-    let _ = fs::remove_dir_all(d);
     Ok(())
-}
-
-/// A fresh directory under the system temp dir (tempfile is only a dev-dependency).
-fn tempfile_dir() -> Result<std::path::PathBuf, String> {
-    let p = std::env::temp_dir().join(format!("fieldsync-bench-conditions-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&p);
-    fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-    Ok(p)
 }

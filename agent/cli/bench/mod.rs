@@ -8,6 +8,13 @@
 //!   queued (paused) records.
 //!
 //! The daemon runs as a child process (this same binary), so RSS and CPU are its own.
+//!
+//! Built only with the `bench` cargo feature: the device binary carries none of this.
+//! `conditions` and `mqtt` are the other two suites.
+
+mod conditions;
+mod mqtt;
+mod procfs;
 
 use std::fs;
 use std::io::Write;
@@ -15,10 +22,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::cli::{exit, CliError};
 use crate::config::Config;
 use crate::ingest::{hash_file, Ingestor, Outcome};
 use crate::store::{NewAttachment, State, Store};
+
+use super::common::LONG_VERSION;
+use super::error::{exit, CliError};
+use procfs::{cpu_ns, cpu_ns_over};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -59,11 +69,11 @@ pub fn run(args: BenchArgs) -> Result<i32, CliError> {
     match args.suite.as_deref() {
         None | Some("core") => core(args),
         Some("conditions") => {
-            crate::conditions::bench::run(args.idle_window.as_secs())
+            conditions::run(args.idle_window.as_secs())
                 .map_err(|e| err(format!("conditions: {e}")))?;
             Ok(exit::OK)
         }
-        Some("mqtt") => crate::mqtt_bench::run(args.mqtt_broker.as_deref()),
+        Some("mqtt") => mqtt::run(args.mqtt_broker.as_deref()),
         Some(other) => Err(CliError::new(
             exit::USAGE,
             format!("bench: unknown suite `{other}` (expected core, conditions or mqtt)"),
@@ -76,16 +86,12 @@ fn core(args: BenchArgs) -> Result<i32, CliError> {
     let base = match &args.dir {
         Some(d) => d.clone(),
         None => {
-            tmp = tempdir()?;
-            tmp.0.clone()
+            tmp = tempdir("fieldsync-bench-")?;
+            tmp.path().to_path_buf()
         }
     };
     let size = (args.size_mb * 1e6) as usize;
-    println!(
-        "fieldsync bench ({} on {})",
-        crate::cli::LONG_VERSION,
-        base.display()
-    );
+    println!("fieldsync bench ({} on {})", LONG_VERSION, base.display());
 
     // --- ingest ---------------------------------------------------------------------
     let env = BenchEnv::new(&base.join("ingest"))?;
@@ -187,17 +193,16 @@ fn core(args: BenchArgs) -> Result<i32, CliError> {
     let pid = child.id();
     // Start-up (verify, first full rescan, watches) runs before the window opens.
     let t = Instant::now();
-    while cpu_ns(pid)? == 0 && t.elapsed() < Duration::from_secs(10) {
+    while cpu_ns(pid).map_err(err)? == 0 && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(5));
-    let startup_ms = cpu_ns(pid)? as f64 / 1e6;
-    let c0 = cpu_ns(pid)?;
-    std::thread::sleep(args.idle_window);
-    let c1 = cpu_ns(pid)?;
-    let rss = proc_kib(pid, "VmRSS:")?;
+    let startup_ms = cpu_ns(pid).map_err(err)? as f64 / 1e6;
+    let used = cpu_ns_over(pid, args.idle_window).map_err(err)?;
+    let rss = procfs::status_kib(pid, "VmRSS:")
+        .ok_or_else(|| err(format!("no VmRSS: in /proc/{pid}/status")))?;
     stop(child);
-    let cpu_ms = (c1 - c0) as f64 / 1e6;
+    let cpu_ms = used as f64 / 1e6;
     let per_min = cpu_ms * 60.0 / args.idle_window.as_secs_f64();
     println!(
         "idle: {} synced + {} queued (paused) records: RSS {:.1} MiB, CPU {:.1} ms over {:?} = {:.1} ms/min (start-up used {:.0} ms CPU)",
@@ -227,17 +232,12 @@ fn core(args: BenchArgs) -> Result<i32, CliError> {
     Ok(exit::OK)
 }
 
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempdir() -> Result<TempDir, CliError> {
-    let p = std::env::temp_dir().join(format!("fieldsync-bench-{}", std::process::id()));
-    fs::create_dir_all(&p).map_err(err)?;
-    Ok(TempDir(p))
+/// A new directory under the system temp dir, removed on drop.
+fn tempdir(prefix: &str) -> Result<tempfile::TempDir, CliError> {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .map_err(err)
 }
 
 /// A capture/state/remote layout with its own config file.
@@ -358,7 +358,7 @@ fn watch_until_exit(mut child: Child) -> Result<(u64, i32), CliError> {
     let pid = child.id();
     let mut peak = 0;
     loop {
-        if let Ok(kib) = proc_kib(pid, "VmHWM:") {
+        if let Some(kib) = procfs::status_kib(pid, "VmHWM:") {
             peak = peak.max(kib);
         }
         if let Some(st) = child.try_wait().map_err(err)? {
@@ -373,33 +373,4 @@ fn stop(mut child: Child) {
         .args(["-TERM", &child.id().to_string()])
         .status();
     let _ = child.wait();
-}
-
-/// A `Vm…:` line of /proc/<pid>/status in KiB.
-pub fn proc_kib(pid: u32, field: &str) -> Result<u64, CliError> {
-    let s = fs::read_to_string(format!("/proc/{pid}/status")).map_err(err)?;
-    s.lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| err(format!("no {field} in /proc/{pid}/status")))
-}
-
-/// CPU time of all threads of a process in nanoseconds (schedstat: finer than the 10 ms
-/// ticks of /proc/<pid>/stat, which matters for an idle process).
-pub fn cpu_ns(pid: u32) -> Result<u64, CliError> {
-    let mut total = 0;
-    for t in fs::read_dir(format!("/proc/{pid}/task"))
-        .map_err(err)?
-        .flatten()
-    {
-        if let Ok(s) = fs::read_to_string(t.path().join("schedstat")) {
-            total += s
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    Ok(total)
 }

@@ -5,6 +5,9 @@
 //!
 //! Connection settings (credentials, TLS) come from the `[mqtt]` section of the config
 //! when there is one; `--broker` overrides its host and port.
+//!
+//! Runs on an operator's machine, not on a device: built with the `fleet` cargo feature
+//! (on by default, off in the device build).
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -14,10 +17,11 @@ use rumqttc::{Client, Event, Packet, QoS, RecvTimeoutError};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::cli::{exit, CliError};
 use crate::config::Config;
 use crate::mqtt;
 use crate::status::{human_age, human_bytes};
+
+use super::error::{exit, CliError};
 
 /// How long to wait for the broker to accept the connection and subscriptions.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

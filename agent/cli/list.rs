@@ -1,0 +1,57 @@
+//! `fieldsync list` and `fieldsync events`: the queue's records and its event log, as
+//! lines or JSON.
+
+use crate::config::Config;
+use crate::status;
+use crate::store::ListFilter;
+
+use super::common::{open_store, print_json};
+use super::error::{exit, CliError};
+
+pub fn list(cfg: &Config, filter: &ListFilter, json: bool) -> Result<i32, CliError> {
+    let store = open_store(cfg)?;
+    let list = store.list(filter)?;
+    if json {
+        print_json(&list);
+    } else {
+        for a in &list {
+            println!(
+                "{}  {:<14} {:>10}  {}/{}/{}{}",
+                a.id,
+                a.state,
+                status::human_bytes(a.size),
+                a.checklist,
+                a.row,
+                a.filename,
+                a.last_error
+                    .as_ref()
+                    .map(|e| format!("  ({}: {e})", a.last_error_code.as_deref().unwrap_or("")))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(exit::OK)
+}
+
+pub fn events(cfg: &Config, after: i64, limit: i64, json: bool) -> Result<i32, CliError> {
+    let store = open_store(cfg)?;
+    let events = store.events_after(after, limit)?;
+    if json {
+        print_json(&events);
+    } else {
+        for e in &events {
+            println!(
+                "{:>6} {} {:<16} {:<8} {} {}->{} {}",
+                e.seq,
+                crate::util::rfc3339(e.time),
+                e.kind,
+                e.outcome,
+                e.attachment_id.as_deref().unwrap_or("-"),
+                e.from_state.map(|s| s.as_str()).unwrap_or(""),
+                e.to_state.map(|s| s.as_str()).unwrap_or(""),
+                e.reason.as_deref().unwrap_or("")
+            );
+        }
+    }
+    Ok(exit::OK)
+}

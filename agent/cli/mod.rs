@@ -1,0 +1,250 @@
+//! The `fieldsync` command line: argument parsing and dispatch to one module per
+//! subcommand group. Errors are one line; exit codes are [`exit`].
+//!
+//! Every command reads or changes the queue through the store, like the daemon; a change
+//! (pause, resume, retry, sync) is seen by a running daemon within a second.
+//!
+//! Module shape: this file imports the subcommands; they import only the leaves
+//! [`error`] (exit codes, [`CliError`]) and [`common`] (version, store, JSON), never this
+//! file or each other. `bench` exists only with the `bench` cargo feature, `fleet` only
+//! with `fleet` (on by default; off in the device build).
+
+mod common;
+mod config;
+mod error;
+mod list;
+mod queue;
+mod run;
+mod status;
+
+#[cfg(feature = "bench")]
+mod bench;
+#[cfg(feature = "fleet")]
+pub mod fleet;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{Config, LogFormat, DEFAULT_PATH};
+use crate::store::{ListFilter, State};
+
+pub use common::LONG_VERSION;
+pub use error::{exit, CliError};
+
+#[derive(Debug, Parser)]
+#[command(name = "fieldsync", version = LONG_VERSION, about = "Uploads inspection photos from field devices to object storage")]
+pub struct Cli {
+    /// Configuration file [default: /etc/fieldsync/fieldsync.toml, else the embedded demo]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Log format (overrides log.format)
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormatArg>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon
+    Run {
+        /// Exit once nothing is pending
+        #[arg(long)]
+        until_idle: bool,
+    },
+    /// Drop sample photos into the demo capture folder, upload them, show the status
+    Demo,
+    /// Show the queue: counts, progress, pause reason, last success and error
+    Status {
+        #[arg(long)]
+        json: bool,
+        /// Refresh until interrupted
+        #[arg(long)]
+        watch: bool,
+        /// Refresh interval for --watch
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+    },
+    /// List attachments
+    List {
+        #[arg(long, value_parser = parse_state)]
+        state: Option<State>,
+        #[arg(long)]
+        checklist: Option<String>,
+        #[arg(long)]
+        row: Option<String>,
+        #[arg(long)]
+        limit: Option<i64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Requeue a failed attachment (by id), or all failed ones
+    Retry {
+        #[arg(required_unless_present = "failed", conflicts_with = "failed")]
+        id: Option<String>,
+        #[arg(long)]
+        failed: bool,
+    },
+    /// Enqueue a file against a checklist row (it does not need to be in the capture folder)
+    Enqueue {
+        file: PathBuf,
+        #[arg(long)]
+        checklist: String,
+        #[arg(long, default_value = "")]
+        row: String,
+    },
+    /// Check every record against the file system and repair what is not true
+    Verify {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause uploads (the daemon keeps ingesting)
+    Pause,
+    /// Resume uploads paused with `pause`
+    Resume,
+    /// Wake the uploader now (retries due work immediately)
+    Sync,
+    /// Show the event log
+    Events {
+        /// Only events after this sequence number
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Configuration commands
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Measure ingest and upload speed, memory and idle cost (prints numbers)
+    #[cfg(feature = "bench")]
+    Bench(bench::BenchArgs),
+    /// Show every device reporting to an MQTT broker: state, pending, last upload, pause
+    #[cfg(feature = "fleet")]
+    Fleet(fleet::FleetArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the configuration and exit
+    Check,
+}
+
+fn parse_state(s: &str) -> Result<State, String> {
+    s.parse()
+}
+
+/// Where the configuration came from.
+pub struct Loaded {
+    pub cfg: Config,
+    pub embedded: bool,
+}
+
+/// `--config PATH`, else the default path if it exists, else the embedded demo config.
+pub fn load_config(path: Option<&Path>) -> Result<Loaded, CliError> {
+    match path {
+        Some(p) => Ok(Loaded {
+            cfg: Config::load(p)?,
+            embedded: false,
+        }),
+        None if Path::new(DEFAULT_PATH).exists() => Ok(Loaded {
+            cfg: Config::load(Path::new(DEFAULT_PATH))?,
+            embedded: false,
+        }),
+        None => Ok(Loaded {
+            cfg: Config::demo(),
+            embedded: true,
+        }),
+    }
+}
+
+fn init_logging(cfg: &Config, arg: Option<LogFormatArg>, daemon: bool) {
+    let format = match arg {
+        Some(LogFormatArg::Json) => LogFormat::Json,
+        Some(LogFormatArg::Text) => LogFormat::Text,
+        None => cfg.log.format,
+    };
+    // Commands other than the daemon stay quiet unless something is wrong.
+    let level = if daemon {
+        cfg.log.level.as_str()
+    } else {
+        "warn"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.with_target(false).try_init(),
+    };
+}
+
+/// Runs the parsed command; returns the exit code.
+pub fn run(cli: Cli) -> Result<i32, CliError> {
+    let loaded = load_config(cli.config.as_deref())?;
+    let cfg = loaded.cfg;
+    let is_daemon = matches!(cli.command, Command::Run { .. } | Command::Demo);
+    init_logging(&cfg, cli.log_format, is_daemon);
+    if loaded.embedded && is_daemon {
+        tracing::info!(
+            "no config file given and {DEFAULT_PATH} absent: using the embedded demo config"
+        );
+    }
+    match cli.command {
+        Command::Run { until_idle } => run::run(cfg, until_idle, loaded.embedded),
+        Command::Demo => run::demo(cfg, loaded.embedded),
+        Command::Status {
+            json,
+            watch,
+            interval,
+        } => status::run(&cfg, json, watch, interval),
+        Command::List {
+            state,
+            checklist,
+            row,
+            limit,
+            json,
+        } => list::list(
+            &cfg,
+            &ListFilter {
+                state,
+                checklist,
+                row,
+                limit,
+            },
+            json,
+        ),
+        Command::Retry { id, failed: _ } => queue::retry(&cfg, id.as_deref()),
+        Command::Enqueue {
+            file,
+            checklist,
+            row,
+        } => queue::enqueue(&cfg, &file, checklist, row),
+        Command::Verify { json } => queue::verify(&cfg, json),
+        Command::Pause => queue::pause(&cfg),
+        Command::Resume => queue::resume(&cfg),
+        Command::Sync => queue::sync(&cfg),
+        Command::Events { after, limit, json } => list::events(&cfg, after, limit, json),
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => config::check(&cfg, cli.config.as_deref(), loaded.embedded),
+        #[cfg(feature = "bench")]
+        Command::Bench(args) => bench::run(args),
+        #[cfg(feature = "fleet")]
+        Command::Fleet(args) => fleet::run(&cfg, args),
+    }
+}

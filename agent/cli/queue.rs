@@ -1,0 +1,111 @@
+//! The commands that change the queue: `retry`, `enqueue`, `verify`, `pause`, `resume`,
+//! `sync`. Each goes through the store, like the daemon; a running daemon sees the change
+//! within a second.
+
+use std::path::Path;
+
+use crate::config::Config;
+use crate::ingest::{absolute, Ingestor, Outcome};
+use crate::{commands, verify};
+
+use super::common::{open_store, print_json};
+use super::error::{exit, CliError};
+
+/// `retry ID` or `retry --failed` (`id` is None).
+pub fn retry(cfg: &Config, id: Option<&str>) -> Result<i32, CliError> {
+    let mut store = open_store(cfg)?;
+    let ids = commands::retry(&mut store, id)?;
+    println!("requeued {} attachment(s)", ids.len());
+    Ok(exit::OK)
+}
+
+pub fn enqueue(cfg: &Config, file: &Path, checklist: String, row: String) -> Result<i32, CliError> {
+    let mut store = open_store(cfg)?;
+    let ingestor = Ingestor::new(
+        &cfg.paths.capture,
+        &cfg.ingest,
+        &cfg.remote.prefix,
+        &cfg.device_id,
+    );
+    let path = absolute(file);
+    let outcome = ingestor
+        .ingest_as(&mut store, &path, (checklist, row))
+        .map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
+    match outcome {
+        Outcome::Enqueued(a) => println!("enqueued {} as {}", a.id, a.object_key),
+        Outcome::Unreadable(a) => {
+            return Err(CliError::new(
+                exit::FAILURE,
+                format!(
+                    "{}: recorded as failed ({})",
+                    path.display(),
+                    a.last_error.unwrap_or_default()
+                ),
+            ))
+        }
+        Outcome::Unchanged | Outcome::Touched => println!("already enqueued"),
+        Outcome::Missing => {
+            return Err(CliError::new(
+                exit::NOT_FOUND,
+                format!("{}: no such file", path.display()),
+            ))
+        }
+        Outcome::NotStable => {
+            return Err(CliError::new(
+                exit::FAILURE,
+                format!("{}: changed while being read; try again", path.display()),
+            ))
+        }
+        Outcome::Ignored | Outcome::SidecarUpdated => {
+            return Err(CliError::new(
+                exit::USAGE,
+                format!("{}: not a regular file", path.display()),
+            ))
+        }
+    }
+    commands::wake(&store)?;
+    Ok(exit::OK)
+}
+
+pub fn verify(cfg: &Config, json: bool) -> Result<i32, CliError> {
+    let mut store = open_store(cfg)?;
+    let ingestor = Ingestor::new(
+        &cfg.paths.capture,
+        &cfg.ingest,
+        &cfg.remote.prefix,
+        &cfg.device_id,
+    );
+    let repairs = verify::repair(&mut store, &ingestor)?;
+    if json {
+        print_json(&repairs);
+    } else if repairs.is_empty() {
+        println!("verified: nothing to repair");
+    } else {
+        for r in &repairs {
+            println!("{}  {} -> {}  {}  {}", r.id, r.from, r.to, r.reason, r.path);
+        }
+        println!("repaired {} record(s)", repairs.len());
+    }
+    Ok(exit::OK)
+}
+
+pub fn pause(cfg: &Config) -> Result<i32, CliError> {
+    let store = open_store(cfg)?;
+    commands::pause(&store, "cli")?;
+    println!("uploads paused");
+    Ok(exit::OK)
+}
+
+pub fn resume(cfg: &Config) -> Result<i32, CliError> {
+    let store = open_store(cfg)?;
+    commands::resume(&store, "cli")?;
+    println!("uploads resumed");
+    Ok(exit::OK)
+}
+
+pub fn sync(cfg: &Config) -> Result<i32, CliError> {
+    let store = open_store(cfg)?;
+    commands::sync(&store)?;
+    println!("sync requested");
+    Ok(exit::OK)
+}
