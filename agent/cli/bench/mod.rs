@@ -59,6 +59,10 @@ pub struct BenchArgs {
     /// Work directory (default: a new temporary directory, removed afterwards)
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// The binary measured as the daemon (default: this one). Pass the device build
+    /// (`--no-default-features`, no bench code) to measure exactly what ships.
+    #[arg(long, value_name = "PATH")]
+    pub daemon: Option<PathBuf>,
 }
 
 fn err(e: impl std::fmt::Display) -> CliError {
@@ -94,7 +98,7 @@ fn core(args: BenchArgs) -> Result<i32, CliError> {
     println!("fieldsync bench ({} on {})", LONG_VERSION, base.display());
 
     // --- ingest ---------------------------------------------------------------------
-    let env = BenchEnv::new(&base.join("ingest"))?;
+    let env = BenchEnv::new(&base.join("ingest"), args.daemon.as_deref())?;
     let files = env.make_photos(args.ingest_photos, size, 0)?;
     let total_bytes = (files.len() * size) as f64;
     let t = Instant::now();
@@ -130,7 +134,7 @@ fn core(args: BenchArgs) -> Result<i32, CliError> {
     let _ = fs::remove_dir_all(&env.root);
 
     // --- drain ----------------------------------------------------------------------
-    let env = BenchEnv::new(&base.join("drain"))?;
+    let env = BenchEnv::new(&base.join("drain"), args.daemon.as_deref())?;
     env.make_photos(args.photos, size, 1)?;
     let t = Instant::now();
     let child = env.spawn(&["run", "--until-idle"])?;
@@ -159,7 +163,7 @@ fn core(args: BenchArgs) -> Result<i32, CliError> {
     let _ = fs::remove_dir_all(&env.root);
 
     // --- idle -----------------------------------------------------------------------
-    let env = BenchEnv::new(&base.join("idle"))?;
+    let env = BenchEnv::new(&base.join("idle"), args.daemon.as_deref())?;
     env.seed_records(args.idle_synced, args.idle_queued)?;
     // The periodic rescan's cost, through the same code path, amortised over its interval.
     let cfg = env.config()?;
@@ -243,10 +247,12 @@ fn tempdir(prefix: &str) -> Result<tempfile::TempDir, CliError> {
 /// A capture/state/remote layout with its own config file.
 struct BenchEnv {
     root: PathBuf,
+    /// The daemon binary under test.
+    exe: Option<PathBuf>,
 }
 
 impl BenchEnv {
-    fn new(root: &Path) -> Result<BenchEnv, CliError> {
+    fn new(root: &Path, exe: Option<&Path>) -> Result<BenchEnv, CliError> {
         let _ = fs::remove_dir_all(root);
         for d in ["capture", "state", "remote"] {
             fs::create_dir_all(root.join(d)).map_err(err)?;
@@ -261,6 +267,7 @@ impl BenchEnv {
         fs::write(root.join("fieldsync.toml"), toml).map_err(err)?;
         Ok(BenchEnv {
             root: root.to_path_buf(),
+            exe: exe.map(Path::to_path_buf),
         })
     }
 
@@ -340,7 +347,10 @@ impl BenchEnv {
     }
 
     fn spawn(&self, args: &[&str]) -> Result<Child, CliError> {
-        let exe = std::env::current_exe().map_err(err)?;
+        let exe = match &self.exe {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().map_err(err)?,
+        };
         Command::new(exe)
             .arg("--config")
             .arg(self.root.join("fieldsync.toml"))
