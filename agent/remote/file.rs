@@ -20,6 +20,11 @@ use crate::util::hex;
 pub struct FileConfig {
     /// The directory objects are written to (a NAS mount, a USB drive, the demo folder).
     pub path: PathBuf,
+    /// Create `path` at start when it is missing (the demo). Off by default: a real
+    /// share must already be mounted, so an unmounted one fails instead of filling the
+    /// device's own disk.
+    #[serde(default)]
+    pub create: bool,
 }
 
 /// Copy buffer; also the granularity of progress reports and stop checks.
