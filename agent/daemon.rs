@@ -197,6 +197,9 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
 
     let db_path = state_dir.join("queue.db");
     let mut store = open_or_rebuild(&db_path, ran_before)?;
+    if !crate::store::ensure_reserve(&state_dir) {
+        warn!(state_dir = %state_dir.display(), "state disk full at start; new photos wait until there is room");
+    }
     store.set_daemon_started(std::process::id(), now_ms())?;
     let ingestor = Arc::new(Ingestor::new(
         &cfg.paths.capture,

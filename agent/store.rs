@@ -563,6 +563,67 @@ pub fn is_disk_full(e: &StoreError) -> bool {
     }
 }
 
+/// Space kept beside the database (`queue.db.reserve`) for the writes that record what
+/// happened to photos already queued (an upload's outcome, the daemon's status) once the
+/// state disk is full. Ingest records a new photo only while the reserve exists, so the
+/// queue stops growing before it can no longer record its own progress; a write that
+/// fails for lack of space releases it. A few hundred transactions' worth of WAL frames.
+pub const RESERVE_BYTES: u64 = 2 * 1024 * 1024;
+
+/// The reserve file beside the database in `state_dir`.
+pub fn reserve_path(state_dir: &Path) -> std::path::PathBuf {
+    state_dir.join("queue.db.reserve")
+}
+
+/// Free bytes on the state volume that fieldsync may count on: while the reserve is
+/// released, the room it will take back is not free.
+pub fn usable_free(state_dir: &Path, free: u64) -> u64 {
+    if reserve_path(state_dir).exists() {
+        free
+    } else {
+        free.saturating_sub(RESERVE_BYTES)
+    }
+}
+
+/// Makes sure the reserve exists; false when the disk has no room for it (then nothing
+/// new should be recorded yet).
+pub fn ensure_reserve(state_dir: &Path) -> bool {
+    use std::io::Write;
+    let path = reserve_path(state_dir);
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() >= RESERVE_BYTES) {
+        return true;
+    }
+    let tmp = state_dir.join(".queue.db.reserve.tmp");
+    let made = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        let chunk = vec![0u8; 64 * 1024];
+        let mut n = 0;
+        while n < RESERVE_BYTES {
+            f.write_all(&chunk)?;
+            n += chunk.len() as u64;
+        }
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    })();
+    if made.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    made.is_ok()
+}
+
+/// Frees the reserve for writes that must happen (the disk is full); returns whether
+/// there was one to free.
+pub fn release_reserve(state_dir: &Path) -> bool {
+    let released = std::fs::remove_file(reserve_path(state_dir)).is_ok();
+    if released {
+        tracing::warn!(
+            state_dir = %state_dir.display(),
+            "state disk full: released the database reserve; new photos wait until there is room"
+        );
+    }
+    released
+}
+
 pub struct Store {
     conn: Connection,
     /// The database file (None in memory): the wake file lives beside it.
@@ -714,6 +775,20 @@ impl Store {
         self.control_json(key::REBUILT)
     }
 
+    /// The state directory the database lives in (None in memory).
+    pub fn state_dir(&self) -> Option<&Path> {
+        self.path.as_deref().and_then(|p| p.parent())
+    }
+
+    /// Runs a write; when it fails because the disk is full, releases the reserve
+    /// ([`RESERVE_BYTES`]) and runs it once more.
+    pub fn with_room<T>(&mut self, mut f: impl FnMut(&mut Store) -> Result<T>) -> Result<T> {
+        match f(self) {
+            Err(e) if is_disk_full(&e) && self.state_dir().is_some_and(release_reserve) => f(self),
+            other => other,
+        }
+    }
+
     /// The file whose modification wakes a running daemon (watched with inotify), so CLI
     /// commands take effect at once without the daemon polling the database.
     pub fn wake_file(&self) -> Option<std::path::PathBuf> {
@@ -767,7 +842,15 @@ impl Store {
 
     fn migrate(&mut self) -> Result<()> {
         let known = MIGRATIONS.len() as i64;
-        // The version is read inside the write transaction: the daemon and a CLI opening a
+        // Up to date (every open but the first): nothing to write, so a reader such as
+        // `fieldsync status` still opens the queue when the disk is full.
+        let current: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if current == known {
+            return Ok(());
+        }
+        // The version is read again inside the write transaction: the daemon and a CLI opening a
         // new database at the same moment must not both apply the same migration.
         let tx = self.write_tx()?;
         let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
@@ -1590,7 +1673,18 @@ impl Store {
         self.control_set(key, &serde_json::to_string(v).expect("serialisable"))
     }
 
+    /// A control value is the daemon's own status: written even on a full disk, from
+    /// the reserve if need be.
     fn control_set(&self, key: &str, value: &str) -> Result<()> {
+        match self.control_set_once(key, value) {
+            Err(e) if is_disk_full(&e) && self.state_dir().is_some_and(release_reserve) => {
+                self.control_set_once(key, value)
+            }
+            other => other,
+        }
+    }
+
+    fn control_set_once(&self, key: &str, value: &str) -> Result<()> {
         self.conn
             .prepare_cached(
                 "INSERT INTO control (key, value, updated_at) VALUES (?1, ?2, ?3)

@@ -299,12 +299,14 @@ impl Worker {
                 match verdict(&self.cfg, class, attempts, fastrand::f64()) {
                     Verdict::RetryIn(d) => {
                         warn!(id = %att.id, attempt = attempts, retry_in = ?d, error = %e, "upload failed; will retry");
-                        self.store.borrow_mut().schedule_retry(
-                            &att.id,
-                            now_ms() + d.as_millis() as i64,
-                            &e.code,
-                            &e.message,
-                        )?;
+                        self.store.borrow_mut().with_room(|s| {
+                            s.schedule_retry(
+                                &att.id,
+                                now_ms() + d.as_millis() as i64,
+                                &e.code,
+                                &e.message,
+                            )
+                        })?;
                     }
                     Verdict::GiveUp => {
                         warn!(id = %att.id, attempts, error = %e, "upload failed; giving up");
@@ -346,15 +348,18 @@ impl Worker {
         etag: Option<&str>,
         reason: &str,
     ) -> Result<(), StoreError> {
-        self.store.borrow_mut().transition(
-            &att.id,
-            State::Synced,
-            Change {
-                reason: Some(reason),
-                etag,
-                ..Change::of(EventKind::Uploaded)
-            },
-        )?;
+        // The bytes are in the remote: record it even on a full disk.
+        self.store.borrow_mut().with_room(|s| {
+            s.transition(
+                &att.id,
+                State::Synced,
+                Change {
+                    reason: Some(reason),
+                    etag,
+                    ..Change::of(EventKind::Uploaded)
+                },
+            )
+        })?;
         Ok(())
     }
 

@@ -135,7 +135,13 @@ impl FileRemote {
 /// A failure on the remote side of a file copy: the share may come back (remount, space
 /// freed, permissions fixed), so it is transient.
 fn remote_io(what: &str, path: &Path, e: io::Error) -> RemoteError {
-    RemoteError::transient("remote_io", format!("{what} {}: {e}", path.display()))
+    let code = match e.kind() {
+        // Its own code, so status says plainly why uploads wait (space freed on the
+        // share: they go on by themselves).
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => "remote_full",
+        _ => "remote_io",
+    };
+    RemoteError::transient(code, format!("{what} {}: {e}", path.display()))
 }
 
 /// A failure reading the local file.
