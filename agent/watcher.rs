@@ -642,6 +642,7 @@ mod tests {
     fn a_hold_keeps_files_pending_until_it_ends() {
         let t0 = Instant::now();
         let mut s = Settler::new(TIMES, t0);
+        assert_eq!(s.rescans_due(t0).periodic, Some(true));
         let p = PathBuf::from("/c/a.jpg");
         s.changed(p.clone(), true, t0);
         s.hold(t0);
