@@ -303,6 +303,8 @@ pub struct IngestLoop {
     pub sink: Box<dyn IngestSink>,
     settler: Settler,
     dirs: DirMtimes,
+    /// The state disk had no room at the last look (logged once per episode).
+    disk_full: bool,
 }
 
 impl IngestLoop {
@@ -318,6 +320,7 @@ impl IngestLoop {
             sink,
             settler: Settler::new(times, Instant::now()),
             dirs: HashMap::new(),
+            disk_full: false,
         }
     }
 
@@ -393,12 +396,21 @@ impl IngestLoop {
                 .state_dir()
                 .is_none_or(crate::store::ensure_reserve)
         {
-            warn!(
-                waiting = ready.len(),
-                "state disk full; new photos wait until there is room"
-            );
+            if !self.disk_full {
+                warn!(
+                    waiting = ready.len(),
+                    "state disk full; new photos wait until there is room"
+                );
+            }
+            self.disk_full = true;
             self.settler.hold(Instant::now());
             return;
+        }
+        if std::mem::take(&mut self.disk_full) && !ready.is_empty() {
+            info!(
+                waiting = ready.len(),
+                "room on the state disk again; recording new photos"
+            );
         }
         for path in ready {
             if path
@@ -419,7 +431,10 @@ impl IngestLoop {
                 Err(IngestError::Store(e)) if crate::store::is_disk_full(&e) => {
                     // Not recorded (SQLite rolled it back): keep it pending and try again
                     // once there is room.
-                    warn!(path = %path.display(), error = %e, "state disk full; the photo waits");
+                    if !self.disk_full {
+                        warn!(path = %path.display(), error = %e, "state disk full; the photo waits");
+                    }
+                    self.disk_full = true;
                     self.settler.not_stable(&path, Instant::now());
                     self.settler.hold(Instant::now());
                     return;
