@@ -207,7 +207,16 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         &cfg.remote.prefix,
         &cfg.device_id,
     ));
-    let repairs = verify::repair(&mut store, &ingestor)?;
+    let repairs = match verify::repair(&mut store, &ingestor) {
+        Ok(r) => r,
+        // Nothing was changed (each repair is one transaction, rolled back): the next
+        // start repairs what is left, and a full disk must not keep the daemon down.
+        Err(e) if crate::store::is_disk_full(&e) => {
+            warn!(error = %e, "state disk full; start-up repair postponed");
+            Vec::new()
+        }
+        Err(e) => return Err(e.into()),
+    };
     for r in &repairs {
         info!(id = %r.id, path = %r.path, from = %r.from, to = %r.to, reason = %r.reason, "repaired at start-up");
     }
