@@ -52,8 +52,6 @@ pub enum DaemonError {
 pub struct RunOptions {
     /// Stop once nothing is pending (the demo, benchmarks).
     pub until_idle: bool,
-    /// Create the file remote's root folder (the demo; a real share must already exist).
-    pub create_remote_root: bool,
 }
 
 /// The lock file that makes one daemon per state directory, and tells the CLI whether a
@@ -189,15 +187,19 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
     mkdir(&state_dir)?;
     // Capture never stops because of the agent: make sure the folder exists to watch it.
     mkdir(&cfg.paths.capture)?;
-    if opts.create_remote_root {
-        if let Some(f) = &cfg.remote.file {
-            mkdir(&f.path)?;
-        }
+    if let Some(f) = cfg.remote.file.as_ref().filter(|f| f.create) {
+        mkdir(&f.path)?;
     }
+    // The lock file stays after a daemon stops: its presence tells a lost database from
+    // a first start.
+    let ran_before = lock_path(&state_dir).exists();
     let _lock = take_lock(&state_dir)?;
 
     let db_path = state_dir.join("queue.db");
-    let mut store = Store::open(&db_path)?;
+    let mut store = open_or_rebuild(&db_path, ran_before)?;
+    if !crate::store::ensure_reserve(&state_dir) {
+        warn!(state_dir = %state_dir.display(), "state disk full at start; new photos wait until there is room");
+    }
     store.set_daemon_started(std::process::id(), now_ms())?;
     let ingestor = Arc::new(Ingestor::new(
         &cfg.paths.capture,
@@ -205,7 +207,16 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         &cfg.remote.prefix,
         &cfg.device_id,
     ));
-    let repairs = verify::repair(&mut store, &ingestor)?;
+    let repairs = match verify::repair(&mut store, &ingestor) {
+        Ok(r) => r,
+        // Nothing was changed (each repair is one transaction, rolled back): the next
+        // start repairs what is left, and a full disk must not keep the daemon down.
+        Err(e) if crate::store::is_disk_full(&e) => {
+            warn!(error = %e, "state disk full; start-up repair postponed");
+            Vec::new()
+        }
+        Err(e) => return Err(e.into()),
+    };
     for r in &repairs {
         info!(id = %r.id, path = %r.path, from = %r.from, to = %r.to, reason = %r.reason, "repaired at start-up");
     }
@@ -461,6 +472,23 @@ fn watch_wake_file(
         path: state_dir.display().to_string(),
         source,
     })
+}
+
+/// Opens the queue database; one that is missing (after an earlier run) or corrupt is
+/// moved aside and created anew. The first rescan, always full, then re-enqueues the
+/// capture folder under the same name-based ids, and the uploader's check before sending
+/// finds what is already in the remote.
+fn open_or_rebuild(db_path: &Path, ran_before: bool) -> Result<Store, DaemonError> {
+    match Store::open_checked(db_path, ran_before)? {
+        Ok(store) => Ok(store),
+        Err(damage) => {
+            warn!(database = %db_path.display(), problem = %damage, "queue database unusable; rebuilding it");
+            let (store, rebuilt) = Store::rebuild(db_path, &damage, now_ms())?;
+            warn!(reason = %rebuilt.reason, kept_as = rebuilt.kept_as.as_deref().unwrap_or("-"),
+                  "queue database rebuilt; the capture folder is rescanned into it");
+            Ok(store)
+        }
+    }
 }
 
 /// Readiness for systemd; a failure is logged, never fatal.

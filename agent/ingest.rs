@@ -356,14 +356,14 @@ impl Ingestor {
             }
         }
 
-        let id = uuid::Uuid::new_v4().to_string();
+        // The id is known once the bytes are hashed (it names them); until then, none.
         let ext = Path::new(&name)
             .extension()
             .map(|e| e.to_string_lossy().into_owned())
             .unwrap_or_default();
         let mut new = NewAttachment {
-            object_key: object_key(&self.prefix, &self.device, &checklist, &row, &id, &ext),
-            id,
+            object_key: String::new(),
+            id: String::new(),
             filename: name.clone(),
             local_uri: uri,
             size,
@@ -414,6 +414,7 @@ impl Ingestor {
                 }
                 new.state = State::Failed;
                 new.error = Some(("read_error".into(), e.to_string()));
+                self.name(store, &mut new, path, &ext)?;
                 warn!(path = %path.display(), error = %e, "cannot read captured file");
                 let supersedes = latest.as_ref().map(|l| l.id.clone());
                 let att = store.insert(&new, supersedes.as_deref())?;
@@ -421,6 +422,7 @@ impl Ingestor {
             }
         }
         new.meta_data = self.read_sidecar(store, path);
+        self.name(store, &mut new, path, &ext)?;
         let supersedes = latest
             .as_ref()
             .filter(|l| matches!(l.state, State::QueuedUpload | State::Failed))
@@ -429,6 +431,35 @@ impl Ingestor {
         info!(id = %att.id, path = %path.display(), checklist = %att.checklist, row = %att.row,
               size = att.size, "enqueued");
         Ok(Outcome::Enqueued(att))
+    }
+
+    /// Gives `new` its id and object key: the name-based id of [`attachment_id`], so a
+    /// rebuilt database names a photo exactly as the lost one did and the check before
+    /// sending finds what is already up. Should that id already be taken (the same bytes
+    /// recorded again at the same path and mtime after their record was archived or
+    /// failed), a random one keeps the new record distinct.
+    fn name(
+        &self,
+        store: &Store,
+        new: &mut NewAttachment,
+        path: &Path,
+        ext: &str,
+    ) -> Result<(), IngestError> {
+        let rel = path.strip_prefix(&self.capture).unwrap_or(path);
+        let mut id = attachment_id(&self.device, rel, new.size, new.mtime_ns, &new.sha256);
+        if store.get(&id)?.is_some() {
+            id = uuid::Uuid::new_v4().to_string();
+        }
+        new.object_key = object_key(
+            &self.prefix,
+            &self.device,
+            &new.checklist,
+            &new.row,
+            &id,
+            ext,
+        );
+        new.id = id;
+        Ok(())
     }
 
     /// Reads `<file>.json`. A malformed sidecar is reported (log and event) and the photo
@@ -523,6 +554,26 @@ impl Ingestor {
             }
         }
     }
+}
+
+/// The namespace of attachment ids (a fixed, random UUID: ids of fieldsync only).
+const ID_NAMESPACE: uuid::Uuid = uuid::uuid!("6f3b1c2e-8d4a-4f7e-9a51-2c0e7d9b4a13");
+
+/// The id of an attachment: a name-based UUID (v5) of the device, the path relative to
+/// the capture folder (absolute outside it), size, mtime and sha256. The same photo
+/// always gets the same id, so its object key survives the loss of the database.
+/// Records written before ids were name-based keep their random (v4) ids.
+pub fn attachment_id(device: &str, rel: &Path, size: i64, mtime_ns: i64, sha256: &str) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    // NUL cannot occur in a device id, a path or the numbers: the fields cannot run into
+    // each other.
+    let mut name = Vec::with_capacity(128);
+    name.extend_from_slice(device.as_bytes());
+    name.push(0);
+    name.extend_from_slice(rel.as_os_str().as_bytes());
+    name.push(0);
+    name.extend_from_slice(format!("{size}\0{mtime_ns}\0{sha256}").as_bytes());
+    uuid::Uuid::new_v5(&ID_NAMESPACE, &name).to_string()
 }
 
 /// Streams the file through sha256; returns the hex digest and the bytes read.
@@ -665,6 +716,101 @@ mod tests {
             store.due_uploads(i64::MAX, 10, false, &[]).unwrap().len(),
             1
         );
+    }
+
+    #[test]
+    fn ids_are_name_based_and_pinned() {
+        let id = attachment_id(
+            "dev",
+            Path::new("c1/r1/a.jpg"),
+            3,
+            1_700_000_000_000_000_000,
+            "ab",
+        );
+        // Pinned: a rebuilt database must name a photo as every earlier version did.
+        assert_eq!(id, PINNED_ID);
+        assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 5);
+        for other in [
+            attachment_id(
+                "dev2",
+                Path::new("c1/r1/a.jpg"),
+                3,
+                1_700_000_000_000_000_000,
+                "ab",
+            ),
+            attachment_id(
+                "dev",
+                Path::new("c1/r1/b.jpg"),
+                3,
+                1_700_000_000_000_000_000,
+                "ab",
+            ),
+            attachment_id(
+                "dev",
+                Path::new("c1/r1/a.jpg"),
+                4,
+                1_700_000_000_000_000_000,
+                "ab",
+            ),
+            attachment_id(
+                "dev",
+                Path::new("c1/r1/a.jpg"),
+                3,
+                1_700_000_000_000_000_001,
+                "ab",
+            ),
+            attachment_id(
+                "dev",
+                Path::new("c1/r1/a.jpg"),
+                3,
+                1_700_000_000_000_000_000,
+                "ac",
+            ),
+        ] {
+            assert_ne!(other, id);
+        }
+    }
+
+    const PINNED_ID: &str = "80ea91d7-86dd-53d7-a1f9-75fccd3af396";
+
+    #[test]
+    fn a_lost_database_names_the_same_photo_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ing, mut store) = setup(dir.path());
+        let p = dir.path().join("c1/r1/a.jpg");
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, b"one").unwrap();
+        let Outcome::Enqueued(first) = ing.ingest(&mut store, &p).unwrap() else {
+            panic!()
+        };
+        let mut fresh = Store::open_in_memory().unwrap();
+        let Outcome::Enqueued(again) = ing.ingest(&mut fresh, &p).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (first.id.as_str(), first.object_key.as_str()),
+            (again.id.as_str(), again.object_key.as_str())
+        );
+        // The same bytes recorded a second time in one database get a distinct id.
+        let new = NewAttachment {
+            id: String::new(),
+            filename: "a.jpg".into(),
+            local_uri: p.to_string_lossy().into_owned(),
+            size: 3,
+            media_type: "image/jpeg".into(),
+            meta_data: None,
+            checklist: "c1".into(),
+            row: "r1".into(),
+            sha256: first.sha256.clone(),
+            mtime_ns: first.mtime_ns,
+            object_key: String::new(),
+            ctime_ns: None,
+            state: State::QueuedUpload,
+            error: None,
+        };
+        let mut n = new.clone();
+        ing.name(&store, &mut n, &p, "jpg").unwrap();
+        assert_ne!(n.id, first.id);
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub const CONTROL_POLL: Duration = Duration::from_secs(5);
 /// How long a row whose outcome could not be recorded is held back.
 pub const STORE_COOLDOWN: Duration = Duration::from_secs(10);
 
+/// How soon the scheduler looks again after its own write failed on a full disk.
+const DISK_FULL_RETRY: Duration = Duration::from_secs(1);
+
 /// With files deferred for a per-file reason, the queue is re-read at most this often
 /// unless something changed: the same files would be refused again.
 pub const DEFERRED_RECHECK: Duration = Duration::from_secs(2);
@@ -433,7 +436,10 @@ impl Core {
                 match self.gov.admit(&self.facts, &att) {
                     Ok(ticket) => {
                         self.state.dispatched(&att.id);
-                        self.store.set_uploading(&att.id, true)?;
+                        // Only a marker for status: a full disk must not stop the upload.
+                        if let Err(e) = self.store.set_uploading(&att.id, true) {
+                            debug!(id = %att.id, error = %e, "cannot mark the upload in progress");
+                        }
                         let _ = self.jobs.send((att, ticket));
                     }
                     Err(why) => {
@@ -486,6 +492,18 @@ pub async fn run(
         .await;
         let step = match step {
             Ok(s) => s,
+            // A full state disk: SQLite rolled the write back; nothing is lost, and the
+            // uploads already running go on. Free the reserve and look again shortly.
+            Err(e) if crate::store::is_disk_full(&e) => {
+                warn!(error = %e, "state disk full; retrying");
+                if let Some(dir) = c.store.state_dir() {
+                    crate::store::release_reserve(dir);
+                }
+                Step::Wait {
+                    wait: DISK_FULL_RETRY,
+                    probe_auth: false,
+                }
+            }
             Err(e) => {
                 core = Some(c);
                 break Err(e);

@@ -47,6 +47,20 @@ pub struct Snapshot {
     /// Device health (uptime, load, memory, the daemon's RSS and CPU time). The daemon
     /// samples it at the MQTT heartbeat, the CLI when it runs.
     pub device: DeviceHealth,
+    /// The last time the queue database was found missing or corrupt and rebuilt; null
+    /// when it never was.
+    pub database_rebuilt: Option<RebuiltNote>,
+}
+
+/// `database_rebuilt` of the snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RebuiltNote {
+    /// RFC 3339, UTC.
+    pub time: String,
+    /// `missing` or `corrupt: …` (what SQLite or `PRAGMA quick_check` said).
+    pub reason: String,
+    /// Where the damaged file was kept; null when it was missing.
+    pub kept_as: Option<String>,
 }
 
 /// Status quotes an event in its summary form (the README's `{time, kind, …}`).
@@ -162,6 +176,11 @@ pub fn snapshot_with(
         last_success: store.last_event(&EventKind::SUCCESS)?,
         last_error: store.last_event(&EventKind::ERROR)?,
         device,
+        database_rebuilt: store.database_rebuilt()?.map(|r| RebuiltNote {
+            time: rfc3339(r.at),
+            reason: r.reason,
+            kept_as: r.kept_as,
+        }),
     })
 }
 
@@ -243,6 +262,17 @@ pub fn render(s: &Snapshot) -> String {
         ));
     }
     out.push_str(&format!("device: {}\n", device::summary(&s.device)));
+    if let Some(r) = &s.database_rebuilt {
+        out.push_str(&format!(
+            "database: rebuilt {} ({}){}\n",
+            r.time,
+            r.reason,
+            r.kept_as
+                .as_deref()
+                .map(|k| format!(", old copy kept as {k}"))
+                .unwrap_or_default()
+        ));
+    }
     if let Some(c) = &s.conditions {
         out.push_str(&render_conditions(c));
     }

@@ -49,6 +49,12 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("database schema version {found} is newer than this fieldsync knows ({known}); upgrade fieldsync")]
     TooNew { found: i64, known: i64 },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
     #[error("no attachment with id {0}")]
     NotFound(String),
     #[error("attachment {id} is {from}, cannot become {to}")]
@@ -251,6 +257,9 @@ pub enum EventKind {
     SidecarInvalid,
     ChecklistPublished,
     ChecklistInvalid,
+    /// The queue database was missing or corrupt at start and was created anew (the old
+    /// file kept aside); the capture folder is rescanned into it.
+    DatabaseRebuilt,
     /// A kind this version does not know (written by a newer one): kept verbatim, so
     /// reading the log never fails on it.
     Other(String),
@@ -258,7 +267,7 @@ pub enum EventKind {
 
 impl EventKind {
     /// Every kind this version writes.
-    pub const KNOWN: [EventKind; 19] = [
+    pub const KNOWN: [EventKind; 20] = [
         EventKind::Enqueued,
         EventKind::Uploaded,
         EventKind::RetryScheduled,
@@ -278,6 +287,7 @@ impl EventKind {
         EventKind::SidecarInvalid,
         EventKind::ChecklistPublished,
         EventKind::ChecklistInvalid,
+        EventKind::DatabaseRebuilt,
     ];
 
     /// The kinds status reports as `last_success`.
@@ -306,6 +316,7 @@ impl EventKind {
             EventKind::SidecarInvalid => "sidecar_invalid",
             EventKind::ChecklistPublished => "checklist_published",
             EventKind::ChecklistInvalid => "checklist_invalid",
+            EventKind::DatabaseRebuilt => "database_rebuilt",
             EventKind::Other(s) => s,
         }
     }
@@ -503,6 +514,116 @@ impl Change<'_> {
     }
 }
 
+/// Why the database file cannot serve as the queue ([`Store::open_checked`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Damage {
+    /// It was there before (a daemon ran on this state directory) and is gone.
+    Missing,
+    /// SQLite refuses it (not a database, malformed) or `PRAGMA quick_check` fails.
+    Corrupt(String),
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Damage::Missing => f.write_str("missing"),
+            Damage::Corrupt(why) => write!(f, "corrupt: {why}"),
+        }
+    }
+}
+
+/// The last rebuild of the database (control key `database.rebuilt`), for status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rebuilt {
+    /// Unix ms.
+    pub at: i64,
+    /// `missing` or `corrupt: …`.
+    pub reason: String,
+    /// Where the damaged file was kept (None when it was missing).
+    pub kept_as: Option<String>,
+}
+
+/// The errors that mean the file itself is damaged. A full disk, a busy lock or a
+/// permission problem is not: moving a healthy queue aside for those would lose it.
+fn is_damage(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    )
+}
+
+/// Whether an error is SQLite's "database or disk is full": the write did not happen and
+/// will once space returns (the file is intact: SQLite rolls the transaction back).
+pub fn is_disk_full(e: &StoreError) -> bool {
+    match e {
+        StoreError::Sql(e) | StoreError::Open { source: e, .. } => {
+            e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+        }
+        _ => false,
+    }
+}
+
+/// Space kept beside the database (`queue.db.reserve`) for the writes that record what
+/// happened to photos already queued (an upload's outcome, the daemon's status) once the
+/// state disk is full. Ingest records a new photo only while the reserve exists, so the
+/// queue stops growing before it can no longer record its own progress; a write that
+/// fails for lack of space releases it. A few hundred transactions' worth of WAL frames.
+pub const RESERVE_BYTES: u64 = 2 * 1024 * 1024;
+
+/// The reserve file beside the database in `state_dir`.
+pub fn reserve_path(state_dir: &Path) -> std::path::PathBuf {
+    state_dir.join("queue.db.reserve")
+}
+
+/// Free bytes on the state volume that fieldsync may count on: while the reserve is
+/// released, the room it will take back is not free.
+pub fn usable_free(state_dir: &Path, free: u64) -> u64 {
+    if reserve_path(state_dir).exists() {
+        free
+    } else {
+        free.saturating_sub(RESERVE_BYTES)
+    }
+}
+
+/// Makes sure the reserve exists; false when the disk has no room for it (then nothing
+/// new should be recorded yet).
+pub fn ensure_reserve(state_dir: &Path) -> bool {
+    use std::io::Write;
+    let path = reserve_path(state_dir);
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() >= RESERVE_BYTES) {
+        return true;
+    }
+    let tmp = state_dir.join(".queue.db.reserve.tmp");
+    let made = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        let chunk = vec![0u8; 64 * 1024];
+        let mut n = 0;
+        while n < RESERVE_BYTES {
+            f.write_all(&chunk)?;
+            n += chunk.len() as u64;
+        }
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    })();
+    if made.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    made.is_ok()
+}
+
+/// Frees the reserve for writes that must happen (the disk is full); returns whether
+/// there was one to free.
+pub fn release_reserve(state_dir: &Path) -> bool {
+    let released = std::fs::remove_file(reserve_path(state_dir)).is_ok();
+    if released {
+        tracing::warn!(
+            state_dir = %state_dir.display(),
+            "state disk full: released the database reserve; new photos wait until there is room"
+        );
+    }
+    released
+}
+
 pub struct Store {
     conn: Connection,
     /// The database file (None in memory): the wake file lives beside it.
@@ -525,6 +646,147 @@ impl Store {
         })?;
         store.path = Some(path.to_path_buf());
         Ok(store)
+    }
+
+    /// Opens the database the daemon runs on and checks it (`PRAGMA quick_check`).
+    /// `Ok(Err(damage))` when the file cannot serve as the queue and must be replaced
+    /// ([`Store::rebuild`]); `existed_before` tells a lost file from a first start.
+    /// Errors that are not damage (a full disk, a newer schema) are returned as such.
+    pub fn open_checked(
+        path: &Path,
+        existed_before: bool,
+    ) -> Result<std::result::Result<Store, Damage>> {
+        if !path.exists() && existed_before {
+            return Ok(Err(Damage::Missing));
+        }
+        let store = match Store::open(path) {
+            Ok(s) => s,
+            Err(StoreError::Open { source, .. }) if is_damage(&source) => {
+                return Ok(Err(Damage::Corrupt(source.to_string())))
+            }
+            Err(e) => return Err(e),
+        };
+        let check: rusqlite::Result<Vec<String>> = store
+            .conn
+            .prepare("PRAGMA quick_check")
+            .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect());
+        match check {
+            Ok(rows) if rows.len() == 1 && rows[0] == "ok" => Ok(Ok(store)),
+            Ok(rows) => Ok(Err(Damage::Corrupt(rows.join("; ")))),
+            Err(e) if is_damage(&e) => Ok(Err(Damage::Corrupt(e.to_string()))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Replaces a damaged database: the old file (with its `-wal` and `-shm`) is moved to
+    /// `<name>.<reason>-<UTC time>` beside it, a new one is created, its event log
+    /// continues above every sequence number the old one can have used (so consumers that
+    /// drop duplicates by `seq` keep working), and the rebuild is recorded (control value
+    /// and a `database_rebuilt` event, which MQTT publishes).
+    pub fn rebuild(path: &Path, damage: &Damage, now: i64) -> Result<(Store, Rebuilt)> {
+        let io = |source: std::io::Error| StoreError::Io {
+            what: "move aside the damaged database",
+            path: path.display().to_string(),
+            source,
+        };
+        // Read what the old file still tells before moving it.
+        let old_seq = Self::salvage_last_seq(path);
+        let stamp = crate::util::rfc3339(now)
+            .replace([':', '-'], "")
+            .replace('.', "-");
+        let kept_as = match damage {
+            Damage::Missing => None,
+            Damage::Corrupt(_) => {
+                let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                let base = path.with_file_name(format!(
+                    "{}.corrupt-{stamp}",
+                    name.as_deref().unwrap_or("queue.db")
+                ));
+                std::fs::rename(path, &base).map_err(io)?;
+                for ext in ["-wal", "-shm"] {
+                    let mut from = path.as_os_str().to_owned();
+                    from.push(ext);
+                    let mut to = base.as_os_str().to_owned();
+                    to.push(ext);
+                    match std::fs::rename(&from, &to) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(io(e)),
+                    }
+                }
+                Some(base.display().to_string())
+            }
+        };
+        if matches!(damage, Damage::Missing) {
+            // A stray -wal/-shm of the lost file must not be applied to the new one.
+            for ext in ["-wal", "-shm"] {
+                let mut p = path.as_os_str().to_owned();
+                p.push(ext);
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+        let mut store = Store::open(path)?;
+        // The old last seq when readable; otherwise the time in ms, above any count of
+        // events a device can have logged.
+        let start = old_seq.unwrap_or(now).max(store.last_event_seq()?);
+        let rebuilt = Rebuilt {
+            at: now,
+            reason: damage.to_string(),
+            kept_as,
+        };
+        let tx = store.write_tx()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO sqlite_sequence (name, seq) VALUES ('events', ?1)",
+            [start],
+        )?;
+        tx.commit()?;
+        store.control_set_json(key::REBUILT, &rebuilt)?;
+        // Reported over MQTT from here on, the rebuild itself included.
+        store.set_events_acked_seq(start)?;
+        let reason = match &rebuilt.kept_as {
+            Some(k) => format!("{}; old database kept as {k}", rebuilt.reason),
+            None => rebuilt.reason.clone(),
+        };
+        store.log_event(
+            EventKind::DatabaseRebuilt,
+            EventOutcome::Applied,
+            None,
+            Some(&reason),
+        )?;
+        Ok((store, rebuilt))
+    }
+
+    /// The highest event seq a damaged file still yields, if any.
+    fn salvage_last_seq(path: &Path) -> Option<i64> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .ok()?;
+        conn.query_row("SELECT MAX(seq) FROM events", [], |r| {
+            r.get::<_, Option<i64>>(0)
+        })
+        .ok()
+        .flatten()
+    }
+
+    /// The last rebuild of this database, if it was ever rebuilt.
+    pub fn database_rebuilt(&self) -> Result<Option<Rebuilt>> {
+        self.control_json(key::REBUILT)
+    }
+
+    /// The state directory the database lives in (None in memory).
+    pub fn state_dir(&self) -> Option<&Path> {
+        self.path.as_deref().and_then(|p| p.parent())
+    }
+
+    /// Runs a write; when it fails because the disk is full, releases the reserve
+    /// ([`RESERVE_BYTES`]) and runs it once more.
+    pub fn with_room<T>(&mut self, mut f: impl FnMut(&mut Store) -> Result<T>) -> Result<T> {
+        match f(self) {
+            Err(e) if is_disk_full(&e) && self.state_dir().is_some_and(release_reserve) => f(self),
+            other => other,
+        }
     }
 
     /// The file whose modification wakes a running daemon (watched with inotify), so CLI
@@ -580,7 +842,15 @@ impl Store {
 
     fn migrate(&mut self) -> Result<()> {
         let known = MIGRATIONS.len() as i64;
-        // The version is read inside the write transaction: the daemon and a CLI opening a
+        // Up to date (every open but the first): nothing to write, so a reader such as
+        // `fieldsync status` still opens the queue when the disk is full.
+        let current: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if current == known {
+            return Ok(());
+        }
+        // The version is read again inside the write transaction: the daemon and a CLI opening a
         // new database at the same moment must not both apply the same migration.
         let tx = self.write_tx()?;
         let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
@@ -1403,7 +1673,18 @@ impl Store {
         self.control_set(key, &serde_json::to_string(v).expect("serialisable"))
     }
 
+    /// A control value is the daemon's own status: written even on a full disk, from
+    /// the reserve if need be.
     fn control_set(&self, key: &str, value: &str) -> Result<()> {
+        match self.control_set_once(key, value) {
+            Err(e) if is_disk_full(&e) && self.state_dir().is_some_and(release_reserve) => {
+                self.control_set_once(key, value)
+            }
+            other => other,
+        }
+    }
+
+    fn control_set_once(&self, key: &str, value: &str) -> Result<()> {
         self.conn
             .prepare_cached(
                 "INSERT INTO control (key, value, updated_at) VALUES (?1, ?2, ?3)
@@ -1431,6 +1712,8 @@ mod key {
     pub const BUDGET: &str = "conditions.budget";
     /// The sequence number of the last event the MQTT broker acknowledged.
     pub const EVENTS_ACKED_SEQ: &str = "mqtt.events_acked_seq";
+    /// The last database rebuild as JSON (`Rebuilt`). Written by the daemon.
+    pub const REBUILT: &str = "database.rebuilt";
 
     /// The content hash of the manifest published for a checklist.
     pub fn published(checklist: &str) -> String {
@@ -1556,6 +1839,77 @@ mod tests {
             state: State::QueuedUpload,
             error: None,
         }
+    }
+
+    #[test]
+    fn a_damaged_database_is_detected_moved_aside_and_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("queue.db");
+        // First start: no file, none before.
+        assert!(Store::open_checked(&db, false).unwrap().is_ok());
+        {
+            let mut s = Store::open(&db).unwrap();
+            s.insert(&new("id-1", "/c/a.jpg"), None).unwrap();
+            assert!(s.last_event_seq().unwrap() >= 1);
+        }
+        assert!(Store::open_checked(&db, true).unwrap().is_ok());
+        // Bytes overwritten in the middle of the file.
+        {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+            let len = f.metadata().unwrap().len();
+            f.seek(SeekFrom::Start(len / 2)).unwrap();
+            f.write_all(&[0xA5; 4096]).unwrap();
+            // The header too, as a card that lost a sector there would.
+            f.seek(SeekFrom::Start(0)).unwrap();
+            f.write_all(b"garbage garbage!").unwrap();
+        }
+        let damage = match Store::open_checked(&db, true).unwrap() {
+            Err(d @ Damage::Corrupt(_)) => d,
+            other => panic!("expected corrupt, got {:?}", other.map(|_| ())),
+        };
+        let (s, rebuilt) = Store::rebuild(&db, &damage, 1_800_000_000_000).unwrap();
+        let kept = rebuilt.kept_as.clone().unwrap();
+        assert!(
+            kept.ends_with("queue.db.corrupt-20270115T080000-000Z"),
+            "{kept}"
+        );
+        assert!(Path::new(&kept).exists());
+        assert_eq!(s.list(&ListFilter::default()).unwrap(), vec![]);
+        assert_eq!(s.database_rebuilt().unwrap(), Some(rebuilt));
+        // The log continues above anything the old one used (unreadable: the time).
+        let ev = s.events_after(0, 10).unwrap();
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].kind, EventKind::DatabaseRebuilt);
+        assert_eq!(ev[0].seq, 1_800_000_000_001);
+        assert_eq!(s.events_acked_seq().unwrap(), Some(1_800_000_000_000));
+        drop(s);
+        assert!(Store::open_checked(&db, true).unwrap().is_ok());
+
+        // A deleted database is a lost one when a daemon ran here before.
+        std::fs::remove_file(&db).unwrap();
+        assert_eq!(
+            Store::open_checked(&db, true).unwrap().err(),
+            Some(Damage::Missing)
+        );
+        let (_, r) = Store::rebuild(&db, &Damage::Missing, 1_800_000_000_000).unwrap();
+        assert_eq!((r.reason.as_str(), r.kept_as), ("missing", None));
+    }
+
+    #[test]
+    fn a_readable_old_log_is_continued() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("queue.db");
+        {
+            let mut s = Store::open(&db).unwrap();
+            for n in 0..5 {
+                s.insert(&new(&format!("id-{n}"), &format!("/c/{n}.jpg")), None)
+                    .unwrap();
+            }
+        }
+        let (s, _) =
+            Store::rebuild(&db, &Damage::Corrupt("test".into()), 1_800_000_000_000).unwrap();
+        assert_eq!(s.last_event_seq().unwrap(), 6);
     }
 
     #[test]
@@ -1781,6 +2135,7 @@ mod wire_tests {
                 "sidecar_invalid",
                 "checklist_published",
                 "checklist_invalid",
+                "database_rebuilt",
             ]
         );
         for k in EventKind::KNOWN {

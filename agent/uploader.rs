@@ -21,7 +21,9 @@ use crate::config::Upload;
 use crate::ingest::{Ingestor, Outcome};
 use crate::remote::{ErrorClass, Remote, RemoteError, ResumeLog, UploadCtx, UploadJob};
 use crate::scheduler::{verdict, Verdict};
-use crate::store::{Attachment, Change, EventKind, PartRecord, State, Store, StoreError};
+use crate::store::{
+    Attachment, Change, EventKind, EventOutcome, PartRecord, State, Store, StoreError,
+};
 use crate::util::{ctime_ns, mtime_ns, now_ms};
 
 /// Progress is written to the store at most this often per upload (each write is an
@@ -48,8 +50,11 @@ pub fn spawn(
     let (job_tx, job_rx) = mpsc::channel::<(Attachment, Ticket)>();
     let job_rx = Arc::new(Mutex::new(job_rx));
     let mut handles = Vec::new();
+    // Set only at start-up (a rebuild happens before the workers exist).
+    let rebuilt_at = Store::open(&set.db_path)?.database_rebuilt()?.map(|r| r.at);
     for n in 0..set.upload.concurrency {
         let w = Worker {
+            rebuilt_at,
             cfg: set.upload.clone(),
             store: RefCell::new(Store::open(&set.db_path)?),
             remote: set.remote.clone(),
@@ -77,6 +82,18 @@ struct Worker {
     shared: Arc<Shared>,
     /// Admission, rate limit and metered byte count, and evidence of a dead link.
     gov: Arc<Governor>,
+    /// When the queue database was last rebuilt (unix ms): photos older than that may
+    /// already be in the remote.
+    rebuilt_at: Option<i64>,
+}
+
+/// Whether to ask the remote for the object before sending it: after an attempt that may
+/// have reached it, or for a photo that existed when the database was rebuilt (its old
+/// record may have uploaded it under the same name-based key).
+pub fn check_before_send(att: &Attachment, rebuilt_at: Option<i64>) -> bool {
+    att.attempts > 0
+        || att.bytes_sent > 0
+        || rebuilt_at.is_some_and(|at| att.mtime_ns / 1_000_000 <= at)
 }
 
 /// Persists multipart resume state through the worker's store connection.
@@ -176,13 +193,23 @@ impl Worker {
 
         // A previous attempt may have reached the remote without us learning it: check
         // before sending the whole file again.
-        if att.attempts > 0 || att.bytes_sent > 0 {
+        if check_before_send(&att, self.rebuilt_at) {
             if let Ok(Some(obj)) = self.remote.head(&att.object_key) {
                 // Only a checksum match counts: a same-sized object with other bytes is
                 // overwritten by the upload below.
                 if obj.size == att.size as u64 && obj.sha256.as_deref() == Some(att.sha256.as_str())
                 {
                     self.mark_synced(&att, obj.etag.as_deref(), "already_present")?;
+                    if att.attempts == 0 && att.bytes_sent == 0 {
+                        // Found by the rebuild's rescan: the lost record is restored.
+                        let s = self.store.borrow();
+                        s.log_event(
+                            EventKind::Repaired,
+                            EventOutcome::Applied,
+                            s.get(&att.id)?.as_ref(),
+                            Some("already_in_remote"),
+                        )?;
+                    }
                     return Ok(Done::Finished);
                 }
             }
@@ -272,12 +299,14 @@ impl Worker {
                 match verdict(&self.cfg, class, attempts, fastrand::f64()) {
                     Verdict::RetryIn(d) => {
                         warn!(id = %att.id, attempt = attempts, retry_in = ?d, error = %e, "upload failed; will retry");
-                        self.store.borrow_mut().schedule_retry(
-                            &att.id,
-                            now_ms() + d.as_millis() as i64,
-                            &e.code,
-                            &e.message,
-                        )?;
+                        self.store.borrow_mut().with_room(|s| {
+                            s.schedule_retry(
+                                &att.id,
+                                now_ms() + d.as_millis() as i64,
+                                &e.code,
+                                &e.message,
+                            )
+                        })?;
                     }
                     Verdict::GiveUp => {
                         warn!(id = %att.id, attempts, error = %e, "upload failed; giving up");
@@ -319,15 +348,18 @@ impl Worker {
         etag: Option<&str>,
         reason: &str,
     ) -> Result<(), StoreError> {
-        self.store.borrow_mut().transition(
-            &att.id,
-            State::Synced,
-            Change {
-                reason: Some(reason),
-                etag,
-                ..Change::of(EventKind::Uploaded)
-            },
-        )?;
+        // The bytes are in the remote: record it even on a full disk.
+        self.store.borrow_mut().with_room(|s| {
+            s.transition(
+                &att.id,
+                State::Synced,
+                Change {
+                    reason: Some(reason),
+                    etag,
+                    ..Change::of(EventKind::Uploaded)
+                },
+            )
+        })?;
         Ok(())
     }
 
@@ -361,5 +393,48 @@ impl Worker {
             Ok(other) => debug!(id = %att.id, ?other, "re-ingest"),
             Err(e) => warn!(id = %att.id, error = %e, "re-ingest failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks_first_after_an_attempt_or_for_photos_older_than_a_rebuild() {
+        let mut s = Store::open_in_memory().unwrap();
+        let a = s
+            .insert(
+                &crate::store::NewAttachment {
+                    id: "a".into(),
+                    filename: "a.jpg".into(),
+                    local_uri: "/c/a.jpg".into(),
+                    size: 1,
+                    media_type: "image/jpeg".into(),
+                    meta_data: None,
+                    checklist: "c".into(),
+                    row: "r".into(),
+                    sha256: "00".into(),
+                    mtime_ns: 5_000_000_000,
+                    object_key: "k".into(),
+                    ctime_ns: None,
+                    state: State::QueuedUpload,
+                    error: None,
+                },
+                None,
+            )
+            .unwrap();
+        assert!(!check_before_send(&a, None));
+        assert!(check_before_send(&a, Some(5_000)));
+        // Captured after the rebuild: it cannot have been uploaded before.
+        assert!(!check_before_send(&a, Some(4_999)));
+        assert!(check_before_send(
+            &Attachment {
+                attempts: 1,
+                ..a.clone()
+            },
+            None
+        ));
+        assert!(check_before_send(&Attachment { bytes_sent: 1, ..a }, None));
     }
 }

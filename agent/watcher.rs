@@ -25,9 +25,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use crate::bus::WatchMsg;
-use crate::ingest::{Ingestor, Outcome};
+use crate::ingest::{IngestError, Ingestor, Outcome};
 use crate::store::{Change, State, Store};
 use crate::util::mtime_ns;
+
+/// How long ingest waits before trying again when the state disk has no room to record a
+/// photo: the files stay pending (nothing is hashed meanwhile) and are taken once it has.
+pub const DISK_FULL_RETRY: Duration = Duration::from_secs(2);
 
 /// When a new directory is scanned again after its creation event.
 const NEW_DIR_RESCANS: [Duration; 2] = [Duration::from_millis(500), Duration::from_secs(3)];
@@ -114,6 +118,8 @@ pub struct Settler {
     next_rescan: Instant,
     /// The next periodic rescan looks into every folder (the first, and after an overflow).
     full: bool,
+    /// No file is taken before this (the state disk is full); pending ones wait.
+    held_until: Option<Instant>,
 }
 
 /// Rescans due now.
@@ -134,7 +140,19 @@ impl Settler {
             new_dirs: Vec::new(),
             next_rescan: now,
             full: true,
+            held_until: None,
         }
+    }
+
+    /// The queue cannot record anything now (a full state disk): take no file before
+    /// `now + DISK_FULL_RETRY`. Pending files stay pending.
+    pub fn hold(&mut self, now: Instant) {
+        self.held_until = Some(now + DISK_FULL_RETRY);
+    }
+
+    /// Whether files are held back at `now`.
+    pub fn held(&self, now: Instant) -> bool {
+        self.held_until.is_some_and(|t| now < t)
     }
 
     /// An inotify event for a candidate file.
@@ -202,6 +220,9 @@ impl Settler {
         stat: &mut dyn FnMut(&Path) -> Option<(u64, i64)>,
     ) -> Vec<PathBuf> {
         let mut ready = Vec::new();
+        if self.held(now) {
+            return ready;
+        }
         for (path, p) in self.pending.iter_mut() {
             let quiet = now.duration_since(p.last_event);
             let Some(cur) = stat(path) else {
@@ -245,6 +266,12 @@ impl Settler {
 
     /// When to look again if no event comes.
     pub fn next_wake(&self, now: Instant) -> Instant {
+        if let Some(t) = self
+            .held_until
+            .filter(|t| now < *t && !self.pending.is_empty())
+        {
+            return t.min(self.next_rescan.max(now));
+        }
         if self.pending.is_empty() {
             let next_dir = self.new_dirs.iter().map(|(t, _)| *t).min();
             next_dir.unwrap_or(self.next_rescan).min(self.next_rescan)
@@ -276,6 +303,8 @@ pub struct IngestLoop {
     pub sink: Box<dyn IngestSink>,
     settler: Settler,
     dirs: DirMtimes,
+    /// The state disk had no room at the last look (logged once per episode).
+    disk_full: bool,
 }
 
 impl IngestLoop {
@@ -291,6 +320,7 @@ impl IngestLoop {
             sink,
             settler: Settler::new(times, Instant::now()),
             dirs: HashMap::new(),
+            disk_full: false,
         }
     }
 
@@ -358,6 +388,30 @@ impl IngestLoop {
         let ready = self.settler.ready(Instant::now(), &mut |p| {
             fs::metadata(p).ok().map(|m| (m.len(), mtime_ns(&m)))
         });
+        // A new photo is recorded only while the reserve for recording upload outcomes
+        // exists: on a full state disk the files wait (unhashed) and are taken later.
+        if !ready.is_empty()
+            && !self
+                .store
+                .state_dir()
+                .is_none_or(crate::store::ensure_reserve)
+        {
+            if !self.disk_full {
+                warn!(
+                    waiting = ready.len(),
+                    "state disk full; new photos wait until there is room"
+                );
+            }
+            self.disk_full = true;
+            self.settler.hold(Instant::now());
+            return;
+        }
+        if std::mem::take(&mut self.disk_full) && !ready.is_empty() {
+            info!(
+                waiting = ready.len(),
+                "room on the state disk again; recording new photos"
+            );
+        }
         for path in ready {
             if path
                 .file_name()
@@ -374,9 +428,20 @@ impl IngestLoop {
                 }
                 Ok(Outcome::Enqueued(_)) | Ok(Outcome::Unreadable(_)) => self.sink.enqueued(),
                 Ok(_) => {}
+                Err(IngestError::Store(e)) if crate::store::is_disk_full(&e) => {
+                    // Not recorded (SQLite rolled it back): keep it pending and try again
+                    // once there is room.
+                    if !self.disk_full {
+                        warn!(path = %path.display(), error = %e, "state disk full; the photo waits");
+                    }
+                    self.disk_full = true;
+                    self.settler.not_stable(&path, Instant::now());
+                    self.settler.hold(Instant::now());
+                    return;
+                }
                 Err(e) => {
-                    // E.g. the state volume is full. Forget the folder's mtime so the next
-                    // periodic rescan looks into it again.
+                    // Forget the folder's mtime so the next periodic rescan looks into it
+                    // again.
                     if let Some(parent) = path.parent() {
                         self.dirs.remove(parent);
                     }
@@ -586,6 +651,22 @@ mod tests {
         assert!(s.idle());
         let r = s.rescans_due(t0 + TIMES.rescan_interval);
         assert_eq!(r.periodic, Some(false));
+    }
+
+    #[test]
+    fn a_hold_keeps_files_pending_until_it_ends() {
+        let t0 = Instant::now();
+        let mut s = Settler::new(TIMES, t0);
+        assert_eq!(s.rescans_due(t0).periodic, Some(true));
+        let p = PathBuf::from("/c/a.jpg");
+        s.changed(p.clone(), true, t0);
+        s.hold(t0);
+        let mut stat = |_: &Path| Some((1u64, 1i64));
+        assert!(s.ready(t0 + ms(500), &mut stat).is_empty());
+        assert!(!s.idle());
+        // No busy polling while held: the next look is when the hold ends.
+        assert_eq!(s.next_wake(t0 + ms(500)), t0 + DISK_FULL_RETRY);
+        assert_eq!(s.ready(t0 + DISK_FULL_RETRY, &mut stat), [p]);
     }
 
     #[test]

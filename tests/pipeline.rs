@@ -205,3 +205,61 @@ fn photos_in_freshly_created_nested_folders_are_seen_without_a_rescan() {
     }
     env.wait(Some(&d), 30, "120 synced", || env.count("synced") == 120);
 }
+
+/// `--config config/demo.toml` in a fresh directory behaves as the embedded demo config:
+/// the demo's remote folder is created at start and the photo uploads (it used to stay
+/// `offline`, the folder missing).
+#[test]
+fn the_demo_config_given_by_path_creates_its_remote_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/config/demo.toml");
+    let cli = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .current_dir(dir.path())
+            .args(["--config", config])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let log = dir.path().join("daemon.log");
+    let mut child = std::process::Command::new(BIN)
+        .current_dir(dir.path())
+        .args(["--config", config, "run"])
+        .stdout(fs::File::create(&log).unwrap())
+        .stderr(fs::File::create(dir.path().join("daemon.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let photo = dir
+        .path()
+        .join("fieldsync-demo/capture/pump-7/row-3/IMG_0001.jpg");
+    let status = || -> serde_json::Value {
+        serde_json::from_slice(&cli(&["status", "--json"]).stdout).unwrap_or_default()
+    };
+    wait_for(
+        Duration::from_secs(20),
+        "the daemon and its remote folder",
+        || dir.path().join("fieldsync-demo/remote").is_dir() && status()["daemon_running"] == true,
+        || fs::read_to_string(dir.path().join("daemon.err")).unwrap_or_default(),
+    );
+    fs::create_dir_all(photo.parent().unwrap()).unwrap();
+    fs::write(&photo, bytes(7, 50_000)).unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "the photo synced with uploads active",
+        || {
+            let st = status();
+            st["counts"]["synced"]["count"] == 1 && st["pause_reason"].is_null()
+        },
+        || {
+            format!(
+                "{}\n{}",
+                String::from_utf8_lossy(&cli(&["status"]).stdout),
+                fs::read_to_string(dir.path().join("daemon.err")).unwrap_or_default()
+            )
+        },
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success());
+}

@@ -205,8 +205,8 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         );
     }
     match cli.command {
-        Command::Run { until_idle } => run::run(cfg, until_idle, loaded.embedded),
-        Command::Demo => run::demo(cfg, loaded.embedded),
+        Command::Run { until_idle } => run::run(cfg, until_idle),
+        Command::Demo => run::demo(cfg),
         Command::Status {
             json,
             watch,

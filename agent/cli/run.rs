@@ -12,21 +12,14 @@ use crate::store::Store;
 use super::common::remote_name;
 use super::error::{exit, CliError};
 
-/// `fieldsync run [--until-idle]`; `embedded` is true on the embedded demo config.
-pub fn run(cfg: Config, until_idle: bool, embedded: bool) -> Result<i32, CliError> {
-    daemon::run(
-        cfg,
-        RunOptions {
-            until_idle,
-            create_remote_root: embedded,
-        },
-        Arc::new(Shared::default()),
-    )?;
+/// `fieldsync run [--until-idle]`.
+pub fn run(cfg: Config, until_idle: bool) -> Result<i32, CliError> {
+    daemon::run(cfg, RunOptions { until_idle }, Arc::new(Shared::default()))?;
     Ok(exit::OK)
 }
 
 /// `fieldsync demo`: a newcomer's first run, no services needed.
-pub fn demo(cfg: Config, embedded: bool) -> Result<i32, CliError> {
+pub fn demo(cfg: Config) -> Result<i32, CliError> {
     let io = |e: std::io::Error| CliError::new(exit::FAILURE, e.to_string());
     let row_dir = cfg
         .paths
@@ -72,10 +65,7 @@ pub fn demo(cfg: Config, embedded: bool) -> Result<i32, CliError> {
     let remote = remote_name(&cfg);
     daemon::run(
         cfg,
-        RunOptions {
-            until_idle: true,
-            create_remote_root: embedded,
-        },
+        RunOptions { until_idle: true },
         Arc::new(Shared::default()),
     )?;
     let store = Store::open(&state_dir.join("queue.db"))?;

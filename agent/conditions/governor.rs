@@ -449,7 +449,8 @@ impl Governor {
         let cpu_temp = c.max_cpu_temp.and_then(|_| self.probes.cpu_temp());
         let free = || {
             (
-                probes::free_bytes(&self.state_dir),
+                probes::free_bytes(&self.state_dir)
+                    .map(|f| crate::store::usable_free(&self.state_dir, f)),
                 probes::free_bytes(&self.capture),
             )
         };

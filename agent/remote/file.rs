@@ -20,6 +20,11 @@ use crate::util::hex;
 pub struct FileConfig {
     /// The directory objects are written to (a NAS mount, a USB drive, the demo folder).
     pub path: PathBuf,
+    /// Create `path` at start when it is missing (the demo). Off by default: a real
+    /// share must already be mounted, so an unmounted one fails instead of filling the
+    /// device's own disk.
+    #[serde(default)]
+    pub create: bool,
 }
 
 /// Copy buffer; also the granularity of progress reports and stop checks.
@@ -130,7 +135,13 @@ impl FileRemote {
 /// A failure on the remote side of a file copy: the share may come back (remount, space
 /// freed, permissions fixed), so it is transient.
 fn remote_io(what: &str, path: &Path, e: io::Error) -> RemoteError {
-    RemoteError::transient("remote_io", format!("{what} {}: {e}", path.display()))
+    let code = match e.kind() {
+        // Its own code, so status says plainly why uploads wait (space freed on the
+        // share: they go on by themselves).
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => "remote_full",
+        _ => "remote_io",
+    };
+    RemoteError::transient(code, format!("{what} {}: {e}", path.display()))
 }
 
 /// A failure reading the local file.
