@@ -802,9 +802,15 @@ mod tests {
             _ => None,
         };
         let (p, src) = choose_proxy(None, true, &env).unwrap();
-        assert_eq!((p.redacted().as_str(), src.as_str()), ("http://secure.lan:3128", "HTTPS_PROXY"));
+        assert_eq!(
+            (p.redacted().as_str(), src.as_str()),
+            ("http://secure.lan:3128", "HTTPS_PROXY")
+        );
         let (p, src) = choose_proxy(None, false, &env).unwrap();
-        assert_eq!((p.redacted().as_str(), src.as_str()), ("http://plain.lan:8080", "http_proxy"));
+        assert_eq!(
+            (p.redacted().as_str(), src.as_str()),
+            ("http://plain.lan:8080", "http_proxy")
+        );
         let cfg = ProxyUrl::new("http://u:p%40ss@cfg.lan:3128");
         let (p, src) = choose_proxy(Some(&cfg), true, &env).unwrap();
         assert_eq!(src, "proxy");
