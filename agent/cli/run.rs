@@ -12,13 +12,20 @@ use crate::store::Store;
 use super::common::remote_name;
 use super::error::{exit, CliError};
 
-/// `fieldsync run [--until-idle]`; `embedded` is true on the embedded demo config.
-pub fn run(cfg: Config, until_idle: bool, embedded: bool) -> Result<i32, CliError> {
+/// `fieldsync run [--until-idle]`; `embedded` is true on the embedded demo config;
+/// `path` is the config file a reload re-reads (`None`: the embedded one).
+pub fn run(
+    cfg: Config,
+    until_idle: bool,
+    embedded: bool,
+    path: Option<std::path::PathBuf>,
+) -> Result<i32, CliError> {
     daemon::run(
         cfg,
         RunOptions {
             until_idle,
             create_remote_root: embedded,
+            config_path: path,
         },
         Arc::new(Shared::default()),
     )?;
@@ -75,6 +82,7 @@ pub fn demo(cfg: Config, embedded: bool) -> Result<i32, CliError> {
         RunOptions {
             until_idle: true,
             create_remote_root: embedded,
+            config_path: None,
         },
         Arc::new(Shared::default()),
     )?;
