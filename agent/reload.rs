@@ -82,12 +82,18 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
     };
     restart(old.device_id != new.device_id, "device_id");
     restart(old.paths.capture != new.paths.capture, "paths.capture");
-    restart(old.paths.state_dir != new.paths.state_dir, "paths.state_dir");
+    restart(
+        old.paths.state_dir != new.paths.state_dir,
+        "paths.state_dir",
+    );
     restart(!same(&old.ingest, &new.ingest), "ingest");
     let (u, v) = (&old.upload, &new.upload);
     restart(u.concurrency != v.concurrency, "upload.concurrency");
     restart(u.order != v.order, "upload.order");
-    restart(!same(&u.sync_interval, &v.sync_interval), "upload.sync_interval");
+    restart(
+        !same(&u.sync_interval, &v.sync_interval),
+        "upload.sync_interval",
+    );
     restart(
         !same(&u.initial_backoff, &v.initial_backoff),
         "upload.initial_backoff",
@@ -101,11 +107,17 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         u.transient_attempts != v.transient_attempts,
         "upload.transient_attempts",
     );
-    restart(!same(&u.auth_recheck, &v.auth_recheck), "upload.auth_recheck");
+    restart(
+        !same(&u.auth_recheck, &v.auth_recheck),
+        "upload.auth_recheck",
+    );
     restart(old.remote.kind != new.remote.kind, "remote.kind");
     restart(old.remote.prefix != new.remote.prefix, "remote.prefix");
     restart(!same(&old.remote.file, &new.remote.file), "remote.file");
-    let (a, b) = (without_credentials(&old.remote), without_credentials(&new.remote));
+    let (a, b) = (
+        without_credentials(&old.remote),
+        without_credentials(&new.remote),
+    );
     restart(!same(&a.s3, &b.s3), "remote.s3");
     restart(!same(&a.http, &b.http), "remote.http");
     restart(!same(&old.log, &new.log), "log");
@@ -172,10 +184,15 @@ fn credentials_only(r: &RemoteConfig) -> String {
             )
         )
     });
-    let http = r
-        .http
-        .as_ref()
-        .map(|h| format!("{:?}", (h.token.as_ref().map(|t| t.expose().to_string()), &h.token_file)));
+    let http = r.http.as_ref().map(|h| {
+        format!(
+            "{:?}",
+            (
+                h.token.as_ref().map(|t| t.expose().to_string()),
+                &h.token_file
+            )
+        )
+    });
     format!("{s3:?} {http:?}")
 }
 
@@ -408,7 +425,10 @@ mod tests {
         let old = cfg(&m("username = \"u\"\npassword = \"p1\"\n"));
         let p = plan(&old, &cfg(&m("username = \"u\"\npassword = \"p2\"\n")));
         assert!(p.mqtt_login && p.restart.is_empty(), "{p:?}");
-        let p = plan(&old, &cfg(&m("username = \"u\"\npassword = \"p1\"\nport = 1884\n")));
+        let p = plan(
+            &old,
+            &cfg(&m("username = \"u\"\npassword = \"p1\"\nport = 1884\n")),
+        );
         assert_eq!(p.restart, ["mqtt"]);
         assert_eq!(plan(&cfg(BASE), &old).restart, ["mqtt"]);
     }

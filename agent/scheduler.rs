@@ -753,10 +753,18 @@ mod tests {
         assert!(!s.auth_probe_due(&f, t0));
         s.on_msg(done("a", Done::AuthFailed), &mut f, t0);
         assert!(!s.auth_probe_due(&f, t0 + Duration::from_millis(10)));
-        s.on_msg(SchedMsg::CredentialsChanged, &mut f, t0 + Duration::from_millis(20));
+        s.on_msg(
+            SchedMsg::CredentialsChanged,
+            &mut f,
+            t0 + Duration::from_millis(20),
+        );
         assert!(s.auth_probe_due(&f, t0 + Duration::from_millis(30)));
         // Once: the next waits for the interval again.
-        s.on_msg(SchedMsg::AuthProbe { ok: false }, &mut f, t0 + Duration::from_millis(40));
+        s.on_msg(
+            SchedMsg::AuthProbe { ok: false },
+            &mut f,
+            t0 + Duration::from_millis(40),
+        );
         assert!(!s.auth_probe_due(&f, t0 + Duration::from_millis(50)));
     }
 

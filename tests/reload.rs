@@ -8,7 +8,6 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::time::Duration;
 
 use common::mqtt::{Broker, Msg, Sub};
 use common::s3::*;
@@ -77,8 +76,13 @@ fn reload_changes_a_live_setting_and_names_restart_only_changes_in_one_line() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("applied: conditions"), "{stdout}");
-    assert!(stdout.contains("needs a restart: upload.concurrency"), "{stdout}");
-    env.wait(Some(&d), 20, "synced after the reload", || env.count("synced") == 1);
+    assert!(
+        stdout.contains("needs a restart: upload.concurrency"),
+        "{stdout}"
+    );
+    env.wait(Some(&d), 20, "synced after the reload", || {
+        env.count("synced") == 1
+    });
     assert_eq!(d.pid(), pid);
     let log = d.log_text();
     assert_eq!(log.matches("fieldsync started").count(), 1, "not restarted");
@@ -87,7 +91,11 @@ fn reload_changes_a_live_setting_and_names_restart_only_changes_in_one_line() {
         .filter(|l| l.contains("take effect only after a restart"))
         .collect();
     assert_eq!(restart_lines.len(), 1, "{log}");
-    assert!(restart_lines[0].contains("upload.concurrency"), "{}", restart_lines[0]);
+    assert!(
+        restart_lines[0].contains("upload.concurrency"),
+        "{}",
+        restart_lines[0]
+    );
     let ev = reload_events(&env);
     assert_eq!(ev.len(), 1, "{ev:?}");
     assert_eq!(ev[0]["outcome"], "applied");
@@ -161,7 +169,10 @@ fn s3_file_env(server: &S3Server, secret: &str, auth_recheck: &str) -> (Env, std
             &format!("access_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"unused\"\n"),
             &format!("credentials_file = \"{}\"\n", creds.display()),
         )
-        .replace("[upload]\n", &format!("[upload]\nauth_recheck = \"{auth_recheck}\"\n"));
+        .replace(
+            "[upload]\n",
+            &format!("[upload]\nauth_recheck = \"{auth_recheck}\"\n"),
+        );
     env.write_config(&t);
     (env, creds)
 }
@@ -185,7 +196,9 @@ fn credentials_refused_at_start_and_fixed_by_reload_resume_without_restart() {
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(stdout.contains("remote credentials"), "{stdout}");
-    env.wait(Some(&d), 30, "2 synced after the reload", || env.count("synced") == 2);
+    env.wait(Some(&d), 30, "2 synced after the reload", || {
+        env.count("synced") == 2
+    });
     assert_eq!(server.client().list("").len(), 2);
     assert!(reason(&env).is_none());
     assert_eq!(d.log_text().matches("fieldsync started").count(), 1);
@@ -207,7 +220,9 @@ fn a_rotated_credentials_file_is_picked_up_when_the_remote_refuses() {
     });
     // Rotated on disk, no reload: the next re-check reads the file again.
     creds_file(env.dir.path(), SECRET_KEY);
-    env.wait(Some(&d), 30, "synced with the rotated file", || env.count("synced") == 1);
+    env.wait(Some(&d), 30, "synced with the rotated file", || {
+        env.count("synced") == 1
+    });
     assert!(d.log_text().contains("s3 credentials re-read"));
 }
 
@@ -221,9 +236,7 @@ fn mqtt_cmd_reload_replies_with_the_outcome() {
     env.wait(Some(&d), 30, "online", || {
         sub.last("/state").map(|m| m.text()).as_deref() == Some("online")
     });
-    let results = || -> Vec<Value> {
-        sub.on("/cmd/reload/result").iter().map(Msg::json).collect()
-    };
+    let results = || -> Vec<Value> { sub.on("/cmd/reload/result").iter().map(Msg::json).collect() };
     let t = good.replace("[conditions]\n", "[conditions]\nmetered = \"never\"\n");
     env.write_config(&t);
     sub.publish("fieldsync/dev1/cmd/reload", br#"{"request_id":"r1"}"#);
@@ -235,7 +248,9 @@ fn mqtt_cmd_reload_replies_with_the_outcome() {
 
     env.write_config(&good.replace("[upload]\n", "[upload]\nconcurency = 3\n"));
     sub.publish("fieldsync/dev1/cmd/reload", br#"{"request_id":"r2"}"#);
-    env.wait(Some(&d), 30, "second reload result", || results().len() >= 2);
+    env.wait(Some(&d), 30, "second reload result", || {
+        results().len() >= 2
+    });
     let r = &results()[1];
     assert_eq!(r["result"], "error", "{r}");
     assert_eq!(r["request_id"], "r2");
@@ -248,7 +263,48 @@ fn mqtt_cmd_reload_replies_with_the_outcome() {
     env.write_config(&good);
     let ev = reload_events(&env);
     assert_eq!(
-        ev.iter().map(|e| e["outcome"].as_str().unwrap()).collect::<Vec<_>>(),
+        ev.iter()
+            .map(|e| e["outcome"].as_str().unwrap())
+            .collect::<Vec<_>>(),
         ["applied", "failed"]
     );
+}
+
+#[test]
+fn a_fixed_mqtt_password_file_is_used_after_reload_without_restart() {
+    const SECRET: &str = "pw-Rl4-never-logged";
+    let auth = tempfile::tempdir().unwrap();
+    let passwd = auth.path().join("passwd");
+    let st = std::process::Command::new("mosquitto_passwd")
+        .args(["-b", "-c", &passwd.display().to_string(), "device", SECRET])
+        .status()
+        .expect("mosquitto_passwd");
+    assert!(st.success());
+    let broker = Broker::with_config(&format!(
+        "allow_anonymous false\npassword_file {}\n",
+        passwd.display()
+    ));
+    let pw_file = auth.path().join("device.pw");
+    fs::write(&pw_file, "wrong-Rl4-password\n").unwrap();
+    let env = Env::new(&broker.agent_config(&format!(
+        "username = \"device\"\npassword_file = \"{}\"",
+        pw_file.display()
+    )));
+    let sub = Sub::connect(broker.port, "fieldsync/#", Some(("device", SECRET)), false);
+    let d = env.spawn();
+    env.wait(Some(&d), 30, "wrong password refused", || {
+        d.log_text().contains("broker refused the connection")
+    });
+    fs::write(&pw_file, format!("{SECRET}\n")).unwrap();
+    let out = env.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("mqtt credentials"));
+    env.wait(Some(&d), 60, "online with the fixed password", || {
+        sub.last("fieldsync/dev1/state")
+            .map(|m| m.text())
+            .as_deref()
+            == Some("online")
+    });
+    assert_eq!(d.log_text().matches("fieldsync started").count(), 1);
+    assert!(!d.log_text().contains(SECRET));
 }

@@ -411,10 +411,7 @@ impl S3Remote {
 
     /// The credentials requests are signed with now.
     fn creds(&self) -> Arc<Credentials> {
-        self.creds
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.creds.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Server text with any credential removed.
@@ -790,13 +787,8 @@ impl S3Remote {
         };
         let headers = self.checksum_headers(&d);
         let creds = self.creds();
-        let mut action = UploadPart::new(
-            &self.bucket,
-            Some(&*creds),
-            &job.key,
-            pn as u16,
-            upload_id,
-        );
+        let mut action =
+            UploadPart::new(&self.bucket, Some(&*creds), &job.key, pn as u16, upload_id);
         for (k, v) in &headers {
             action.headers_mut().insert(*k, v.clone());
         }
@@ -1005,7 +997,10 @@ impl Remote for S3Remote {
             && current.token() == creds.token();
         if !same {
             *current = Arc::new(creds);
-            info!(credentials = from.as_str(), "s3 credentials re-read: new ones in use");
+            info!(
+                credentials = from.as_str(),
+                "s3 credentials re-read: new ones in use"
+            );
         }
         Ok(!same)
     }
