@@ -53,11 +53,16 @@ fn proxy_with_basic_auth_refuses_a_device_without_its_credentials() {
     let d = env.spawn();
     env.wait(Some(&d), 30, "a refused attempt", || {
         env.list()
-            .iter()
-            .all(|a| a["attempts"].as_i64().unwrap_or(0) >= 1 || !a["last_error_code"].is_null())
+            .first()
+            .is_some_and(|a| !a["last_error"].is_null())
     });
     assert_eq!(env.count("synced"), 0);
     assert!(server.client().list("").is_empty());
+    let a = &env.list()[0];
+    assert!(
+        a["last_error"].as_str().unwrap_or("").contains("407"),
+        "the proxy's refusal is the recorded error: {a}"
+    );
 }
 
 #[test]
