@@ -299,7 +299,12 @@ impl Reloader {
             }
             _ => None,
         };
-        let creds_changed = self.remote.reload_credentials(Some(&new.remote))?;
+        // New credentials for a remote whose endpoint changed belong to the next start;
+        // until then the running one re-reads its own secret files.
+        let remote_moved = plan.restart.iter().any(|k| k.starts_with("remote."));
+        let creds_changed = self
+            .remote
+            .reload_credentials((!remote_moved).then_some(&new.remote))?;
         if plan.conditions {
             self.gov
                 .reconfigure(new.conditions.clone(), new.retention.clone());

@@ -96,3 +96,31 @@ fn http_proxy_from_the_environment_and_no_proxy_bypass() {
     );
     assert_eq!(server.client().list("").len(), 2);
 }
+
+#[test]
+fn the_http_remote_reaches_backend_and_storage_through_the_proxy() {
+    let server = S3Server::start();
+    let presign = PresignService::start(&server.endpoint(), "tok-proxy-5Tq");
+    let proxy = Tinyproxy::start(None);
+    let env = Env::new(&format!(
+        "[remote]\nkind = \"http\"\nprefix = \"fs\"\n\n[remote.http]\nendpoint = \"{}\"\ntoken = \"tok-proxy-5Tq\"\nproxy = \"{}\"\nconnect_timeout = \"2s\"\nread_timeout = \"5s\"\n",
+        presign.endpoint(),
+        proxy.url()
+    ));
+    env.drop_file("c/r/a.jpg", &bytes(1, 100_000));
+    let d = env.spawn();
+    env.wait(Some(&d), 30, "synced through the proxy", || {
+        env.count("synced") == 1
+    });
+    let backend = format!("127.0.0.1:{}", presign.port);
+    assert!(
+        proxy.connects_to(&backend) >= 1,
+        "backend not reached through the proxy:\n{}",
+        proxy.log_text()
+    );
+    assert!(
+        proxy.connects_to(&server.addr().to_string()) >= 1,
+        "storage not reached through the proxy:\n{}",
+        proxy.log_text()
+    );
+}

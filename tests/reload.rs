@@ -308,3 +308,34 @@ fn a_fixed_mqtt_password_file_is_used_after_reload_without_restart() {
     assert_eq!(d.log_text().matches("fieldsync started").count(), 1);
     assert!(!d.log_text().contains(SECRET));
 }
+
+#[test]
+fn a_rotated_device_token_file_is_picked_up_without_restart() {
+    const TOKEN: &str = "device-token-Rl2mZ0pXw";
+    let server = S3Server::start();
+    let presign = PresignService::start(&server.endpoint(), TOKEN);
+    let env = Env::new(&format!(
+        "[remote]\nkind = \"http\"\nprefix = \"fs\"\n\n[remote.http]\nendpoint = \"{}\"\ntoken_file = \"TOKEN_FILE\"\nconnect_timeout = \"2s\"\nread_timeout = \"5s\"\n",
+        presign.endpoint()
+    ));
+    let token_file = env.dir.path().join("device-token");
+    fs::write(&token_file, "expired-token-Xx9\n").unwrap();
+    let mut env = env;
+    let t = env
+        .toml
+        .replace("TOKEN_FILE", &token_file.display().to_string())
+        .replace("[upload]\n", "[upload]\nauth_recheck = \"1s\"\n");
+    env.write_config(&t);
+    env.drop_file("c/r/a.jpg", &bytes(1, 20_000));
+    let d = env.spawn();
+    env.wait(Some(&d), 30, "paused with reason auth", || {
+        reason(&env).as_deref() == Some("auth")
+    });
+    fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    env.wait(Some(&d), 30, "synced with the rotated token", || {
+        env.count("synced") == 1
+    });
+    assert!(d.log_text().contains("device token re-read"));
+    assert!(!d.log_text().contains(TOKEN));
+    assert_eq!(d.log_text().matches("fieldsync started").count(), 1);
+}
