@@ -269,6 +269,11 @@ impl Reloader {
             Err(e) => (EventOutcome::Failed, e.clone()),
         };
         match &outcome {
+            // One line, naming what waits for a restart when something does.
+            Ok(s) if s.contains("needs a restart") => warn!(
+                source = source.as_str(),
+                "config reloaded: {s} (those changes take effect only after a restart)"
+            ),
             Ok(s) => info!(source = source.as_str(), "config reloaded: {s}"),
             Err(e) => warn!(
                 source = source.as_str(),
@@ -321,12 +326,6 @@ impl Reloader {
             let _ = self.sched.send(SchedMsg::CredentialsChanged);
         }
         let _ = self.sched.send(SchedMsg::Wake);
-        if !plan.restart.is_empty() {
-            warn!(
-                keys = %plan.restart.join(", "),
-                "config reload: these changes take effect only after a restart"
-            );
-        }
         adopt_live(&mut self.running, &new);
         Ok(plan.summary(creds_changed, mqtt_changed))
     }

@@ -88,7 +88,7 @@ fn reload_changes_a_live_setting_and_names_restart_only_changes_in_one_line() {
     assert_eq!(log.matches("fieldsync started").count(), 1, "not restarted");
     let restart_lines: Vec<&str> = log
         .lines()
-        .filter(|l| l.contains("take effect only after a restart"))
+        .filter(|l| l.contains("upload.concurrency"))
         .collect();
     assert_eq!(restart_lines.len(), 1, "{log}");
     assert!(
