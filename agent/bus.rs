@@ -20,6 +20,8 @@ pub enum SchedMsg {
     Done { id: String, outcome: Done },
     /// The result of a credentials re-check while paused for `auth`.
     AuthProbe { ok: bool },
+    /// A reload brought new remote credentials: re-check them now if paused for `auth`.
+    CredentialsChanged,
 }
 
 /// What a worker reports about an attachment it held.
@@ -57,6 +59,40 @@ pub enum WatchMsg {
     Removed(PathBuf),
     /// inotify lost events: rescan everything.
     Rescan,
+}
+
+/// Where a reload request came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadSource {
+    /// SIGHUP (`systemctl reload fieldsync`).
+    Signal,
+    /// `fieldsync reload`, through the store and the wake file.
+    Cli,
+    /// MQTT `cmd/reload`.
+    Mqtt,
+}
+
+impl ReloadSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadSource::Signal => "signal",
+            ReloadSource::Cli => "cli",
+            ReloadSource::Mqtt => "mqtt",
+        }
+    }
+}
+
+/// Messages to the reloader.
+#[derive(Debug)]
+pub enum ReloadMsg {
+    /// Re-read the configuration and its secret files; the outcome (what changed, or the
+    /// one-line error that refused it) goes to `reply` when given.
+    Reload {
+        source: ReloadSource,
+        reply: Option<std::sync::mpsc::Sender<Result<String, String>>>,
+    },
+    /// The wake file was touched: a `fieldsync reload` may be waiting in the store.
+    Check,
 }
 
 /// Messages to the publisher.

@@ -55,3 +55,12 @@ pub fn wake(store: &Store) -> Result<(), StoreError> {
     }
     Ok(())
 }
+
+/// Asks the running daemon to re-read its configuration and secret files (`fieldsync
+/// reload`); returns the request's event sequence number, after which the daemon's
+/// `config_reloaded` event tells how it went.
+pub fn reload(store: &mut Store, source: &str) -> Result<i64, StoreError> {
+    let seq = store.request_reload(source)?;
+    wake(store)?;
+    Ok(seq)
+}

@@ -13,12 +13,13 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tracing::{info, warn};
 
-use crate::bus::{MonitorMsg, PublishMsg, SchedMsg, Shared, WatchMsg};
+use crate::bus::{MonitorMsg, PublishMsg, ReloadMsg, ReloadSource, SchedMsg, Shared, WatchMsg};
 use crate::conditions::governor::{self, Governor};
 use crate::conditions::monitor;
 use crate::config::Config;
 use crate::ingest::{absolute, Ingestor};
 use crate::publisher::{self, PublishLoop, Publisher};
+use crate::reload::{self, Reloader};
 use crate::remote::{self, Remote};
 use crate::reporter::{self, Reporter};
 use crate::store::{Store, StoreError};
@@ -52,6 +53,8 @@ pub enum DaemonError {
 pub struct RunOptions {
     /// Stop once nothing is pending (the demo, benchmarks).
     pub until_idle: bool,
+    /// The config file a reload re-reads; `None`: the embedded demo config.
+    pub config_path: Option<PathBuf>,
 }
 
 /// The lock file that makes one daemon per state directory, and tells the CLI whether a
@@ -153,6 +156,9 @@ struct Parts {
     publish_rx: UnboundedReceiver<PublishMsg>,
     monitor: (Arc<Governor>, Store, UnboundedReceiver<MonitorMsg>),
     reporter: Option<Reporter>,
+    reloader: Reloader,
+    reload_tx: UnboundedSender<ReloadMsg>,
+    reload_rx: UnboundedReceiver<ReloadMsg>,
     /// Kept alive for as long as the daemon runs (inotify on capture and the wake file).
     _watchers: (notify::RecommendedWatcher, notify::RecommendedWatcher),
 }
@@ -237,7 +243,8 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
 
     // Fleet reporting: configuration and store checked now; it runs as a task, joined
     // after every other part so `offline` comes last.
-    let reporter = match &cfg.mqtt {
+    let (reload_tx, reload_rx) = unbounded_channel::<ReloadMsg>();
+    let mut reporter = match &cfg.mqtt {
         Some(m) => Some(Reporter::new(
             m,
             &cfg.device_id,
@@ -246,6 +253,9 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         )?),
         None => None,
     };
+    if let Some(r) = reporter.as_mut() {
+        r.set_reloader(reload_tx.clone());
+    }
 
     let (sched_tx, sched_rx) = unbounded_channel::<SchedMsg>();
     let (mon_tx, mon_rx) = unbounded_channel::<MonitorMsg>();
@@ -257,7 +267,7 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
             path: ingestor.capture().display().to_string(),
             source,
         })?;
-    let wake_watch = watch_wake_file(&state_dir, sched_tx.clone())?;
+    let wake_watch = watch_wake_file(&state_dir, sched_tx.clone(), reload_tx.clone())?;
     shared.ingest_idle.store(false, Ordering::Relaxed);
 
     let mut monitor_store = Store::open(&db_path)?;
@@ -319,6 +329,21 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         Store::open(&db_path)?,
         cfg.upload.sync_interval.0,
     );
+    let reload_store = Store::open(&db_path)?;
+    let reloader = Reloader {
+        path: opts.config_path.clone(),
+        handled: reload_store.reload_requested()?.unwrap_or(0),
+        mqtt_current: match &cfg.mqtt {
+            Some(m) => crate::mqtt::login(m).map_err(crate::reporter::ReporterError::from)?,
+            None => None,
+        },
+        mqtt_login: reporter.as_ref().map(Reporter::login_slot),
+        running: cfg.clone(),
+        gov: gov.clone(),
+        remote: remote.clone(),
+        sched: sched_tx.clone(),
+        store: reload_store,
+    };
     let parts = Parts {
         shared: shared.clone(),
         until_idle: opts.until_idle,
@@ -332,6 +357,9 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         publish_rx,
         monitor: (gov, monitor_store, mon_rx),
         reporter,
+        reloader,
+        reload_tx,
+        reload_rx,
         _watchers: (capture_watch, wake_watch),
     };
 
@@ -346,16 +374,34 @@ async fn supervise(p: Parts, signals: Signals) -> Result<(), DaemonError> {
     let token = p.shared.shutdown.clone();
     let signals = {
         let token = token.clone();
-        let Signals { mut term, mut int } = signals;
+        let reload_tx = p.reload_tx.clone();
+        let Signals {
+            mut term,
+            mut int,
+            mut hup,
+        } = signals;
         tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => info!(signal = "SIGTERM", "stopping"),
-                _ = int.recv() => info!(signal = "SIGINT", "stopping"),
-                _ = token.cancelled() => return,
+            loop {
+                tokio::select! {
+                    _ = term.recv() => info!(signal = "SIGTERM", "stopping"),
+                    _ = int.recv() => info!(signal = "SIGINT", "stopping"),
+                    _ = hup.recv() => {
+                        info!(signal = "SIGHUP", "reloading the configuration");
+                        let _ = reload_tx.send(ReloadMsg::Reload {
+                            source: ReloadSource::Signal,
+                            reply: None,
+                        });
+                        continue;
+                    }
+                    _ = token.cancelled() => return,
+                }
+                break;
             }
             token.cancel();
         })
     };
+    drop(p.reload_tx);
+    let reloader = tokio::spawn(reload::run(p.reloader, p.reload_rx, token.clone()));
     // The reporter's last word (final status, `offline`) waits for `last_word`, sent once
     // every other part is joined (or dropped, should the supervisor itself fail).
     let (last_word, last_word_rx) = tokio::sync::oneshot::channel::<()>();
@@ -395,6 +441,7 @@ async fn supervise(p: Parts, signals: Signals) -> Result<(), DaemonError> {
     sd_notify(crate::systemd::STOPPING);
     // Idle exit (or a store error): the other parts stop now.
     token.cancel();
+    join(reloader).await;
     join(ingest).await;
     join(monitor).await;
     let mut publish = join(publish).await;
@@ -420,6 +467,8 @@ async fn supervise(p: Parts, signals: Signals) -> Result<(), DaemonError> {
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    /// `systemctl reload`: re-read the configuration.
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -435,6 +484,7 @@ impl Signals {
         Ok(Signals {
             term: install(SignalKind::terminate())?,
             int: install(SignalKind::interrupt())?,
+            hup: install(SignalKind::hangup())?,
         })
     }
 }
@@ -447,10 +497,12 @@ async fn join<T>(h: tokio::task::JoinHandle<T>) -> T {
     }
 }
 
-/// Wakes the scheduler whenever a CLI command touches the wake file.
+/// Wakes the scheduler (and the reloader, for `fieldsync reload`) whenever a CLI command
+/// touches the wake file.
 fn watch_wake_file(
     state_dir: &Path,
     tx: UnboundedSender<SchedMsg>,
+    reload: UnboundedSender<ReloadMsg>,
 ) -> Result<notify::RecommendedWatcher, DaemonError> {
     use notify::Watcher as _;
     notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -461,6 +513,7 @@ fn watch_wake_file(
                 .any(|p| p.file_name().is_some_and(|n| n == crate::store::WAKE_FILE))
             {
                 let _ = tx.send(SchedMsg::Wake);
+                let _ = reload.send(ReloadMsg::Check);
             }
         }
     })

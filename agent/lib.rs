@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod device;
 pub mod ingest;
 pub mod publisher;
+pub mod reload;
 
 pub mod mqtt;
 pub mod remote;

@@ -322,6 +322,14 @@ pub fn last_will(topics: &Topics) -> LastWill {
     LastWill::new(topics.state(), STATE_LOST, QoS::AtLeastOnce, true)
 }
 
+/// The user name and password the broker gets (the password file read now), if any.
+pub fn login(cfg: &MqttConfig) -> Result<Option<(String, String)>, MqttError> {
+    match &cfg.username {
+        Some(user) => Ok(Some((user.clone(), password(cfg)?.unwrap_or_default()))),
+        None => Ok(None),
+    }
+}
+
 fn password(cfg: &MqttConfig) -> Result<Option<String>, MqttError> {
     if let Some(p) = &cfg.password {
         return Ok(Some(p.expose().to_string()));

@@ -43,6 +43,7 @@ use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::bus::{ReloadMsg, ReloadSource};
 use crate::commands;
 use crate::device::{DeviceHealth, Sampler};
 use crate::mqtt::{self, MqttConfig, MqttError, PayloadFormat, Topics};
@@ -111,6 +112,8 @@ pub enum Command {
     Resume,
     /// One attachment, or (None) every failed one.
     Retry(Option<String>),
+    /// Re-read the configuration and its secret files.
+    Reload,
 }
 
 /// The payload of every command: all keys optional, unknown keys refused (a typo must not
@@ -148,6 +151,7 @@ pub fn parse_command(name: &str, payload: &[u8]) -> (Option<String>, Result<Comm
         "sync" => no_target(Command::Sync),
         "pause" => no_target(Command::Pause),
         "resume" => no_target(Command::Resume),
+        "reload" => no_target(Command::Reload),
         "retry" => match (args.id, args.failed) {
             (Some(id), None | Some(false)) if !id.is_empty() => Ok(Command::Retry(Some(id))),
             (None, Some(true)) => Ok(Command::Retry(None)),
@@ -156,7 +160,7 @@ pub fn parse_command(name: &str, payload: &[u8]) -> (Option<String>, Result<Comm
             ),
         },
         other => Err(format!(
-            "unknown command `{other}` (expected sync, pause, resume or retry)"
+            "unknown command `{other}` (expected sync, pause, resume, retry or reload)"
         )),
     };
     (rid, cmd)
@@ -172,6 +176,25 @@ fn apply(store: &mut Store, cmd: &Command) -> Result<(String, Option<Vec<String>
         }
         Command::Retry(id) => commands::retry(store, id.as_deref())
             .map(|ids| (format!("requeued {} attachment(s)", ids.len()), Some(ids))),
+        // Not a store command: handled by `Core::reload`.
+        Command::Reload => Ok(("reload requested".into(), None)),
+    }
+}
+
+/// How long `cmd/reload` waits for the reloader's answer before replying without it.
+const RELOAD_ANSWER: Duration = Duration::from_secs(10);
+
+/// New broker credentials from a reload, taken by the event loop before its next
+/// connection attempt (a running connection keeps the ones it was opened with).
+#[derive(Clone, Default)]
+pub struct LoginSlot(std::sync::Arc<std::sync::Mutex<Option<(String, String)>>>);
+
+impl LoginSlot {
+    pub fn set(&self, user: String, password: String) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((user, password));
+    }
+    fn take(&self) -> Option<(String, String)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
 
@@ -290,6 +313,7 @@ pub struct Reporter {
     core: Core,
     eventloop: EventLoop,
     link: Link,
+    login: LoginSlot,
 }
 
 impl Reporter {
@@ -341,12 +365,24 @@ impl Reporter {
             hold_until: None,
             last_status: None,
             closed: false,
+            reload: None,
         };
         Ok(Reporter {
             core,
             eventloop,
             link: Link::new(m.endpoint()),
+            login: LoginSlot::default(),
         })
+    }
+
+    /// Where a reload puts new broker credentials.
+    pub fn login_slot(&self) -> LoginSlot {
+        self.login.clone()
+    }
+
+    /// Where `cmd/reload` sends its request.
+    pub fn set_reloader(&mut self, tx: tokio::sync::mpsc::UnboundedSender<ReloadMsg>) {
+        self.core.reload = Some(tx);
     }
 }
 
@@ -354,8 +390,10 @@ impl Reporter {
 /// result, so a poll is never cut short.
 type Polling = Pin<Box<dyn Future<Output = (EventLoop, Result<Event, ConnectionError>)> + Send>>;
 
-/// Polls `el` once, after `backoff` (the reconnect delay after a failure).
-fn poll_after(mut el: EventLoop, backoff: Duration) -> Polling {
+/// Polls `el` once, after `backoff` (the reconnect delay after a failure). Credentials
+/// a reload left in `login` are used from the next connection attempt.
+fn poll_after(mut el: EventLoop, backoff: Duration, login: &LoginSlot) -> Polling {
+    let login = login.clone();
     Box::pin(async move {
         if !backoff.is_zero() {
             tokio::time::sleep(backoff).await;
@@ -363,6 +401,9 @@ fn poll_after(mut el: EventLoop, backoff: Duration) -> Polling {
             // reconnect, stale and out of step with the acknowledgement count: drop them
             // (the new session starts clean anyway).
             el.clean();
+        }
+        if let Some((user, password)) = login.take() {
+            el.mqtt_options.set_credentials(user, password);
         }
         let r = el.poll().await;
         (el, r)
@@ -382,11 +423,12 @@ pub async fn run(
         core,
         eventloop,
         mut link,
+        login,
     } = r;
     // `None` while on the blocking pool with `job`.
     let mut core = Some(core);
     let mut job: Option<tokio::task::JoinHandle<Core>> = None;
-    let mut polling = Some(poll_after(eventloop, Duration::ZERO));
+    let mut polling = Some(poll_after(eventloop, Duration::ZERO, &login));
     // Broker news not yet applied to `core` (it was busy with the store).
     let mut inbox: VecDeque<Net> = VecDeque::new();
     let mut poked = false;
@@ -422,7 +464,7 @@ pub async fn run(
                 let lost = matches!(news, Some(Net::Disconnected));
                 inbox.extend(news);
                 // Stopping: no reconnection.
-                polling = (!(stopping && lost)).then(|| poll_after(el, backoff));
+                polling = (!(stopping && lost)).then(|| poll_after(el, backoff, &login));
             }
             c = async { job.as_mut().expect("job").await }, if job.is_some() => {
                 job = None;
@@ -488,7 +530,7 @@ pub async fn run(
                     break;
                 }
             }
-            polling = Some(poll_after(el, Duration::ZERO));
+            polling = Some(poll_after(el, Duration::ZERO, &login));
         }
         if bye {
             info!("mqtt: published offline and disconnected");
@@ -613,6 +655,8 @@ struct Core {
     last_status: Option<Snapshot>,
     /// Our DISCONNECT went out (a clean stop).
     closed: bool,
+    /// Where `cmd/reload` goes (the daemon's reloader).
+    reload: Option<tokio::sync::mpsc::UnboundedSender<ReloadMsg>>,
 }
 
 impl Core {
@@ -784,6 +828,23 @@ impl Core {
         Ok(())
     }
 
+    /// `cmd/reload`: asks the reloader and waits (blocking: this runs on the blocking
+    /// pool) for what it did, or the one-line error that refused the new config.
+    fn reload(&mut self) -> Result<String, String> {
+        let Some(tx) = &self.reload else {
+            return Err("reload is not available in this process".into());
+        };
+        let (reply, answer) = std::sync::mpsc::channel();
+        tx.send(ReloadMsg::Reload {
+            source: ReloadSource::Mqtt,
+            reply: Some(reply),
+        })
+        .map_err(|_| "the daemon is stopping".to_string())?;
+        answer
+            .recv_timeout(RELOAD_ANSWER)
+            .map_err(|_| "no answer from the reloader in time".to_string())?
+    }
+
     fn on_command(&mut self, topic: &str, payload: &[u8], retain: bool) {
         let Some(name) = self.topics.command_name(topic).map(str::to_string) else {
             return;
@@ -796,7 +857,10 @@ impl Core {
                     .to_string(),
             )
         } else {
-            parsed.and_then(|cmd| apply(&mut self.store, &cmd).map_err(|e| e.to_string()))
+            parsed.and_then(|cmd| match cmd {
+                Command::Reload => self.reload().map(|m| (m, None)),
+                cmd => apply(&mut self.store, &cmd).map_err(|e| e.to_string()),
+            })
         };
         let (result, message, requeued) = match outcome {
             Ok((msg, ids)) => ("ok", msg, ids),
@@ -895,6 +959,8 @@ mod tests {
         assert_eq!(parse_command("sync", b"").1, Ok(Command::Sync));
         assert_eq!(parse_command("pause", b"  \n").1, Ok(Command::Pause));
         assert_eq!(parse_command("resume", b"{}").1, Ok(Command::Resume));
+        assert_eq!(parse_command("reload", b"").1, Ok(Command::Reload));
+        assert!(parse_command("reload", br#"{"id":"a"}"#).1.is_err());
         let (rid, c) = parse_command("retry", br#"{"id":"abc","request_id":"r1"}"#);
         assert_eq!(rid.as_deref(), Some("r1"));
         assert_eq!(c, Ok(Command::Retry(Some("abc".into()))));
@@ -992,6 +1058,7 @@ mod tests {
             hold_until: None,
             last_status: None,
             closed: false,
+            reload: None,
         };
         (core, eventloop)
     }

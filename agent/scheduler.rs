@@ -114,6 +114,8 @@ pub struct SchedState {
     last_auth_check: Instant,
     /// A credentials re-check is running.
     auth_probing: bool,
+    /// New credentials arrived: re-check at once rather than after `auth_recheck`.
+    auth_recheck_now: bool,
 }
 
 impl SchedState {
@@ -138,6 +140,7 @@ impl SchedState {
             last_trim: now,
             last_auth_check: now,
             auth_probing: false,
+            auth_recheck_now: false,
         }
     }
 
@@ -157,6 +160,7 @@ impl SchedState {
                     self.last_auth_check = now;
                 }
             }
+            SchedMsg::CredentialsChanged => self.auth_recheck_now = facts.auth_failed,
             SchedMsg::AuthProbe { ok } => {
                 self.auth_probing = false;
                 if ok && facts.auth_failed {
@@ -186,9 +190,11 @@ impl SchedState {
     pub fn auth_probe_due(&mut self, facts: &Facts, now: Instant) -> bool {
         if facts.auth_failed
             && !self.auth_probing
-            && now.duration_since(self.last_auth_check) >= self.auth_recheck
+            && (self.auth_recheck_now
+                || now.duration_since(self.last_auth_check) >= self.auth_recheck)
         {
             self.auth_probing = true;
+            self.auth_recheck_now = false;
             self.last_auth_check = now;
             return true;
         }
@@ -375,7 +381,7 @@ impl Core {
             self.facts.operator_paused = self.store.operator_paused()?;
         }
         self.gov.observe(&mut self.facts);
-        let reason = conditions::evaluate(&self.facts, self.gov.policy());
+        let reason = conditions::evaluate(&self.facts, &self.gov.policy());
         self.shared.gate_open.store(
             !reason.is_some_and(|r| r.stops_running()),
             Ordering::Relaxed,
@@ -517,6 +523,10 @@ pub async fn run(
             let remote = c.remote.clone();
             let tx = tx.clone();
             tokio::task::spawn_blocking(move || {
+                // A rotated credentials or token file is picked up here too.
+                if let Err(e) = remote.reload_credentials(None) {
+                    warn!(error = %e, "cannot re-read the credentials");
+                }
                 let ok = !matches!(
                     remote.probe(),
                     Err(RemoteError {
@@ -749,6 +759,31 @@ mod tests {
         s.on_msg(SchedMsg::AuthProbe { ok: true }, &mut f, t0 + AUTH * 2);
         assert!(!f.auth_failed);
         assert!(!s.auth_probe_due(&f, t0 + AUTH * 10));
+    }
+
+    #[test]
+    fn new_credentials_are_rechecked_at_once() {
+        let t0 = Instant::now();
+        let mut s = SchedState::new(2, Duration::from_secs(30), AUTH, 0, t0);
+        let mut f = Facts::default();
+        // Not paused for auth: nothing to re-check.
+        s.on_msg(SchedMsg::CredentialsChanged, &mut f, t0);
+        assert!(!s.auth_probe_due(&f, t0));
+        s.on_msg(done("a", Done::AuthFailed), &mut f, t0);
+        assert!(!s.auth_probe_due(&f, t0 + Duration::from_millis(10)));
+        s.on_msg(
+            SchedMsg::CredentialsChanged,
+            &mut f,
+            t0 + Duration::from_millis(20),
+        );
+        assert!(s.auth_probe_due(&f, t0 + Duration::from_millis(30)));
+        // Once: the next waits for the interval again.
+        s.on_msg(
+            SchedMsg::AuthProbe { ok: false },
+            &mut f,
+            t0 + Duration::from_millis(40),
+        );
+        assert!(!s.auth_probe_due(&f, t0 + Duration::from_millis(50)));
     }
 
     #[test]

@@ -260,6 +260,12 @@ pub enum EventKind {
     /// The queue database was missing or corrupt at start and was created anew (the old
     /// file kept aside); the capture folder is rescanned into it.
     DatabaseRebuilt,
+    /// `fieldsync reload` asked the daemon to re-read its configuration (reason: the
+    /// source, `cli`).
+    ReloadRequested,
+    /// The daemon re-read its configuration: `applied` (reason: what changed live and
+    /// what waits for a restart) or `failed` (reason: the one-line config error).
+    ConfigReloaded,
     /// A kind this version does not know (written by a newer one): kept verbatim, so
     /// reading the log never fails on it.
     Other(String),
@@ -267,7 +273,7 @@ pub enum EventKind {
 
 impl EventKind {
     /// Every kind this version writes.
-    pub const KNOWN: [EventKind; 20] = [
+    pub const KNOWN: [EventKind; 22] = [
         EventKind::Enqueued,
         EventKind::Uploaded,
         EventKind::RetryScheduled,
@@ -288,6 +294,8 @@ impl EventKind {
         EventKind::ChecklistPublished,
         EventKind::ChecklistInvalid,
         EventKind::DatabaseRebuilt,
+        EventKind::ReloadRequested,
+        EventKind::ConfigReloaded,
     ];
 
     /// The kinds status reports as `last_success`.
@@ -317,6 +325,8 @@ impl EventKind {
             EventKind::ChecklistPublished => "checklist_published",
             EventKind::ChecklistInvalid => "checklist_invalid",
             EventKind::DatabaseRebuilt => "database_rebuilt",
+            EventKind::ReloadRequested => "reload_requested",
+            EventKind::ConfigReloaded => "config_reloaded",
             EventKind::Other(s) => s,
         }
     }
@@ -1557,6 +1567,48 @@ impl Store {
         self.control_set(key::PAUSED, if paused { "1" } else { "0" })
     }
 
+    /// The sequence number of the newest `reload_requested` event (`fieldsync reload`).
+    pub fn reload_requested(&self) -> Result<Option<i64>> {
+        self.control_parse(key::RELOAD)
+    }
+
+    /// Records a reload request: its `reload_requested` event and the control key that
+    /// points at it, in one transaction. Returns the event's sequence number.
+    pub fn request_reload(&mut self, source: &str) -> Result<i64> {
+        let tx = self.conn.transaction()?;
+        event_conn(
+            &tx,
+            now_ms(),
+            &EventKind::ReloadRequested,
+            EventOutcome::Applied,
+            None,
+            None,
+            None,
+            Some(source),
+        )?;
+        let seq: i64 = tx.query_row("SELECT COALESCE(MAX(seq),0) FROM events", [], |r| r.get(0))?;
+        tx.execute(
+            "INSERT INTO control (key, value, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(key) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
+            params![key::RELOAD, seq.to_string(), now_ms()],
+        )?;
+        tx.commit()?;
+        Ok(seq)
+    }
+
+    /// The first `config_reloaded` event after `seq`, if the daemon wrote one yet.
+    pub fn reload_outcome_after(&self, seq: i64) -> Result<Option<Event>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, time, kind, outcome, attachment_id, checklist, row, from_state, to_state,
+                reason FROM events WHERE seq > ?1 AND kind = ?2 ORDER BY seq LIMIT 1",
+        )?;
+        let mut rows = stmt.query_map(
+            params![seq, EventKind::ConfigReloaded.as_str()],
+            event_from_row,
+        )?;
+        Ok(rows.next().transpose()?)
+    }
+
     /// When a command last asked the daemon to look at the queue again (unix ms).
     pub fn wake_requested_at(&self) -> Result<Option<i64>> {
         self.control_parse(key::WAKE)
@@ -1714,6 +1766,8 @@ mod key {
     pub const EVENTS_ACKED_SEQ: &str = "mqtt.events_acked_seq";
     /// The last database rebuild as JSON (`Rebuilt`). Written by the daemon.
     pub const REBUILT: &str = "database.rebuilt";
+    /// The sequence number of the newest `reload_requested` event.
+    pub const RELOAD: &str = "reload.requested";
 
     /// The content hash of the manifest published for a checklist.
     pub fn published(checklist: &str) -> String {
@@ -2136,6 +2190,8 @@ mod wire_tests {
                 "checklist_published",
                 "checklist_invalid",
                 "database_rebuilt",
+                "reload_requested",
+                "config_reloaded",
             ]
         );
         for k in EventKind::KNOWN {

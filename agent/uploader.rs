@@ -268,6 +268,23 @@ impl Worker {
         }
     }
 
+    /// After a refusal (401/403, an expired session token): re-reads the credentials
+    /// from their files; true when they changed, so the refusal may be stale.
+    fn credentials_rotated(&self) -> bool {
+        match self.remote.reload_credentials(None) {
+            Ok(changed) => {
+                if changed {
+                    info!("remote refused the old credentials; retrying with the re-read ones");
+                }
+                changed
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot re-read the credentials");
+                false
+            }
+        }
+    }
+
     fn failed_attempt(&self, att: &Attachment, e: RemoteError) -> Result<Done, StoreError> {
         match &e.class {
             ErrorClass::Interrupted => {
@@ -281,6 +298,13 @@ impl Worker {
             ErrorClass::LocalChanged => {
                 warn!(id = %att.id, error = %e, "file changed since it was hashed; re-ingesting");
                 self.reingest(att);
+                Ok(Done::Finished)
+            }
+            ErrorClass::Auth if self.credentials_rotated() => {
+                // A rotated credentials or token file: try again with the new ones.
+                self.store
+                    .borrow_mut()
+                    .schedule_retry(&att.id, now_ms(), &e.code, &e.message)?;
                 Ok(Done::Finished)
             }
             ErrorClass::Auth => {

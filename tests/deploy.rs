@@ -232,6 +232,8 @@ fn unit_file_is_hardened_and_agrees_with_the_production_config() {
             "ExecStart",
             "/usr/bin/fieldsync --config /etc/fieldsync/fieldsync.toml run",
         ),
+        // `systemctl reload fieldsync`: SIGHUP re-reads the config and its secret files.
+        ("ExecReload", "/bin/kill -HUP $MAINPID"),
         ("Restart", "on-failure"),
         ("User", "fieldsync"),
         ("Group", "fieldsync"),

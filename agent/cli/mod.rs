@@ -112,6 +112,8 @@ pub enum Command {
     Resume,
     /// Wake the uploader now (retries due work immediately)
     Sync,
+    /// Make the running daemon re-read its configuration and secret files
+    Reload,
     /// Show the event log
     Events {
         /// Only events after this sequence number
@@ -205,7 +207,14 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         );
     }
     match cli.command {
-        Command::Run { until_idle } => run::run(cfg, until_idle),
+        Command::Run { until_idle } => {
+            let path = match cli.config {
+                Some(p) => Some(p),
+                None if loaded.embedded => None,
+                None => Some(PathBuf::from(DEFAULT_PATH)),
+            };
+            run::run(cfg, until_idle, path)
+        }
         Command::Demo => run::demo(cfg),
         Command::Status {
             json,
@@ -238,6 +247,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Pause => queue::pause(&cfg),
         Command::Resume => queue::resume(&cfg),
         Command::Sync => queue::sync(&cfg),
+        Command::Reload => queue::reload(&cfg),
         Command::Events { after, limit, json } => list::events(&cfg, after, limit, json),
         Command::Config {
             command: ConfigCommand::Check,

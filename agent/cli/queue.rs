@@ -109,3 +109,43 @@ pub fn sync(cfg: &Config) -> Result<i32, CliError> {
     println!("sync requested");
     Ok(exit::OK)
 }
+
+/// How long `fieldsync reload` waits for the daemon's answer.
+const RELOAD_ANSWER: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `fieldsync reload`: asks the running daemon (through the store and the wake file) to
+/// re-read its configuration and secret files, and waits for its answer. Exit 0 when it
+/// applied it, 2 when it refused the new configuration (the message is the one-line
+/// error of `config check`), 1 when no daemon runs or none answered in time.
+pub fn reload(cfg: &Config) -> Result<i32, CliError> {
+    let state_dir = absolute(&cfg.paths.state_dir);
+    if crate::daemon::running_pid(&state_dir).is_none() {
+        return Err(CliError::new(
+            exit::FAILURE,
+            format!("no daemon is running on {}", state_dir.display()),
+        ));
+    }
+    let mut store = open_store(cfg)?;
+    let seq = commands::reload(&mut store, "cli")?;
+    let deadline = std::time::Instant::now() + RELOAD_ANSWER;
+    loop {
+        if let Some(ev) = store.reload_outcome_after(seq)? {
+            let reason = ev.reason.unwrap_or_default();
+            if ev.outcome == crate::store::EventOutcome::Applied {
+                println!("config reloaded: {reason}");
+                return Ok(exit::OK);
+            }
+            return Err(CliError::new(exit::USAGE, reason));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(CliError::new(
+                exit::FAILURE,
+                format!(
+                    "the daemon did not answer the reload within {}s",
+                    RELOAD_ANSWER.as_secs()
+                ),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

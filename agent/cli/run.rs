@@ -12,9 +12,21 @@ use crate::store::Store;
 use super::common::remote_name;
 use super::error::{exit, CliError};
 
-/// `fieldsync run [--until-idle]`.
-pub fn run(cfg: Config, until_idle: bool) -> Result<i32, CliError> {
-    daemon::run(cfg, RunOptions { until_idle }, Arc::new(Shared::default()))?;
+/// `fieldsync run [--until-idle]`; `path` is the config file a reload re-reads (`None`:
+/// the embedded one).
+pub fn run(
+    cfg: Config,
+    until_idle: bool,
+    path: Option<std::path::PathBuf>,
+) -> Result<i32, CliError> {
+    daemon::run(
+        cfg,
+        RunOptions {
+            until_idle,
+            config_path: path,
+        },
+        Arc::new(Shared::default()),
+    )?;
     Ok(exit::OK)
 }
 
@@ -65,7 +77,10 @@ pub fn demo(cfg: Config) -> Result<i32, CliError> {
     let remote = remote_name(&cfg);
     daemon::run(
         cfg,
-        RunOptions { until_idle: true },
+        RunOptions {
+            until_idle: true,
+            config_path: None,
+        },
         Arc::new(Shared::default()),
     )?;
     let store = Store::open(&state_dir.join("queue.db"))?;

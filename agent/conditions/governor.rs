@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -134,11 +134,30 @@ pub struct Settings {
     pub capture: PathBuf,
 }
 
-pub struct Governor {
+/// The settings a reload may change while the daemon runs; swapped whole.
+struct Live {
     conditions: Conditions,
     retention: Retention,
     policy: Policy,
     probes: Probes,
+}
+
+impl Live {
+    fn new(conditions: Conditions, retention: Retention) -> Live {
+        Live {
+            policy: Policy::from(&conditions),
+            probes: Probes {
+                proc_root: conditions.proc_root.clone(),
+                sys_root: conditions.sys_root.clone(),
+            },
+            conditions,
+            retention,
+        }
+    }
+}
+
+pub struct Governor {
+    live: RwLock<Arc<Live>>,
     state_dir: PathBuf,
     capture: PathBuf,
     remote: Arc<dyn Remote>,
@@ -185,11 +204,7 @@ impl Governor {
                 used: 0,
             });
         let gov = Arc::new(Governor {
-            policy: Policy::from(&c),
-            probes: Probes {
-                proc_root: c.proc_root.clone(),
-                sys_root: c.sys_root.clone(),
-            },
+            live: RwLock::new(Arc::new(Live::new(c, settings.retention.clone()))),
             state_dir: settings.state_dir.clone(),
             capture: settings.capture.clone(),
             inner: Mutex::new(Inner {
@@ -200,8 +215,6 @@ impl Governor {
                 bucket: Bucket::new(None, Instant::now()),
                 generation: 0,
             }),
-            conditions: c,
-            retention: settings.retention.clone(),
             remote,
             shared,
             published: Mutex::new(Published::default()),
@@ -211,13 +224,30 @@ impl Governor {
         Ok(gov)
     }
 
-    /// How often the monitor reads the probes.
-    pub fn probe_interval(&self) -> Duration {
-        self.conditions.probe_interval.0
+    /// The settings in force now.
+    fn live(&self) -> Arc<Live> {
+        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn policy(&self) -> &Policy {
-        &self.policy
+    /// Puts reloaded `[conditions]` and `[retention]` in force (everything but
+    /// `probe_interval`, which the monitor reads at start): admission and the gate use
+    /// them from the next decision, the probes from the next round, and files deferred
+    /// under the old ones are looked at again.
+    pub fn reconfigure(&self, conditions: Conditions, retention: Retention) {
+        *self.live.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(Live::new(conditions, retention));
+        lock(&self.inner).generation += 1;
+        // Status shows the new limits at the next publish.
+        lock(&self.published).summary = None;
+    }
+
+    /// How often the monitor reads the probes.
+    pub fn probe_interval(&self) -> Duration {
+        self.live().conditions.probe_interval.0
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.live().policy.clone()
     }
 
     /// Copies the probed facts into the scheduler's (which owns operator and auth).
@@ -250,8 +280,9 @@ impl Governor {
             size
         };
         let committed = i.budget.used + i.reserved;
-        admit(f, &self.policy, size, remaining, committed)?;
-        let metered = f.link.metered && self.policy.metered == MeteredPolicy::Budget;
+        let live = self.live();
+        admit(f, &live.policy, size, remaining, committed)?;
+        let metered = f.link.metered && live.policy.metered == MeteredPolicy::Budget;
         let reserve = if metered { remaining } else { 0 };
         i.reserved += reserve;
         Ok(Ticket {
@@ -279,7 +310,7 @@ impl Governor {
         deferred: &BTreeMap<Reason, usize>,
     ) -> Result<(), StoreError> {
         let mut p = lock(&self.published);
-        let now_failing = failing(facts, &self.policy);
+        let now_failing = failing(facts, &self.live().policy);
         let summary = report::summary(facts, &now_failing);
         let budget_version = lock(&self.inner).budget_version;
         let dirty = budget_version != p.budget_version;
@@ -319,7 +350,7 @@ impl Governor {
             if now_failing.contains(&Reason::DiskLow) && !p.failing.contains(&Reason::DiskLow) {
                 warn!(
                     free = ?facts.disk_free,
-                    min_free = self.policy.min_free_disk,
+                    min_free = self.live().policy.min_free_disk,
                     "disk space low after evicting what retention allows"
                 );
                 store.log_event(
@@ -390,10 +421,11 @@ impl Governor {
             evicted_files: i.seen.evicted_files,
             rate: i.bucket.rate,
         };
+        let live = self.live();
         report::build(
             f,
-            &self.policy,
-            self.conditions.max_cpu_temp,
+            &live.policy,
+            live.conditions.max_cpu_temp,
             &counters,
             failing,
             deferred,
@@ -437,16 +469,17 @@ impl Governor {
         evict_seen: &mut HashSet<String>,
         sweep: bool,
     ) -> bool {
-        let c = &self.conditions;
+        let live = self.live();
+        let c = &live.conditions;
         let t = probes::local_now();
-        let interface = self.probes.default_route();
+        let interface = live.probes.default_route();
         let metered = interface
             .as_deref()
             .is_some_and(|i| is_metered(i, &c.unmetered_interfaces, &c.metered_interfaces));
-        let battery = self.probes.battery();
+        let battery = live.probes.battery();
         // Thermal zones are read only when the guard is on: nothing is spent on a check
         // nobody asked for.
-        let cpu_temp = c.max_cpu_temp.and_then(|_| self.probes.cpu_temp());
+        let cpu_temp = c.max_cpu_temp.and_then(|_| live.probes.cpu_temp());
         let free = || {
             (
                 probes::free_bytes(&self.state_dir)
@@ -455,18 +488,18 @@ impl Governor {
             )
         };
         let (mut state_free, mut capture_free) = free();
-        let min_free = self.policy.min_free_disk;
+        let min_free = live.policy.min_free_disk;
         let low = |s: Option<u64>, cf: Option<u64>| {
             min_free > 0 && min_opt(s, cf).is_some_and(|f| f < min_free)
         };
         let mut evicted = 0;
         if sweep {
-            match super::retention::sweep(store, &self.capture, &self.retention) {
+            match super::retention::sweep(store, &self.capture, &live.retention) {
                 Ok(n) => evicted += n,
                 Err(e) => warn!(error = %e, "retention sweep failed"),
             }
         }
-        if low(state_free, capture_free) && self.retention.evict_on_disk_low {
+        if low(state_free, capture_free) && live.retention.evict_on_disk_low {
             match super::retention::evict_for_space(store, &self.capture, evict_seen, || {
                 let (s, cf) = free();
                 low(s, cf)
@@ -564,9 +597,10 @@ impl Ticket {
     /// or the file is too large for metered links).
     pub fn may_continue(&self) -> bool {
         let g = &self.gov;
+        let live = g.live();
         let mut i = lock(&g.inner);
         if !i.seen.link.metered
-            || g.policy.metered != MeteredPolicy::Budget
+            || live.policy.metered != MeteredPolicy::Budget
             || self.metered.load(Ordering::Relaxed)
         {
             return true;
@@ -579,7 +613,7 @@ impl Ticket {
         };
         match admit(
             &f,
-            &g.policy,
+            &live.policy,
             self.size,
             remaining,
             i.budget.used + i.reserved,
@@ -604,7 +638,8 @@ impl Drop for Ticket {
                 .saturating_sub(self.reserved.load(Ordering::Relaxed));
             i.generation += 1;
         }
-        let r = &self.gov.retention;
+        let live = self.gov.live();
+        let r = &live.retention;
         if r.delete_after_upload || r.keep_synced_files.is_some() || r.keep_synced_bytes.is_some() {
             let _ = self.gov.monitor.send(MonitorMsg::Sweep);
         }

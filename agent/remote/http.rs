@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
 
 use serde::{Deserialize, Deserializer, Serialize};
 use tracing::info;
@@ -117,7 +118,11 @@ pub struct PresignResponse {
 
 pub struct HttpRemote {
     endpoint: String,
-    token: Secret,
+    /// Swapped when the token is re-read (a reload, or a refusal a rotated token file
+    /// may explain).
+    token: RwLock<Secret>,
+    /// Where the token comes from.
+    token_source: Mutex<HttpConfig>,
     device_id: String,
     /// A key the probe asks about: under this device's prefix, so a backend that checks
     /// keys accepts it.
@@ -131,23 +136,7 @@ type Resp = ureq::http::Response<ureq::Body>;
 impl HttpRemote {
     pub fn new(cfg: &HttpConfig, device_id: &str, prefix: &str) -> Result<HttpRemote, String> {
         cfg.validate().map_err(|(k, m)| format!("{k}: {m}"))?;
-        let token = match (&cfg.token, &cfg.token_file) {
-            (Some(t), _) => t.clone(),
-            (None, Some(p)) => Secret::new(
-                fs::read_to_string(p)
-                    .map_err(|e| format!("remote.http.token_file {}: {e}", p.display()))?
-                    .trim(),
-            ),
-            (None, None) => {
-                Secret::new(std::env::var("FIELDSYNC_DEVICE_TOKEN").unwrap_or_default())
-            }
-        };
-        if token.is_empty() {
-            return Err(
-                "remote.http: no device token: set token, token_file or FIELDSYNC_DEVICE_TOKEN"
-                    .into(),
-            );
-        }
+        let token = read_token(cfg)?;
         let https = cfg.endpoint.starts_with("https:");
         let agent = net::agent(&cfg.client, "remote.http", https)?;
         let host = url::Url::parse(&cfg.endpoint)
@@ -157,7 +146,8 @@ impl HttpRemote {
         let probe_key = super::object_key(prefix, device_id, ".probe", "", "probe", "");
         Ok(HttpRemote {
             endpoint: cfg.endpoint.clone(),
-            token,
+            token: RwLock::new(token),
+            token_source: Mutex::new(cfg.clone()),
             device_id: device_id.to_string(),
             probe_key,
             agent,
@@ -165,9 +155,14 @@ impl HttpRemote {
         })
     }
 
+    /// The device token requests carry now.
+    fn token(&self) -> Secret {
+        self.token.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     fn scrub(&self, e: RemoteError) -> RemoteError {
         RemoteError {
-            message: net::scrub(e.message, &[self.token.expose()]),
+            message: net::scrub(e.message, &[self.token().expose()]),
             ..e
         }
     }
@@ -205,7 +200,7 @@ impl HttpRemote {
         let mut resp = self
             .agent
             .post(&self.endpoint)
-            .header("authorization", format!("Bearer {}", self.token.expose()))
+            .header("authorization", format!("Bearer {}", self.token().expose()))
             .header("content-type", "application/json")
             .header("accept", "application/json")
             .send(&body[..])
@@ -283,7 +278,42 @@ impl HttpRemote {
     }
 }
 
+/// The device token: inline, else `token_file`, else `FIELDSYNC_DEVICE_TOKEN`.
+fn read_token(cfg: &HttpConfig) -> Result<Secret, String> {
+    let token = match (&cfg.token, &cfg.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(p)) => Secret::new(
+            fs::read_to_string(p)
+                .map_err(|e| format!("remote.http.token_file {}: {e}", p.display()))?
+                .trim(),
+        ),
+        (None, None) => Secret::new(std::env::var("FIELDSYNC_DEVICE_TOKEN").unwrap_or_default()),
+    };
+    if token.is_empty() {
+        return Err(
+            "remote.http: no device token: set token, token_file or FIELDSYNC_DEVICE_TOKEN".into(),
+        );
+    }
+    Ok(token)
+}
+
 impl Remote for HttpRemote {
+    fn reload_credentials(&self, cfg: Option<&super::RemoteConfig>) -> Result<bool, String> {
+        let mut source = self.token_source.lock().unwrap_or_else(|e| e.into_inner());
+        let candidate = cfg
+            .and_then(|c| c.http.clone())
+            .unwrap_or_else(|| source.clone());
+        let token = read_token(&candidate)?;
+        *source = candidate;
+        let mut current = self.token.write().unwrap_or_else(|e| e.into_inner());
+        let changed = *current != token;
+        if changed {
+            *current = token;
+            info!("device token re-read: the new one is in use");
+        }
+        Ok(changed)
+    }
+
     fn kind(&self) -> &'static str {
         "http"
     }

@@ -228,6 +228,14 @@ pub trait Remote: Send + Sync {
 
     /// A cheap check that the remote answers and accepts our credentials.
     fn probe(&self) -> Result<(), RemoteError>;
+
+    /// Re-reads the credentials: from `cfg` (a reloaded configuration) when given, else
+    /// again from where the current ones came from (a rotated credentials or token file,
+    /// the environment). Returns whether they changed; an error (starting with the key it
+    /// is about) keeps the current ones. Remotes without credentials have nothing to do.
+    fn reload_credentials(&self, _cfg: Option<&RemoteConfig>) -> Result<bool, String> {
+        Ok(false)
+    }
 }
 
 /// Builds the configured remote; `device_id` names this device to an `http` backend.

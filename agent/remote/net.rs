@@ -72,6 +72,143 @@ pub struct HttpClient {
     pub connect_timeout: Dur,
     /// A read or write that makes no progress this long fails the request. Default 60s.
     pub read_timeout: Dur,
+    /// An HTTP(S) CONNECT proxy (`http://user:pass@proxy.lan:3128`); wins over the
+    /// `HTTPS_PROXY`/`HTTP_PROXY` environment. Its credentials are never printed.
+    pub proxy: Option<ProxyUrl>,
+}
+
+/// A proxy URL as configured: printed by `Debug` and [`ProxyUrl::redacted`] without its
+/// user name and password.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct ProxyUrl(String);
+
+impl ProxyUrl {
+    pub fn new(s: impl Into<String>) -> ProxyUrl {
+        ProxyUrl(s.into())
+    }
+
+    /// The URL, or why it is not a usable proxy (never echoing the value).
+    fn parse(&self) -> Result<url::Url, String> {
+        let text = if self.0.contains("://") {
+            self.0.clone()
+        } else {
+            format!("http://{}", self.0)
+        };
+        let u = url::Url::parse(&text)
+            .map_err(|e| format!("expected a proxy URL such as \"http://proxy.lan:3128\" ({e})"))?;
+        if !matches!(u.scheme(), "http" | "https") {
+            return Err("expected an http:// or https:// proxy URL".into());
+        }
+        if u.host_str().is_none_or(str::is_empty) {
+            return Err("expected a proxy URL with a host".into());
+        }
+        Ok(u)
+    }
+
+    /// `scheme://host:port`, with `***@` in place of any credentials: for logs.
+    pub fn redacted(&self) -> String {
+        match self.parse() {
+            Ok(u) => {
+                let creds = if u.username().is_empty() && u.password().is_none() {
+                    ""
+                } else {
+                    "***@"
+                };
+                format!(
+                    "{}://{creds}{}:{}",
+                    u.scheme(),
+                    u.host_str().unwrap_or_default(),
+                    u.port_or_known_default().unwrap_or(0)
+                )
+            }
+            Err(_) => "<invalid proxy URL>".into(),
+        }
+    }
+
+    /// The ureq proxy, with the `NO_PROXY` list `no_proxy` (comma-separated).
+    fn to_ureq(&self, no_proxy: Option<&str>) -> Result<ureq::Proxy, String> {
+        use ureq::ProxyProtocol;
+        let u = self.parse()?;
+        let proto = if u.scheme() == "https" {
+            ProxyProtocol::Https
+        } else {
+            ProxyProtocol::Http
+        };
+        let host = u.host_str().unwrap_or_default();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let mut b = ureq::Proxy::builder(proto)
+            .host(host)
+            .port(u.port_or_known_default().unwrap_or(3128));
+        if !u.username().is_empty() {
+            b = b.username(&percent_decode(u.username()));
+        }
+        if let Some(p) = u.password() {
+            b = b.password(&percent_decode(p));
+        }
+        for expr in no_proxy.unwrap_or_default().split(',') {
+            let expr = expr.trim();
+            if !expr.is_empty() {
+                b = b.no_proxy(expr);
+            }
+        }
+        b.build()
+            .map_err(|_| "expected a proxy URL such as \"http://proxy.lan:3128\"".into())
+    }
+}
+
+impl fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Where a remote's requests go: the configured `proxy`, else the environment's proxy for
+/// the endpoint's scheme (`HTTPS_PROXY` for https, `HTTP_PROXY` for http; either in lower
+/// case too; then `ALL_PROXY`). Returns the proxy and where it came from. `NO_PROXY`
+/// (or `no_proxy`) lists hosts reached directly, whichever way the proxy was given.
+pub fn choose_proxy(
+    configured: Option<&ProxyUrl>,
+    https: bool,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<(ProxyUrl, String)> {
+    if let Some(p) = configured {
+        return Some((p.clone(), "proxy".into()));
+    }
+    let names: &[&str] = if https {
+        &["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]
+    } else {
+        &["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
+    };
+    names.iter().find_map(|n| {
+        env(n)
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| (ProxyUrl::new(v.trim()), (*n).to_string()))
+    })
+}
+
+/// The `NO_PROXY` list of the environment.
+fn no_proxy_env(env: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    env("NO_PROXY").or_else(|| env("no_proxy"))
 }
 
 impl Default for HttpClient {
@@ -80,13 +217,14 @@ impl Default for HttpClient {
             ca_bundle: None,
             connect_timeout: Dur::secs(10),
             read_timeout: Dur::secs(60),
+            proxy: None,
         }
     }
 }
 
 impl HttpClient {
     /// The keys, as written in the config file.
-    const KEYS: [&'static str; 3] = ["ca_bundle", "connect_timeout", "read_timeout"];
+    const KEYS: [&'static str; 4] = ["ca_bundle", "connect_timeout", "read_timeout", "proxy"];
 
     /// Reads the value of `key` (one of [`Self::KEYS`]).
     fn set<'de, D: Deserializer<'de>>(&mut self, key: &str, value: D) -> Result<(), D::Error> {
@@ -94,6 +232,7 @@ impl HttpClient {
             "ca_bundle" => self.ca_bundle = Some(PathBuf::deserialize(value)?),
             "connect_timeout" => self.connect_timeout = Dur::deserialize(value)?,
             "read_timeout" => self.read_timeout = Dur::deserialize(value)?,
+            "proxy" => self.proxy = Some(ProxyUrl::deserialize(value)?),
             _ => unreachable!("not an HTTP-client key: {key}"),
         }
         Ok(())
@@ -113,6 +252,9 @@ impl HttpClient {
                 format!("{table}.read_timeout"),
                 "expected at least 1s".into(),
             ));
+        }
+        if let Some(p) = &self.proxy {
+            p.to_ureq(None).map_err(|m| (format!("{table}.proxy"), m))?;
         }
         Ok(())
     }
@@ -246,7 +388,31 @@ impl<'de, A: MapAccess<'de>> Deserializer<'de> for OwnKeys<'_, A> {
 /// Without a `ca_bundle` the system's trust store must hold CAs only if `needs_tls` (the
 /// endpoint is https): a plain-http MinIO in the LAN works on a device without one.
 pub fn agent(client: &HttpClient, table: &str, needs_tls: bool) -> Result<ureq::Agent, String> {
+    agent_with_env(client, table, needs_tls, &|k| std::env::var(k).ok())
+}
+
+/// [`agent`] with the environment given (for tests).
+pub fn agent_with_env(
+    client: &HttpClient,
+    table: &str,
+    needs_tls: bool,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ureq::Agent, String> {
     use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
+    let proxy = match choose_proxy(client.proxy.as_ref(), needs_tls, env) {
+        None => None,
+        Some((p, source)) => match p.to_ureq(no_proxy_env(env).as_deref()) {
+            Ok(u) => {
+                tracing::info!(proxy = %p.redacted(), source = %source, "{table}: requests go through a proxy");
+                Some(u)
+            }
+            // The config key was checked at load; a bad environment value is ignored.
+            Err(m) => {
+                tracing::warn!(source = %source, "{table}: ignoring the proxy: {m}");
+                None
+            }
+        },
+    };
     let roots = match crate::tls::roots(client.ca_bundle.as_deref()) {
         Ok(r) => r,
         Err(crate::tls::RootsError::NoSystemRoots) if !needs_tls => {
@@ -278,6 +444,7 @@ pub fn agent(client: &HttpClient, table: &str, needs_tls: bool) -> Result<ureq::
         .timeout_per_read(Some(client.read_timeout.0))
         .timeout_per_write(Some(client.read_timeout.0))
         .tls_config(tls.build())
+        .proxy(proxy)
         .build();
     Ok(cfg.new_agent())
 }
@@ -626,6 +793,51 @@ pub fn scrub(mut s: String, secrets: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proxy_follows_the_config_then_the_scheme_of_the_endpoint() {
+        let env = |k: &str| match k {
+            "HTTPS_PROXY" => Some("http://secure.lan:3128".to_string()),
+            "http_proxy" => Some("plain.lan:8080".to_string()),
+            _ => None,
+        };
+        let (p, src) = choose_proxy(None, true, &env).unwrap();
+        assert_eq!(
+            (p.redacted().as_str(), src.as_str()),
+            ("http://secure.lan:3128", "HTTPS_PROXY")
+        );
+        let (p, src) = choose_proxy(None, false, &env).unwrap();
+        assert_eq!(
+            (p.redacted().as_str(), src.as_str()),
+            ("http://plain.lan:8080", "http_proxy")
+        );
+        let cfg = ProxyUrl::new("http://u:p%40ss@cfg.lan:3128");
+        let (p, src) = choose_proxy(Some(&cfg), true, &env).unwrap();
+        assert_eq!(src, "proxy");
+        assert_eq!(p.redacted(), "http://***@cfg.lan:3128");
+        assert!(choose_proxy(None, true, &|_| None).is_none());
+        let all = |k: &str| (k == "ALL_PROXY").then(|| "http://all.lan:1".to_string());
+        assert_eq!(choose_proxy(None, false, &all).unwrap().1, "ALL_PROXY");
+    }
+
+    #[test]
+    fn proxy_credentials_are_never_printed() {
+        let p = ProxyUrl::new("http://alice:s3cr3t-pw@proxy.lan:3128");
+        assert!(!format!("{p:?}").contains("s3cr3t"));
+        assert!(!format!("{p:?}").contains("alice"));
+        let u = p.to_ureq(Some("localhost, .internal")).unwrap();
+        assert_eq!(u.username(), Some("alice"));
+        assert_eq!(u.password(), Some("s3cr3t-pw"));
+        assert!(!format!("{u:?}").contains("s3cr3t"));
+        assert_eq!(percent_decode("p%40ss%2"), "p@ss%2");
+        let client = HttpClient {
+            proxy: Some(ProxyUrl::new("ftp://bob:hunter22@x")),
+            ..HttpClient::default()
+        };
+        let (k, m) = client.validate("remote.s3").unwrap_err();
+        assert_eq!(k, "remote.s3.proxy");
+        assert!(!m.contains("hunter22") && !m.contains("bob"), "{m}");
+    }
 
     #[test]
     fn sizes_parse_with_units() {

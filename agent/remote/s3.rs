@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rusty_s3::actions::{
@@ -339,7 +339,11 @@ pub fn part_size_for(size: u64, configured: u64) -> u64 {
 
 pub struct S3Remote {
     bucket: Bucket,
-    creds: Credentials,
+    /// Swapped when the credentials are re-read (a reload, or a refusal that a rotated
+    /// credentials file may explain); each request signs with the current ones.
+    creds: RwLock<Arc<Credentials>>,
+    /// Where the credentials come from (inline, a file, the environment).
+    cred_source: Mutex<S3Config>,
     agent: ureq::Agent,
     threshold: u64,
     part_size: u64,
@@ -390,7 +394,8 @@ impl S3Remote {
         info!(credentials = source.as_str(), bucket = %cfg.bucket, "s3 remote configured");
         Ok(S3Remote {
             bucket,
-            creds,
+            creds: RwLock::new(Arc::new(creds)),
+            cred_source: Mutex::new(cfg.clone()),
             agent,
             threshold: cfg.multipart_threshold.0,
             part_size: cfg.part_size.0,
@@ -404,10 +409,16 @@ impl S3Remote {
         })
     }
 
+    /// The credentials requests are signed with now.
+    fn creds(&self) -> Arc<Credentials> {
+        self.creds.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Server text with any credential removed.
     fn scrub(&self, e: RemoteError) -> RemoteError {
-        let mut secrets = vec![self.creds.secret()];
-        if let Some(t) = self.creds.token() {
+        let creds = self.creds();
+        let mut secrets = vec![creds.secret()];
+        if let Some(t) = creds.token() {
             secrets.push(t);
         }
         RemoteError {
@@ -491,7 +502,8 @@ impl S3Remote {
         let mut headers = self.checksum_headers(&d);
         headers.push((META_SHA256, job.sha256.clone()));
         headers.push(("content-type", job.media_type.clone()));
-        let mut action = PutObject::new(&self.bucket, Some(&self.creds), &job.key);
+        let creds = self.creds();
+        let mut action = PutObject::new(&self.bucket, Some(&*creds), &job.key);
         for (k, v) in &headers {
             action.headers_mut().insert(*k, v.clone());
         }
@@ -517,7 +529,8 @@ impl S3Remote {
     }
 
     fn create_multipart(&self, job: &UploadJob) -> Result<String, RemoteError> {
-        let mut action = CreateMultipartUpload::new(&self.bucket, Some(&self.creds), &job.key);
+        let creds = self.creds();
+        let mut action = CreateMultipartUpload::new(&self.bucket, Some(&*creds), &job.key);
         let mut headers: Vec<(&'static str, String)> = vec![
             (META_SHA256, job.sha256.clone()),
             ("content-type", job.media_type.clone()),
@@ -558,7 +571,8 @@ impl S3Remote {
         let mut out = BTreeMap::new();
         let mut marker: Option<u16> = None;
         loop {
-            let mut action = ListParts::new(&self.bucket, Some(&self.creds), key, upload_id);
+            let creds = self.creds();
+            let mut action = ListParts::new(&self.bucket, Some(&*creds), key, upload_id);
             if let Some(m) = marker {
                 action.set_part_number_marker(m);
             }
@@ -772,13 +786,9 @@ impl S3Remote {
             )?
         };
         let headers = self.checksum_headers(&d);
-        let mut action = UploadPart::new(
-            &self.bucket,
-            Some(&self.creds),
-            &job.key,
-            pn as u16,
-            upload_id,
-        );
+        let creds = self.creds();
+        let mut action =
+            UploadPart::new(&self.bucket, Some(&*creds), &job.key, pn as u16, upload_id);
         for (k, v) in &headers {
             action.headers_mut().insert(*k, v.clone());
         }
@@ -871,9 +881,10 @@ impl S3Remote {
             xml.push_str("</Part>");
         }
         xml.push_str("</CompleteMultipartUpload>");
+        let creds = self.creds();
         let action = CompleteMultipartUpload::new(
             &self.bucket,
-            Some(&self.creds),
+            Some(&*creds),
             key,
             upload_id,
             std::iter::empty::<&str>(),
@@ -973,6 +984,27 @@ fn xml_escape(s: &str) -> String {
 }
 
 impl Remote for S3Remote {
+    fn reload_credentials(&self, cfg: Option<&super::RemoteConfig>) -> Result<bool, String> {
+        let mut source = self.cred_source.lock().unwrap_or_else(|e| e.into_inner());
+        let candidate = cfg
+            .and_then(|c| c.s3.clone())
+            .unwrap_or_else(|| source.clone());
+        let (creds, from) = resolve_credentials(&candidate, &|k| std::env::var(k).ok())?;
+        *source = candidate;
+        let mut current = self.creds.write().unwrap_or_else(|e| e.into_inner());
+        let same = current.key() == creds.key()
+            && current.secret() == creds.secret()
+            && current.token() == creds.token();
+        if !same {
+            *current = Arc::new(creds);
+            info!(
+                credentials = from.as_str(),
+                "s3 credentials re-read: new ones in use"
+            );
+        }
+        Ok(!same)
+    }
+
     fn kind(&self) -> &'static str {
         "s3"
     }
@@ -1009,7 +1041,8 @@ impl Remote for S3Remote {
     }
 
     fn head(&self, key: &str) -> Result<Option<RemoteObject>, RemoteError> {
-        let url = HeadObject::new(&self.bucket, Some(&self.creds), key).sign(SIGN_EXPIRY);
+        let creds = self.creds();
+        let url = HeadObject::new(&self.bucket, Some(&*creds), key).sign(SIGN_EXPIRY);
         let resp = self
             .agent
             .head(url.as_str())
@@ -1029,7 +1062,8 @@ impl Remote for S3Remote {
     }
 
     fn download(&self, key: &str, dest: &Path) -> Result<u64, RemoteError> {
-        let url = GetObject::new(&self.bucket, Some(&self.creds), key).sign(SIGN_EXPIRY);
+        let creds = self.creds();
+        let url = GetObject::new(&self.bucket, Some(&*creds), key).sign(SIGN_EXPIRY);
         let mut resp = self
             .agent
             .get(url.as_str())
@@ -1042,7 +1076,8 @@ impl Remote for S3Remote {
     }
 
     fn delete(&self, key: &str) -> Result<(), RemoteError> {
-        let url = DeleteObject::new(&self.bucket, Some(&self.creds), key).sign(SIGN_EXPIRY);
+        let creds = self.creds();
+        let url = DeleteObject::new(&self.bucket, Some(&*creds), key).sign(SIGN_EXPIRY);
         let resp = self
             .agent
             .delete(url.as_str())
@@ -1064,7 +1099,8 @@ impl Remote for S3Remote {
         });
         headers.push((META_SHA256, hex(&sha)));
         headers.push(("content-type", media_type.to_string()));
-        let mut action = PutObject::new(&self.bucket, Some(&self.creds), key);
+        let creds = self.creds();
+        let mut action = PutObject::new(&self.bucket, Some(&*creds), key);
         for (k, v) in &headers {
             action.headers_mut().insert(*k, v.clone());
         }
@@ -1083,7 +1119,8 @@ impl Remote for S3Remote {
     }
 
     fn abort_upload(&self, key: &str, upload_id: &str) -> Result<(), RemoteError> {
-        let url = AbortMultipartUpload::new(&self.bucket, Some(&self.creds), key, upload_id)
+        let creds = self.creds();
+        let url = AbortMultipartUpload::new(&self.bucket, Some(&*creds), key, upload_id)
             .sign(SIGN_EXPIRY);
         let resp = self
             .agent
@@ -1099,7 +1136,8 @@ impl Remote for S3Remote {
     }
 
     fn probe(&self) -> Result<(), RemoteError> {
-        let url = HeadBucket::new(&self.bucket, Some(&self.creds)).sign(SIGN_EXPIRY);
+        let creds = self.creds();
+        let url = HeadBucket::new(&self.bucket, Some(&*creds)).sign(SIGN_EXPIRY);
         let resp = self
             .agent
             .head(url.as_str())

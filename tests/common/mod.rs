@@ -11,6 +11,7 @@ pub mod mosquitto;
 pub mod mqtt;
 
 pub mod s3;
+pub mod tinyproxy;
 
 use std::fs;
 use std::io::Write;

@@ -1,0 +1,341 @@
+//! Reload without restart, with the real binary: SIGHUP, `fieldsync reload` and MQTT
+//! `cmd/reload` re-read the config and its secret files; live settings change in the
+//! running daemon, a bad config is refused and the old one stays in force, restart-only
+//! changes are named in one log line, and fixed S3 credentials (a real `s3s-fs`) resume
+//! a queue paused for `auth` without a restart.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use common::mqtt::{Broker, Msg, Sub};
+use common::s3::*;
+use common::*;
+use serde_json::Value;
+
+fn write(p: &Path, s: &str) {
+    fs::create_dir_all(p.parent().unwrap()).unwrap();
+    fs::write(p, s).unwrap();
+}
+
+/// A battery at `percent`, discharging, in the fake sysfs the harness points at.
+fn battery(env: &Env, percent: u8) {
+    let ps = env.dir.path().join("fake/sys/class/power_supply");
+    write(&ps.join("BAT0/type"), "Battery\n");
+    write(&ps.join("BAT0/capacity"), &format!("{percent}\n"));
+    write(&ps.join("BAT0/status"), "Discharging\n");
+}
+
+fn reason(env: &Env) -> Option<String> {
+    env.status()["pause_reason"].as_str().map(String::from)
+}
+
+fn reload_events(env: &Env) -> Vec<Value> {
+    env.events()
+        .into_iter()
+        .filter(|e| e["kind"] == "config_reloaded")
+        .collect()
+}
+
+fn hup(d: &Daemon) {
+    let st = std::process::Command::new("kill")
+        .args(["-HUP", &d.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn reload_changes_a_live_setting_and_names_restart_only_changes_in_one_line() {
+    let mut env = Env::new("");
+    battery(&env, 40);
+    let low = env.toml.replace(
+        "[conditions]\n",
+        "[conditions]\nprobe_interval = \"200ms\"\nmin_battery_percent = 60\n",
+    );
+    env.write_config(&low);
+    env.drop_file("c/r/a.jpg", &bytes(1, 20_000));
+    let d = env.spawn();
+    env.wait(Some(&d), 20, "queued, paused battery_low", || {
+        env.count("queued_upload") == 1 && reason(&env).as_deref() == Some("battery_low")
+    });
+    let pid = d.pid();
+
+    // A lower threshold (live) and more workers (restart only).
+    let t = low
+        .replace("min_battery_percent = 60", "min_battery_percent = 25")
+        .replace("[upload]\n", "[upload]\nconcurrency = 3\n");
+    env.write_config(&t);
+    let out = env.cli(&["reload"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("applied: conditions"), "{stdout}");
+    assert!(
+        stdout.contains("needs a restart: upload.concurrency"),
+        "{stdout}"
+    );
+    env.wait(Some(&d), 20, "synced after the reload", || {
+        env.count("synced") == 1
+    });
+    assert_eq!(d.pid(), pid);
+    let log = d.log_text();
+    assert_eq!(log.matches("fieldsync started").count(), 1, "not restarted");
+    let restart_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("upload.concurrency"))
+        .collect();
+    assert_eq!(restart_lines.len(), 1, "{log}");
+    assert!(
+        restart_lines[0].contains("upload.concurrency"),
+        "{}",
+        restart_lines[0]
+    );
+    let ev = reload_events(&env);
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(ev[0]["outcome"], "applied");
+    assert_eq!(
+        env.status()["conditions"]["battery"]["min_percent"],
+        25,
+        "status shows the new threshold"
+    );
+}
+
+#[test]
+fn a_bad_config_is_refused_and_the_daemon_keeps_running_on_the_old_one() {
+    let mut env = Env::new("");
+    let good = env.toml.clone();
+    let d = env.spawn();
+    env.drop_file("c/r/a.jpg", &bytes(1, 10_000));
+    env.wait(Some(&d), 20, "first synced", || env.count("synced") == 1);
+
+    let bad = good.replace("[upload]\n", "[upload]\nconcurency = 3\n");
+    env.write_config(&bad);
+    let check = env.cli(&["config", "check"]);
+    assert_eq!(check.status.code(), Some(2));
+    let check_err = String::from_utf8_lossy(&check.stderr).trim().to_string();
+    assert!(check_err.contains("upload.concurency"), "{check_err}");
+
+    // `fieldsync reload` refuses with the same line and exit code.
+    let out = env.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), check_err);
+
+    // SIGHUP: the daemon itself refuses, records why, and goes on.
+    hup(&d);
+    env.wait(Some(&d), 20, "reload refused", || {
+        d.log_text()
+            .contains("config reload refused; the running configuration stays in force")
+    });
+    env.drop_file("c/r/b.jpg", &bytes(2, 10_000));
+    // (The CLI needs a valid config to read the queue.)
+    env.write_config(&good);
+    env.wait(Some(&d), 20, "still uploading", || env.count("synced") == 2);
+    assert!(env.status()["daemon_running"].as_bool().unwrap());
+    let ev = reload_events(&env);
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(ev[0]["outcome"], "failed");
+    let reason = ev[0]["reason"].as_str().unwrap().to_string();
+    assert_eq!(format!("fieldsync: {reason}"), check_err);
+
+    // Fixed: the next reload applies.
+    let out = env.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
+
+fn creds_file(dir: &Path, secret: &str) -> std::path::PathBuf {
+    let p = dir.join("aws-credentials");
+    fs::write(
+        &p,
+        format!("[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {secret}\n"),
+    )
+    .unwrap();
+    p
+}
+
+/// An s3 environment whose credentials come from a file holding `secret`.
+fn s3_file_env(server: &S3Server, secret: &str, auth_recheck: &str) -> (Env, std::path::PathBuf) {
+    let toml = S3Server::remote_toml(&server.endpoint(), "unused", "");
+    let mut env = Env::new(&toml);
+    let creds = creds_file(env.dir.path(), secret);
+    let t = env
+        .toml
+        .replace(
+            &format!("access_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"unused\"\n"),
+            &format!("credentials_file = \"{}\"\n", creds.display()),
+        )
+        .replace(
+            "[upload]\n",
+            &format!("[upload]\nauth_recheck = \"{auth_recheck}\"\n"),
+        );
+    env.write_config(&t);
+    (env, creds)
+}
+
+#[test]
+fn credentials_refused_at_start_and_fixed_by_reload_resume_without_restart() {
+    let server = S3Server::start();
+    let wrong = "WRONG-secret-Rl9vX31pLk";
+    // A long re-check interval: only the reload can bring it back in time.
+    let (env, creds) = s3_file_env(&server, wrong, "10m");
+    for i in 0..2 {
+        env.drop_file(&format!("c/r/p{i}.jpg"), &bytes(i, 30_000));
+    }
+    let d = env.spawn();
+    env.wait(Some(&d), 30, "paused with reason auth", || {
+        reason(&env).as_deref() == Some("auth")
+    });
+    creds_file(env.dir.path(), SECRET_KEY);
+    assert_eq!(creds, env.dir.path().join("aws-credentials"));
+    let out = env.cli(&["reload"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(stdout.contains("remote credentials"), "{stdout}");
+    env.wait(Some(&d), 30, "2 synced after the reload", || {
+        env.count("synced") == 2
+    });
+    assert_eq!(server.client().list("").len(), 2);
+    assert!(reason(&env).is_none());
+    assert_eq!(d.log_text().matches("fieldsync started").count(), 1);
+    let seen = format!("{}\n{}", d.log_text(), env.cli_ok(&["events", "--json"]));
+    for secret in [wrong, SECRET_KEY] {
+        assert!(!seen.contains(secret), "credential leaked");
+    }
+}
+
+#[test]
+fn a_rotated_credentials_file_is_picked_up_when_the_remote_refuses() {
+    let server = S3Server::start();
+    let wrong = "WRONG-secret-Qm3vX31pLk";
+    let (env, _) = s3_file_env(&server, wrong, "1s");
+    env.drop_file("c/r/a.jpg", &bytes(1, 30_000));
+    let d = env.spawn();
+    env.wait(Some(&d), 30, "paused with reason auth", || {
+        reason(&env).as_deref() == Some("auth")
+    });
+    // Rotated on disk, no reload: the next re-check reads the file again.
+    creds_file(env.dir.path(), SECRET_KEY);
+    env.wait(Some(&d), 30, "synced with the rotated file", || {
+        env.count("synced") == 1
+    });
+    assert!(d.log_text().contains("s3 credentials re-read"));
+}
+
+#[test]
+fn mqtt_cmd_reload_replies_with_the_outcome() {
+    let broker = Broker::start();
+    let mut env = Env::new(&broker.agent_config(""));
+    let good = env.toml.clone();
+    let sub = Sub::new(broker.port, "fieldsync/dev1/#");
+    let d = env.spawn();
+    env.wait(Some(&d), 30, "online", || {
+        sub.last("/state").map(|m| m.text()).as_deref() == Some("online")
+    });
+    let results = || -> Vec<Value> { sub.on("/cmd/reload/result").iter().map(Msg::json).collect() };
+    let t = good.replace("[conditions]\n", "[conditions]\nmetered = \"never\"\n");
+    env.write_config(&t);
+    sub.publish("fieldsync/dev1/cmd/reload", br#"{"request_id":"r1"}"#);
+    env.wait(Some(&d), 30, "reload result", || !results().is_empty());
+    let r = &results()[0];
+    assert_eq!(r["result"], "ok", "{r}");
+    assert_eq!(r["request_id"], "r1");
+    assert_eq!(r["message"], "applied: conditions");
+
+    env.write_config(&good.replace("[upload]\n", "[upload]\nconcurency = 3\n"));
+    sub.publish("fieldsync/dev1/cmd/reload", br#"{"request_id":"r2"}"#);
+    env.wait(Some(&d), 30, "second reload result", || {
+        results().len() >= 2
+    });
+    let r = &results()[1];
+    assert_eq!(r["result"], "error", "{r}");
+    assert_eq!(r["request_id"], "r2");
+    let check = env.cli(&["config", "check"]);
+    assert_eq!(
+        format!("fieldsync: {}", r["message"].as_str().unwrap()),
+        String::from_utf8_lossy(&check.stderr).trim()
+    );
+    // Events carry both outcomes too (the CLI needs a valid config to read them).
+    env.write_config(&good);
+    let ev = reload_events(&env);
+    assert_eq!(
+        ev.iter()
+            .map(|e| e["outcome"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["applied", "failed"]
+    );
+}
+
+#[test]
+fn a_fixed_mqtt_password_file_is_used_after_reload_without_restart() {
+    const SECRET: &str = "pw-Rl4-never-logged";
+    let auth = tempfile::tempdir().unwrap();
+    let passwd = auth.path().join("passwd");
+    let st = std::process::Command::new("mosquitto_passwd")
+        .args(["-b", "-c", &passwd.display().to_string(), "device", SECRET])
+        .status()
+        .expect("mosquitto_passwd");
+    assert!(st.success());
+    let broker = Broker::with_config(&format!(
+        "allow_anonymous false\npassword_file {}\n",
+        passwd.display()
+    ));
+    let pw_file = auth.path().join("device.pw");
+    fs::write(&pw_file, "wrong-Rl4-password\n").unwrap();
+    let env = Env::new(&broker.agent_config(&format!(
+        "username = \"device\"\npassword_file = \"{}\"",
+        pw_file.display()
+    )));
+    let sub = Sub::connect(broker.port, "fieldsync/#", Some(("device", SECRET)), false);
+    let d = env.spawn();
+    env.wait(Some(&d), 30, "wrong password refused", || {
+        d.log_text().contains("broker refused the connection")
+    });
+    fs::write(&pw_file, format!("{SECRET}\n")).unwrap();
+    let out = env.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("mqtt credentials"));
+    env.wait(Some(&d), 60, "online with the fixed password", || {
+        sub.last("fieldsync/dev1/state")
+            .map(|m| m.text())
+            .as_deref()
+            == Some("online")
+    });
+    assert_eq!(d.log_text().matches("fieldsync started").count(), 1);
+    assert!(!d.log_text().contains(SECRET));
+}
+
+#[test]
+fn a_rotated_device_token_file_is_picked_up_without_restart() {
+    const TOKEN: &str = "device-token-Rl2mZ0pXw";
+    let server = S3Server::start();
+    let presign = PresignService::start(&server.endpoint(), TOKEN);
+    let env = Env::new(&format!(
+        "[remote]\nkind = \"http\"\nprefix = \"fs\"\n\n[remote.http]\nendpoint = \"{}\"\ntoken_file = \"TOKEN_FILE\"\nconnect_timeout = \"2s\"\nread_timeout = \"5s\"\n",
+        presign.endpoint()
+    ));
+    let token_file = env.dir.path().join("device-token");
+    fs::write(&token_file, "expired-token-Xx9\n").unwrap();
+    let mut env = env;
+    let t = env
+        .toml
+        .replace("TOKEN_FILE", &token_file.display().to_string())
+        .replace("[upload]\n", "[upload]\nauth_recheck = \"1s\"\n");
+    env.write_config(&t);
+    env.drop_file("c/r/a.jpg", &bytes(1, 20_000));
+    let d = env.spawn();
+    env.wait(Some(&d), 30, "paused with reason auth", || {
+        reason(&env).as_deref() == Some("auth")
+    });
+    fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    env.wait(Some(&d), 30, "synced with the rotated token", || {
+        env.count("synced") == 1
+    });
+    assert!(d.log_text().contains("device token re-read"));
+    assert!(!d.log_text().contains(TOKEN));
+    assert_eq!(d.log_text().matches("fieldsync started").count(), 1);
+}
