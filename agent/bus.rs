@@ -20,6 +20,9 @@ pub enum SchedMsg {
     Done { id: String, outcome: Done },
     /// The result of a credentials re-check while paused for `auth`.
     AuthProbe { ok: bool },
+    /// The result of a re-check while paused for `clock_skew`: whether the remote
+    /// accepts the device clock again.
+    ClockProbe { ok: bool },
 }
 
 /// What a worker reports about an attachment it held.
@@ -33,6 +36,8 @@ pub enum Done {
     Interrupted,
     /// The remote refused the credentials: the whole queue pauses.
     AuthFailed,
+    /// The remote refused the device clock: the whole queue pauses until it is right.
+    ClockSkewed,
 }
 
 /// Messages to the conditions monitor.

@@ -41,6 +41,15 @@ pub const STORE_COOLDOWN: Duration = Duration::from_secs(10);
 /// unless something changed: the same files would be refused again.
 pub const DEFERRED_RECHECK: Duration = Duration::from_secs(2);
 
+/// While the remote refuses the device clock (`clock_skew`), how often to ask it again.
+/// Short, because NTP fixes the clock by itself soon after boot and uploads should follow;
+/// one HEAD request per interval costs next to nothing.
+pub const CLOCK_RECHECK: Duration = Duration::from_secs(15);
+
+/// A wall clock that moved this much more (or less) than the monotonic clock between two
+/// steps was set (NTP synced, an operator ran `date`): re-check a refused clock at once.
+pub const CLOCK_JUMP: Duration = Duration::from_secs(30);
+
 /// The event log is trimmed this often.
 pub const TRIM_EVERY: Duration = Duration::from_secs(3600);
 
@@ -111,6 +120,11 @@ pub struct SchedState {
     last_auth_check: Instant,
     /// A credentials re-check is running.
     auth_probing: bool,
+    last_clock_check: Instant,
+    /// A device-clock re-check is running.
+    clock_probing: bool,
+    /// The wall clock (epoch ms) at an instant, to notice when the clock is set.
+    wall_anchor: (Instant, i64),
 }
 
 impl SchedState {
@@ -135,6 +149,9 @@ impl SchedState {
             last_trim: now,
             last_auth_check: now,
             auth_probing: false,
+            last_clock_check: now,
+            clock_probing: false,
+            wall_anchor: (now, i64::MIN),
         }
     }
 
@@ -152,6 +169,20 @@ impl SchedState {
                     warn!("remote refused the credentials; uploads paused (reason auth)");
                     facts.auth_failed = true;
                     self.last_auth_check = now;
+                }
+                if outcome == Done::ClockSkewed && !facts.clock_skewed {
+                    warn!(
+                        "remote refused the device clock; uploads wait for it (reason clock_skew)"
+                    );
+                    facts.clock_skewed = true;
+                    self.last_clock_check = now;
+                }
+            }
+            SchedMsg::ClockProbe { ok } => {
+                self.clock_probing = false;
+                if ok && facts.clock_skewed {
+                    info!("remote accepts the device clock again; resuming");
+                    facts.clock_skewed = false;
                 }
             }
             SchedMsg::AuthProbe { ok } => {
@@ -187,6 +218,26 @@ impl SchedState {
         {
             self.auth_probing = true;
             self.last_auth_check = now;
+            return true;
+        }
+        false
+    }
+
+    /// Whether to ask the remote again whether it accepts the device clock: paused for
+    /// `clock_skew`, none running, and [`CLOCK_RECHECK`] since the last check or the wall
+    /// clock `wall_ms` (epoch ms) was set since the last step. Marks the check as running.
+    pub fn clock_probe_due(&mut self, facts: &Facts, now: Instant, wall_ms: i64) -> bool {
+        let (at, wall) = std::mem::replace(&mut self.wall_anchor, (now, wall_ms));
+        let jumped = wall != i64::MIN && {
+            let mono = now.duration_since(at).as_millis() as i64;
+            (wall_ms.saturating_sub(wall) - mono).unsigned_abs() > CLOCK_JUMP.as_millis() as u64
+        };
+        if facts.clock_skewed
+            && !self.clock_probing
+            && (jumped || now.duration_since(self.last_clock_check) >= CLOCK_RECHECK)
+        {
+            self.clock_probing = true;
+            self.last_clock_check = now;
             return true;
         }
         false
@@ -300,8 +351,12 @@ impl SchedState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     /// Wait this long for a message, then step again; `probe_auth`: re-check the
-    /// credentials meanwhile.
-    Wait { wait: Duration, probe_auth: bool },
+    /// credentials meanwhile; `probe_clock`: whether the remote accepts the clock now.
+    Wait {
+        wait: Duration,
+        probe_auth: bool,
+        probe_clock: bool,
+    },
     /// Stop: shutting down with nothing in flight, or idle with `until_idle`.
     Exit,
 }
@@ -379,6 +434,7 @@ impl Core {
         );
         self.state.governor_generation(self.gov.generation());
         let probe_auth = self.state.auth_probe_due(&self.facts, now);
+        let probe_clock = self.state.clock_probe_due(&self.facts, now, now_ms());
 
         if self.state.wants_fill(reason, shutting_down, now) {
             self.fill()?;
@@ -413,6 +469,7 @@ impl Core {
         Ok(Step::Wait {
             wait: self.state.next_wake(next_due, now_ms()),
             probe_auth,
+            probe_clock,
         })
     }
 
@@ -491,7 +548,12 @@ pub async fn run(
                 break Err(e);
             }
         };
-        let Step::Wait { wait, probe_auth } = step else {
+        let Step::Wait {
+            wait,
+            probe_auth,
+            probe_clock,
+        } = step
+        else {
             core = Some(c);
             break Ok(());
         };
@@ -507,6 +569,20 @@ pub async fn run(
                     })
                 );
                 let _ = tx.send(SchedMsg::AuthProbe { ok });
+            });
+        }
+        if probe_clock {
+            let remote = c.remote.clone();
+            let tx = tx.clone();
+            tokio::task::spawn_blocking(move || {
+                let ok = !matches!(
+                    remote.probe(),
+                    Err(RemoteError {
+                        class: ErrorClass::ClockSkew,
+                        ..
+                    })
+                );
+                let _ = tx.send(SchedMsg::ClockProbe { ok });
             });
         }
         tokio::select! {
@@ -711,6 +787,37 @@ mod tests {
         let mut full = state(1, t0);
         full.dispatched("a");
         assert!(!full.waits_for_due(None));
+    }
+
+    #[test]
+    fn refused_clock_pauses_and_is_rechecked_on_its_interval_or_when_the_clock_is_set() {
+        let t0 = Instant::now();
+        let wall0 = 1_000_000_000_000i64;
+        let mut s = SchedState::new(2, Duration::from_secs(30), AUTH, 0, t0);
+        let mut f = Facts::default();
+        assert!(!s.clock_probe_due(&f, t0, wall0));
+        s.on_msg(done("a", Done::ClockSkewed), &mut f, t0);
+        assert!(f.clock_skewed);
+        assert!(!f.auth_failed);
+        // Wall and monotonic clocks move together: only the interval counts.
+        let at = |d: Duration| (t0 + d, wall0 + d.as_millis() as i64);
+        let (t, w) = at(CLOCK_RECHECK - Duration::from_millis(1));
+        assert!(!s.clock_probe_due(&f, t, w));
+        let (t, w) = at(CLOCK_RECHECK);
+        assert!(s.clock_probe_due(&f, t, w));
+        // One check at a time.
+        let (t, w) = at(CLOCK_RECHECK + Duration::from_secs(1));
+        assert!(!s.clock_probe_due(&f, t, w));
+        s.on_msg(SchedMsg::ClockProbe { ok: false }, &mut f, t);
+        assert!(f.clock_skewed);
+        // NTP steps the wall clock 56 years forward: check at once, not at 2 x 15 s.
+        let (t, w) = at(CLOCK_RECHECK + Duration::from_secs(2));
+        assert!(!s.clock_probe_due(&f, t, w));
+        let t = t + Duration::from_secs(1);
+        assert!(s.clock_probe_due(&f, t, w + 1_766_000_000_000));
+        s.on_msg(SchedMsg::ClockProbe { ok: true }, &mut f, t);
+        assert!(!f.clock_skewed);
+        assert!(!s.clock_probe_due(&f, t + CLOCK_RECHECK * 10, w));
     }
 
     #[test]

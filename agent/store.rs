@@ -854,6 +854,34 @@ impl Store {
         Ok(att.attempts)
     }
 
+    /// Records why `id`'s upload stopped when the cause is not the file's (a refused device
+    /// clock): due again at once, no attempt used, a `retry_scheduled` event with the
+    /// reason. Returns the attempts so far.
+    pub fn hold_without_attempt(&mut self, id: &str, code: &str, msg: &str) -> Result<i64> {
+        let now = now_ms();
+        let tx = self.write_tx()?;
+        tx.execute(
+            "UPDATE attachments SET next_attempt_at=?2, last_error_code=?3,
+                last_error=?4, timestamp=?2, uploading_since=NULL
+             WHERE id=?1",
+            params![id, now, code, msg],
+        )?;
+        let att = get_tx(&tx, id)?;
+        let reason = format!("{code}: {msg}");
+        event_conn(
+            &tx,
+            now,
+            &EventKind::RetryScheduled,
+            EventOutcome::Skipped,
+            Some(&att),
+            Some(att.state),
+            Some(att.state),
+            Some(&reason),
+        )?;
+        tx.commit()?;
+        Ok(att.attempts)
+    }
+
     /// Marks `id` as held by a worker (for status), or releases it.
     pub fn set_uploading(&self, id: &str, on: bool) -> Result<()> {
         let v = on.then(now_ms);
