@@ -604,19 +604,24 @@ pub fn clock_offset(date: Option<&str>, now: SystemTime) -> Option<i64> {
     Some(local - server)
 }
 
-/// A refused request (401/403) whose answer carries no code (a HEAD has no body) is the
-/// clock's fault when the local clock is more than [`CLOCK_TOLERANCE`] from the server's
-/// `Date`; any clock-skew error gets the offset in its message.
+/// A refused request (401/403) is the clock's fault when the local clock is more than
+/// [`CLOCK_TOLERANCE`] from the server's `Date`, unless the server named the key as the
+/// problem: a HEAD's answer has no body to say `RequestTimeTooSkewed`, and a presigned
+/// request signed in 1970 is refused as `AccessDenied: Request has expired`. Any
+/// clock-skew error gets the offset in its message.
 pub fn with_clock_check(mut e: RemoteError, date: Option<&str>, now: SystemTime) -> RemoteError {
+    const THE_KEY: [&str; 2] = ["s3_InvalidAccessKeyId", "s3_SignatureDoesNotMatch"];
     let Some(offset) = clock_offset(date, now) else {
         return e;
     };
     if e.class == ErrorClass::Auth
-        && e.code.starts_with("http_")
+        && !THE_KEY.contains(&e.code.as_str())
         && offset.unsigned_abs() > CLOCK_TOLERANCE.as_secs()
     {
         e.class = ErrorClass::ClockSkew;
-        e.code = "clock_skew".into();
+        if e.code.starts_with("http_") {
+            e.code = "clock_skew".into();
+        }
     }
     if e.class == ErrorClass::ClockSkew {
         e.message.push_str(&format!(
@@ -756,7 +761,17 @@ mod tests {
         let e = with_clock_check(head(), Some(server), at(784111777 + 60));
         assert_eq!(e.class, ErrorClass::Auth);
         assert_eq!(e.code, "http_403");
-        // A coded refusal stays what the server said; no Date, no guess.
+        // An expired presigned request, with the clock in 1970: the clock.
+        let e = with_clock_check(
+            status_error(403, None, &says("AccessDenied"), "put"),
+            Some(server),
+            at(0),
+        );
+        assert_eq!(
+            (e.class, e.code.as_str()),
+            (ErrorClass::ClockSkew, "s3_AccessDenied")
+        );
+        // A refusal naming the key stays what the server said; no Date, no guess.
         let e = with_clock_check(
             status_error(403, None, &says("InvalidAccessKeyId"), "put"),
             Some(server),
