@@ -13,7 +13,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tracing::{info, warn};
 
-use crate::bus::{MonitorMsg, PublishMsg, SchedMsg, Shared, WatchMsg};
+use crate::bus::{self, Loop, MonitorMsg, PublishMsg, SchedMsg, Shared, WatchMsg};
 use crate::conditions::governor::{self, Governor};
 use crate::conditions::monitor;
 use crate::config::Config;
@@ -348,12 +348,23 @@ async fn supervise(p: Parts, signals: Signals) -> Result<(), DaemonError> {
     // The reporter's last word (final status, `offline`) waits for `last_word`, sent once
     // every other part is joined (or dropped, should the supervisor itself fail).
     let (last_word, last_word_rx) = tokio::sync::oneshot::channel::<()>();
+    let liveness = p.shared.liveness.clone();
+    let mut watched = vec![
+        Loop::Scheduler,
+        Loop::Ingest,
+        Loop::Monitor,
+        Loop::Publisher,
+    ];
+    if p.reporter.is_some() {
+        watched.push(Loop::Reporter);
+    }
     let reporter = p.reporter.map(|r| {
         tokio::spawn(reporter::run(
             r,
             token.clone(),
             p.shared.queue_changed.subscribe(),
             last_word_rx,
+            liveness.handle(Loop::Reporter),
         ))
     });
     let (gov, monitor_store, mon_rx) = p.monitor;
@@ -363,13 +374,20 @@ async fn supervise(p: Parts, signals: Signals) -> Result<(), DaemonError> {
         mon_rx,
         p.sched_tx.clone(),
         token.clone(),
+        liveness.handle(Loop::Monitor),
     ));
-    let ingest = tokio::spawn(watcher::run(p.ingest, p.watch_rx, token.clone()));
+    let ingest = tokio::spawn(watcher::run(
+        p.ingest,
+        p.watch_rx,
+        token.clone(),
+        liveness.handle(Loop::Ingest),
+    ));
     let publish = tokio::spawn(publisher::run(
         p.publish,
         p.publish_rx,
         p.shared.queue_changed.subscribe(),
         token.clone(),
+        liveness.handle(Loop::Publisher),
     ));
     let sched = tokio::spawn(scheduler::run(
         p.scheduler,
@@ -379,6 +397,9 @@ async fn supervise(p: Parts, signals: Signals) -> Result<(), DaemonError> {
     ));
     // Lock held, queue repaired, capture watched: tell systemd (Type=notify) we are up.
     sd_notify(crate::systemd::READY);
+    if let Some(interval) = crate::systemd::watchdog_interval() {
+        tokio::spawn(watchdog(liveness, watched, interval, token.clone()));
+    }
 
     let result = join(sched).await.map_err(DaemonError::from);
     sd_notify(crate::systemd::STOPPING);
@@ -403,6 +424,41 @@ async fn supervise(p: Parts, signals: Signals) -> Result<(), DaemonError> {
         join(r).await;
     }
     result
+}
+
+/// Sends systemd's `WATCHDOG=1` every half `interval` while every `watched` loop is alive
+/// ([`bus::wedged`]: none in a blocking turn for longer than `interval`, none ended), so
+/// a wedged scheduler or ingest gets the daemon restarted. Ends at shutdown (the stop has
+/// its own timeout).
+async fn watchdog(
+    liveness: Arc<bus::Liveness>,
+    watched: Vec<Loop>,
+    interval: Duration,
+    token: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wedged_before = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = token.cancelled() => return,
+        }
+        let states: Vec<_> = watched.iter().map(|&l| (l, liveness.state(l))).collect();
+        match bus::wedged(&states, std::time::Instant::now(), interval) {
+            None => {
+                if std::mem::take(&mut wedged_before) {
+                    info!("every loop alive again; watchdog pings resume");
+                }
+                sd_notify(crate::systemd::WATCHDOG);
+            }
+            Some((l, state)) => {
+                if !std::mem::replace(&mut wedged_before, true) {
+                    warn!(part = l.as_str(), state = ?state, "a loop is wedged; watchdog pings stop");
+                }
+            }
+        }
+    }
 }
 
 /// The stop signals, registered before anything else starts.

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tracing::{debug, info, warn};
 
-use crate::bus::{Done, SchedMsg, Shared};
+use crate::bus::{Done, Loop, SchedMsg, Shared};
 use crate::conditions::governor::{Governor, Ticket};
 use crate::conditions::{self, Facts, Reason};
 use crate::config::{Order, Upload};
@@ -532,15 +532,18 @@ pub async fn run(
     tx: UnboundedSender<SchedMsg>,
 ) -> Result<(), StoreError> {
     let shutdown = core.shared.shutdown.clone();
+    let beat = core.shared.liveness.handle(Loop::Scheduler);
     let mut core = Some(core);
     let result = loop {
         let shutting_down = shutdown.is_cancelled();
         let mut c = core.take().expect("scheduler core");
+        let turn = beat.busy();
         let (mut c, step) = blocking(move || {
             let step = c.step(shutting_down);
             (c, step)
         })
         .await;
+        drop(turn);
         let step = match step {
             Ok(s) => s,
             Err(e) => {
