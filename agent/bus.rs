@@ -110,15 +110,17 @@ pub enum Loop {
     Monitor,
     Publisher,
     Reporter,
+    Alarms,
 }
 
 impl Loop {
-    pub const ALL: [Loop; 5] = [
+    pub const ALL: [Loop; 6] = [
         Loop::Scheduler,
         Loop::Ingest,
         Loop::Monitor,
         Loop::Publisher,
         Loop::Reporter,
+        Loop::Alarms,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -128,6 +130,7 @@ impl Loop {
             Loop::Monitor => "monitor",
             Loop::Publisher => "publisher",
             Loop::Reporter => "reporter",
+            Loop::Alarms => "alarms",
         }
     }
 }
@@ -154,7 +157,7 @@ pub enum LoopState {
 pub struct Liveness {
     /// Per [`Loop`]: 0 idle, `u64::MAX` exited, else 1 + ms since [`epoch`] when the
     /// current turn began.
-    slots: [AtomicU64; 5],
+    slots: [AtomicU64; 6],
 }
 
 /// The monotonic origin of [`Liveness`]' instants.

@@ -155,6 +155,7 @@ struct Parts {
     publish_rx: UnboundedReceiver<PublishMsg>,
     monitor: (Arc<Governor>, Store, UnboundedReceiver<MonitorMsg>),
     reporter: Option<Reporter>,
+    alarms: crate::alarms::AlarmLoop,
     /// Kept alive for as long as the daemon runs (inotify on capture and the wake file).
     _watchers: (notify::RecommendedWatcher, notify::RecommendedWatcher),
 }
@@ -321,6 +322,11 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         publish_rx,
         monitor: (gov, monitor_store, mon_rx),
         reporter,
+        alarms: crate::alarms::AlarmLoop::new(
+            Store::open(&db_path)?,
+            cfg.upload.pending_alarm_after.map(|d| d.0),
+            cfg.upload.sync_interval.0,
+        )?,
         _watchers: (capture_watch, wake_watch),
     };
 
@@ -354,6 +360,7 @@ async fn supervise(p: Parts, signals: Signals) -> Result<(), DaemonError> {
         Loop::Ingest,
         Loop::Monitor,
         Loop::Publisher,
+        Loop::Alarms,
     ];
     if p.reporter.is_some() {
         watched.push(Loop::Reporter);
@@ -389,6 +396,12 @@ async fn supervise(p: Parts, signals: Signals) -> Result<(), DaemonError> {
         token.clone(),
         liveness.handle(Loop::Publisher),
     ));
+    let alarms = tokio::spawn(crate::alarms::run(
+        p.alarms,
+        p.shared.queue_changed.subscribe(),
+        token.clone(),
+        liveness.handle(Loop::Alarms),
+    ));
     let sched = tokio::spawn(scheduler::run(
         p.scheduler,
         p.workers,
@@ -407,6 +420,7 @@ async fn supervise(p: Parts, signals: Signals) -> Result<(), DaemonError> {
     token.cancel();
     join(ingest).await;
     join(monitor).await;
+    join(alarms).await;
     let mut publish = join(publish).await;
     if p.until_idle {
         // Publish what the last uploads completed before exiting.

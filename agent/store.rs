@@ -251,6 +251,11 @@ pub enum EventKind {
     SidecarInvalid,
     ChecklistPublished,
     ChecklistInvalid,
+    /// An episode that needs an operator began (`alarms.rs`): the oldest pending photo
+    /// waits too long, a photo failed, the disk runs low. Once per episode.
+    Alarm,
+    /// The episode of an earlier `alarm` ended; same reason code.
+    AlarmCleared,
     /// A kind this version does not know (written by a newer one): kept verbatim, so
     /// reading the log never fails on it.
     Other(String),
@@ -258,7 +263,7 @@ pub enum EventKind {
 
 impl EventKind {
     /// Every kind this version writes.
-    pub const KNOWN: [EventKind; 19] = [
+    pub const KNOWN: [EventKind; 21] = [
         EventKind::Enqueued,
         EventKind::Uploaded,
         EventKind::RetryScheduled,
@@ -278,6 +283,8 @@ impl EventKind {
         EventKind::SidecarInvalid,
         EventKind::ChecklistPublished,
         EventKind::ChecklistInvalid,
+        EventKind::Alarm,
+        EventKind::AlarmCleared,
     ];
 
     /// The kinds status reports as `last_success`.
@@ -306,6 +313,8 @@ impl EventKind {
             EventKind::SidecarInvalid => "sidecar_invalid",
             EventKind::ChecklistPublished => "checklist_published",
             EventKind::ChecklistInvalid => "checklist_invalid",
+            EventKind::Alarm => "alarm",
+            EventKind::AlarmCleared => "alarm_cleared",
             EventKind::Other(s) => s,
         }
     }
@@ -1356,6 +1365,46 @@ impl Store {
         self.control_set_json(key::BUDGET, budget)
     }
 
+    /// The alarm episodes in progress (`alarms::Active`); None when none was written or it
+    /// does not parse as `T`.
+    pub fn active_alarms<T: serde::de::DeserializeOwned>(&self) -> Result<Option<T>> {
+        self.control_json(key::ALARMS)
+    }
+
+    /// Records the episodes in progress and appends the events that changed them, in one
+    /// transaction: an alarm is raised or cleared exactly once, even across a crash.
+    pub fn record_alarms<T: Serialize>(
+        &mut self,
+        active: &T,
+        events: &[(EventKind, Option<&Attachment>, String)],
+    ) -> Result<()> {
+        let now = now_ms();
+        let tx = self.write_tx()?;
+        for (kind, att, reason) in events {
+            event_conn(
+                &tx,
+                now,
+                kind,
+                EventOutcome::Applied,
+                *att,
+                None,
+                None,
+                Some(reason.as_str()),
+            )?;
+        }
+        tx.execute(
+            "INSERT INTO control (key, value, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(key) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
+            params![
+                key::ALARMS,
+                serde_json::to_string(active).unwrap_or_default(),
+                now
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// The running (or last) daemon's process id and start time (unix ms).
     pub fn daemon_started(&self) -> Result<Option<(u32, i64)>> {
         Ok(self
@@ -1459,6 +1508,9 @@ mod key {
     pub const BUDGET: &str = "conditions.budget";
     /// The sequence number of the last event the MQTT broker acknowledged.
     pub const EVENTS_ACKED_SEQ: &str = "mqtt.events_acked_seq";
+    /// The alarm episodes in progress (`alarms::Active`), so a restart does not raise
+    /// them again.
+    pub const ALARMS: &str = "alarms.active";
 
     /// The content hash of the manifest published for a checklist.
     pub fn published(checklist: &str) -> String {
@@ -1809,6 +1861,8 @@ mod wire_tests {
                 "sidecar_invalid",
                 "checklist_published",
                 "checklist_invalid",
+                "alarm",
+                "alarm_cleared",
             ]
         );
         for k in EventKind::KNOWN {
