@@ -6,7 +6,9 @@
 //! send on them without blocking.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +24,9 @@ pub enum SchedMsg {
     AuthProbe { ok: bool },
     /// A reload brought new remote credentials: re-check them now if paused for `auth`.
     CredentialsChanged,
+    /// The result of a re-check while paused for `clock_skew`: whether the remote
+    /// accepts the device clock again.
+    ClockProbe { ok: bool },
 }
 
 /// What a worker reports about an attachment it held.
@@ -35,6 +40,8 @@ pub enum Done {
     Interrupted,
     /// The remote refused the credentials: the whole queue pauses.
     AuthFailed,
+    /// The remote refused the device clock: the whole queue pauses until it is right.
+    ClockSkewed,
 }
 
 /// Messages to the conditions monitor.
@@ -115,6 +122,8 @@ pub struct Shared {
     /// Bumped whenever the queue changed (a file enqueued, an upload finished, a CLI
     /// command): the publisher and the reporter wait on it instead of polling.
     pub queue_changed: watch::Sender<u64>,
+    /// Whether each async loop is alive, for the systemd watchdog.
+    pub liveness: Arc<Liveness>,
 }
 
 impl Shared {
@@ -126,5 +135,188 @@ impl Shared {
     /// Checked by workers at every safe point (each chunk, each part).
     pub fn keep_going(&self) -> bool {
         !self.shutdown.is_cancelled() && self.gate_open.load(Ordering::Relaxed)
+    }
+}
+
+/// The supervisor's async loops, whose liveness the systemd watchdog vouches for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loop {
+    Scheduler,
+    Ingest,
+    Monitor,
+    Publisher,
+    Reporter,
+    Alarms,
+}
+
+impl Loop {
+    pub const ALL: [Loop; 6] = [
+        Loop::Scheduler,
+        Loop::Ingest,
+        Loop::Monitor,
+        Loop::Publisher,
+        Loop::Reporter,
+        Loop::Alarms,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Loop::Scheduler => "scheduler",
+            Loop::Ingest => "ingest",
+            Loop::Monitor => "monitor",
+            Loop::Publisher => "publisher",
+            Loop::Reporter => "reporter",
+            Loop::Alarms => "alarms",
+        }
+    }
+}
+
+/// What a loop is doing, as the watchdog sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopState {
+    /// Waiting for a message or a timer on the runtime: alive (a runtime that hangs stops
+    /// the watchdog task with it).
+    Idle,
+    /// In a blocking turn (SQLite, hashing, a probe) since this instant.
+    Busy(Instant),
+    /// The task ended (returned or panicked).
+    Exited,
+}
+
+/// Each loop's state, in atomics: the loops mark themselves, the watchdog task reads.
+///
+/// A loop is wedged when one blocking turn has run longer than the watchdog allows, or
+/// when its task ended while the daemon runs. Marking the turns, rather than having every
+/// loop wake up to say "still here", keeps an idle device idle: a loop waiting on the
+/// runtime cannot be stuck unless the runtime is, and then the pings stop anyway.
+#[derive(Debug, Default)]
+pub struct Liveness {
+    /// Per [`Loop`]: 0 idle, `u64::MAX` exited, else 1 + ms since [`epoch`] when the
+    /// current turn began.
+    slots: [AtomicU64; 6],
+}
+
+/// The monotonic origin of [`Liveness`]' instants.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+const EXITED: u64 = u64::MAX;
+
+impl Liveness {
+    fn slot(&self, l: Loop) -> &AtomicU64 {
+        &self.slots[l as usize]
+    }
+
+    pub fn state(&self, l: Loop) -> LoopState {
+        match self.slot(l).load(Ordering::Relaxed) {
+            0 => LoopState::Idle,
+            EXITED => LoopState::Exited,
+            ms => LoopState::Busy(epoch() + Duration::from_millis(ms - 1)),
+        }
+    }
+
+    /// The handle a loop marks itself with; when it is dropped (the task ended, or
+    /// unwound) the loop counts as exited.
+    pub fn handle(self: &Arc<Self>, l: Loop) -> LoopBeat {
+        self.slot(l).store(0, Ordering::Relaxed);
+        LoopBeat {
+            liveness: self.clone(),
+            which: l,
+        }
+    }
+}
+
+/// A loop's mark in [`Liveness`]; see [`LoopBeat::busy`].
+#[derive(Debug)]
+pub struct LoopBeat {
+    liveness: Arc<Liveness>,
+    which: Loop,
+}
+
+impl LoopBeat {
+    /// Marks a blocking turn as begun; the turn ends when the guard is dropped.
+    pub fn busy(&self) -> BusyGuard<'_> {
+        let ms = epoch().elapsed().as_millis() as u64 + 1;
+        self.liveness.slot(self.which).store(ms, Ordering::Relaxed);
+        BusyGuard(self)
+    }
+}
+
+impl Drop for LoopBeat {
+    fn drop(&mut self) {
+        self.liveness
+            .slot(self.which)
+            .store(EXITED, Ordering::Relaxed);
+    }
+}
+
+/// A blocking turn in progress; see [`LoopBeat::busy`].
+#[derive(Debug)]
+pub struct BusyGuard<'a>(&'a LoopBeat);
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.0
+            .liveness
+            .slot(self.0.which)
+            .store(0, Ordering::Relaxed);
+    }
+}
+
+/// The first loop that is not alive: one of `watched` whose task ended, or whose
+/// blocking turn began more than `max_turn` before `now` (pure; the watchdog's decision).
+pub fn wedged(
+    states: &[(Loop, LoopState)],
+    now: Instant,
+    max_turn: Duration,
+) -> Option<(Loop, LoopState)> {
+    states.iter().copied().find(|(_, st)| match st {
+        LoopState::Idle => false,
+        LoopState::Exited => true,
+        LoopState::Busy(since) => now.saturating_duration_since(*since) > max_turn,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_turn_or_an_ended_loop_is_wedged_an_idle_one_is_not() {
+        let t0 = Instant::now();
+        let max = Duration::from_secs(30);
+        let idle = [
+            (Loop::Scheduler, LoopState::Idle),
+            (Loop::Ingest, LoopState::Idle),
+        ];
+        assert_eq!(wedged(&idle, t0 + max * 100, max), None);
+        let busy = [
+            (Loop::Scheduler, LoopState::Idle),
+            (Loop::Ingest, LoopState::Busy(t0)),
+        ];
+        assert_eq!(wedged(&busy, t0 + max, max), None);
+        assert_eq!(
+            wedged(&busy, t0 + max + Duration::from_millis(1), max),
+            Some((Loop::Ingest, LoopState::Busy(t0)))
+        );
+        let ended = [(Loop::Publisher, LoopState::Exited)];
+        assert_eq!(wedged(&ended, t0, max).map(|w| w.0), Some(Loop::Publisher));
+    }
+
+    #[test]
+    fn handles_mark_turns_and_the_end_of_their_loop() {
+        let l = Arc::new(Liveness::default());
+        let beat = l.handle(Loop::Ingest);
+        assert_eq!(l.state(Loop::Ingest), LoopState::Idle);
+        {
+            let _turn = beat.busy();
+            assert!(matches!(l.state(Loop::Ingest), LoopState::Busy(_)));
+        }
+        assert_eq!(l.state(Loop::Ingest), LoopState::Idle);
+        drop(beat);
+        assert_eq!(l.state(Loop::Ingest), LoopState::Exited);
+        assert_eq!(l.state(Loop::Monitor), LoopState::Idle);
     }
 }

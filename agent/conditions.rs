@@ -31,6 +31,9 @@ pub enum Reason {
     PausedByOperator,
     /// The remote refused our credentials (401/403); re-checked periodically.
     Auth,
+    /// The remote refused the request's time: the device clock is wrong (no RTC, NTP not
+    /// synced yet); re-checked until the remote accepts it.
+    ClockSkew,
     /// The remote does not answer.
     Offline,
     /// The default route is metered and `metered = "never"`.
@@ -57,6 +60,7 @@ impl Reason {
         match self {
             Reason::PausedByOperator => "paused_by_operator",
             Reason::Auth => "auth",
+            Reason::ClockSkew => "clock_skew",
             Reason::Offline => "offline",
             Reason::MeteredNever => "metered_never",
             Reason::OutsideSchedule => "outside_schedule",
@@ -104,6 +108,8 @@ pub struct Battery {
 pub struct Facts {
     pub operator_paused: bool,
     pub auth_failed: bool,
+    /// The remote refused the device clock (`RequestTimeTooSkewed`).
+    pub clock_skewed: bool,
     pub offline: bool,
     pub link: Link,
     /// Bytes sent over metered links today (local calendar day).
@@ -157,7 +163,7 @@ impl From<&settings::Conditions> for Policy {
 /// that pauses is the reason shown. Operator intent comes first, then what an operator
 /// must fix (credentials), then the network (nothing else matters offline), then
 /// configured policy (link cost, schedule), then the device's own state.
-pub fn checks(f: &Facts, p: &Policy) -> [(Reason, bool); 9] {
+pub fn checks(f: &Facts, p: &Policy) -> [(Reason, bool); 10] {
     let metered_budget = f.link.metered && p.metered == MeteredPolicy::Budget;
     let scheduled = p.schedule.is_empty()
         || (p.schedule_metered_only && !f.link.metered)
@@ -170,6 +176,7 @@ pub fn checks(f: &Facts, p: &Policy) -> [(Reason, bool); 9] {
     [
         (Reason::PausedByOperator, f.operator_paused),
         (Reason::Auth, f.auth_failed),
+        (Reason::ClockSkew, f.clock_skewed),
         (Reason::Offline, f.offline),
         (
             Reason::MeteredNever,
@@ -547,6 +554,25 @@ mod tests {
         let mut mains_only = ok_facts();
         mains_only.battery = Battery::default();
         assert_eq!(admit(&mains_only, &p, 20_000_000, 20_000_000, 0), Ok(()));
+    }
+
+    #[test]
+    fn a_skewed_clock_pauses_after_credentials_and_before_the_network() {
+        let p = Policy::default();
+        let mut f = Facts {
+            clock_skewed: true,
+            offline: true,
+            ..ok_facts()
+        };
+        assert_eq!(evaluate(&f, &p), Some(Reason::ClockSkew));
+        assert_eq!(failing(&f, &p), vec![Reason::ClockSkew, Reason::Offline],);
+        f.auth_failed = true;
+        assert_eq!(evaluate(&f, &p), Some(Reason::Auth));
+        f.auth_failed = false;
+        f.clock_skewed = false;
+        assert_eq!(evaluate(&f, &p), Some(Reason::Offline));
+        assert_eq!(Reason::ClockSkew.as_str(), "clock_skew");
+        assert!(Reason::ClockSkew.stops_running());
     }
 
     #[test]

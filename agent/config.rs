@@ -117,6 +117,8 @@ pub struct Upload {
     pub transient_attempts: u32,
     /// While the remote refuses the credentials (`auth` pause), how often to re-check.
     pub auth_recheck: Dur,
+    /// An `alarm` event when the oldest pending photo has waited longer; unset: never.
+    pub pending_alarm_after: Option<Dur>,
 }
 
 impl Default for Upload {
@@ -130,6 +132,7 @@ impl Default for Upload {
             permanent_attempts: 3,
             transient_attempts: 0,
             auth_recheck: Dur::secs(60),
+            pending_alarm_after: None,
         }
     }
 }

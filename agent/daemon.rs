@@ -13,7 +13,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tracing::{info, warn};
 
-use crate::bus::{MonitorMsg, PublishMsg, ReloadMsg, ReloadSource, SchedMsg, Shared, WatchMsg};
+use crate::bus::{
+    self, Loop, MonitorMsg, PublishMsg, ReloadMsg, ReloadSource, SchedMsg, Shared, WatchMsg,
+};
 use crate::conditions::governor::{self, Governor};
 use crate::conditions::monitor;
 use crate::config::Config;
@@ -159,6 +161,7 @@ struct Parts {
     reloader: Reloader,
     reload_tx: UnboundedSender<ReloadMsg>,
     reload_rx: UnboundedReceiver<ReloadMsg>,
+    alarms: crate::alarms::AlarmLoop,
     /// Kept alive for as long as the daemon runs (inotify on capture and the wake file).
     _watchers: (notify::RecommendedWatcher, notify::RecommendedWatcher),
 }
@@ -360,6 +363,11 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         reloader,
         reload_tx,
         reload_rx,
+        alarms: crate::alarms::AlarmLoop::new(
+            Store::open(&db_path)?,
+            cfg.upload.pending_alarm_after.map(|d| d.0),
+            cfg.upload.sync_interval.0,
+        )?,
         _watchers: (capture_watch, wake_watch),
     };
 
@@ -405,12 +413,24 @@ async fn supervise(p: Parts, signals: Signals) -> Result<(), DaemonError> {
     // The reporter's last word (final status, `offline`) waits for `last_word`, sent once
     // every other part is joined (or dropped, should the supervisor itself fail).
     let (last_word, last_word_rx) = tokio::sync::oneshot::channel::<()>();
+    let liveness = p.shared.liveness.clone();
+    let mut watched = vec![
+        Loop::Scheduler,
+        Loop::Ingest,
+        Loop::Monitor,
+        Loop::Publisher,
+        Loop::Alarms,
+    ];
+    if p.reporter.is_some() {
+        watched.push(Loop::Reporter);
+    }
     let reporter = p.reporter.map(|r| {
         tokio::spawn(reporter::run(
             r,
             token.clone(),
             p.shared.queue_changed.subscribe(),
             last_word_rx,
+            liveness.handle(Loop::Reporter),
         ))
     });
     let (gov, monitor_store, mon_rx) = p.monitor;
@@ -420,13 +440,26 @@ async fn supervise(p: Parts, signals: Signals) -> Result<(), DaemonError> {
         mon_rx,
         p.sched_tx.clone(),
         token.clone(),
+        liveness.handle(Loop::Monitor),
     ));
-    let ingest = tokio::spawn(watcher::run(p.ingest, p.watch_rx, token.clone()));
+    let ingest = tokio::spawn(watcher::run(
+        p.ingest,
+        p.watch_rx,
+        token.clone(),
+        liveness.handle(Loop::Ingest),
+    ));
     let publish = tokio::spawn(publisher::run(
         p.publish,
         p.publish_rx,
         p.shared.queue_changed.subscribe(),
         token.clone(),
+        liveness.handle(Loop::Publisher),
+    ));
+    let alarms = tokio::spawn(crate::alarms::run(
+        p.alarms,
+        p.shared.queue_changed.subscribe(),
+        token.clone(),
+        liveness.handle(Loop::Alarms),
     ));
     let sched = tokio::spawn(scheduler::run(
         p.scheduler,
@@ -436,6 +469,9 @@ async fn supervise(p: Parts, signals: Signals) -> Result<(), DaemonError> {
     ));
     // Lock held, queue repaired, capture watched: tell systemd (Type=notify) we are up.
     sd_notify(crate::systemd::READY);
+    if let Some(interval) = crate::systemd::watchdog_interval() {
+        tokio::spawn(watchdog(liveness, watched, interval, token.clone()));
+    }
 
     let result = join(sched).await.map_err(DaemonError::from);
     sd_notify(crate::systemd::STOPPING);
@@ -444,6 +480,7 @@ async fn supervise(p: Parts, signals: Signals) -> Result<(), DaemonError> {
     join(reloader).await;
     join(ingest).await;
     join(monitor).await;
+    join(alarms).await;
     let mut publish = join(publish).await;
     if p.until_idle {
         // Publish what the last uploads completed before exiting.
@@ -461,6 +498,41 @@ async fn supervise(p: Parts, signals: Signals) -> Result<(), DaemonError> {
         join(r).await;
     }
     result
+}
+
+/// Sends systemd's `WATCHDOG=1` every half `interval` while every `watched` loop is alive
+/// ([`bus::wedged`]: none in a blocking turn for longer than `interval`, none ended), so
+/// a wedged scheduler or ingest gets the daemon restarted. Ends at shutdown (the stop has
+/// its own timeout).
+async fn watchdog(
+    liveness: Arc<bus::Liveness>,
+    watched: Vec<Loop>,
+    interval: Duration,
+    token: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wedged_before = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = token.cancelled() => return,
+        }
+        let states: Vec<_> = watched.iter().map(|&l| (l, liveness.state(l))).collect();
+        match bus::wedged(&states, std::time::Instant::now(), interval) {
+            None => {
+                if std::mem::take(&mut wedged_before) {
+                    info!("every loop alive again; watchdog pings resume");
+                }
+                sd_notify(crate::systemd::WATCHDOG);
+            }
+            Some((l, state)) => {
+                if !std::mem::replace(&mut wedged_before, true) {
+                    warn!(part = l.as_str(), state = ?state, "a loop is wedged; watchdog pings stop");
+                }
+            }
+        }
+    }
 }
 
 /// The stop signals, registered before anything else starts.

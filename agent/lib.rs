@@ -4,6 +4,7 @@
 //! and records them in the `store` → the `uploader` scheduler hands due attachments to
 //! workers when the `conditions` allow → a `remote` moves the bytes → `status` reports.
 
+pub mod alarms;
 pub mod bus;
 pub mod cli;
 pub mod commands;

@@ -26,6 +26,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::bus::LoopBeat;
 pub use crate::bus::PublishMsg;
 
 use crate::ingest::{Layout, CHECKLIST_FILE};
@@ -352,12 +353,14 @@ pub async fn run(
     mut rx: UnboundedReceiver<PublishMsg>,
     mut queue_changed: watch::Receiver<u64>,
     shutdown: CancellationToken,
+    beat: LoopBeat,
 ) -> PublishLoop {
     let mut lp = Some(lp);
     let mut named = Vec::new();
     loop {
         let mut l = lp.take().expect("publish loop");
         let batch = std::mem::take(&mut named);
+        let busy = beat.busy();
         let l = match tokio::task::spawn_blocking(move || {
             l.turn(batch);
             l
@@ -367,6 +370,7 @@ pub async fn run(
             Ok(l) => l,
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         };
+        drop(busy);
         let retry = (!l.failed.is_empty()).then_some(l.retry_interval);
         lp = Some(l);
         tokio::select! {

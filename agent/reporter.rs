@@ -43,7 +43,7 @@ use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::bus::{ReloadMsg, ReloadSource};
+use crate::bus::{LoopBeat, ReloadMsg, ReloadSource};
 use crate::commands;
 use crate::device::{DeviceHealth, Sampler};
 use crate::mqtt::{self, MqttConfig, MqttError, PayloadFormat, Topics};
@@ -418,6 +418,7 @@ pub async fn run(
     shutdown: CancellationToken,
     mut queue_changed: watch::Receiver<u64>,
     mut last_word: oneshot::Receiver<()>,
+    beat: LoopBeat,
 ) {
     let Reporter {
         core,
@@ -428,6 +429,8 @@ pub async fn run(
     // `None` while on the blocking pool with `job`.
     let mut core = Some(core);
     let mut job: Option<tokio::task::JoinHandle<Core>> = None;
+    // Held while `job` runs: the watchdog's view of the store turn.
+    let mut _busy = None;
     let mut polling = Some(poll_after(eventloop, Duration::ZERO, &login));
     // Broker news not yet applied to `core` (it was busy with the store).
     let mut inbox: VecDeque<Net> = VecDeque::new();
@@ -446,6 +449,7 @@ pub async fn run(
             if !inbox.is_empty() || c.next_due(now).is_some_and(|t| t <= now) {
                 let mut c = core.take().expect("core");
                 let news: Vec<Net> = inbox.drain(..).collect();
+                _busy = Some(beat.busy());
                 job = Some(tokio::task::spawn_blocking(move || {
                     for m in news {
                         c.on_net(m);
@@ -468,6 +472,7 @@ pub async fn run(
             }
             c = async { job.as_mut().expect("job").await }, if job.is_some() => {
                 job = None;
+                _busy = None;
                 core = Some(c.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())));
             }
             r = queue_changed.changed(), if watching => match r {

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tracing::{debug, info, warn};
 
-use crate::bus::{Done, SchedMsg, Shared};
+use crate::bus::{Done, Loop, SchedMsg, Shared};
 use crate::conditions::governor::{Governor, Ticket};
 use crate::conditions::{self, Facts, Reason};
 use crate::config::{Order, Upload};
@@ -43,6 +43,15 @@ const DISK_FULL_RETRY: Duration = Duration::from_secs(1);
 /// With files deferred for a per-file reason, the queue is re-read at most this often
 /// unless something changed: the same files would be refused again.
 pub const DEFERRED_RECHECK: Duration = Duration::from_secs(2);
+
+/// While the remote refuses the device clock (`clock_skew`), how often to ask it again.
+/// Short, because NTP fixes the clock by itself soon after boot and uploads should follow;
+/// one HEAD request per interval costs next to nothing.
+pub const CLOCK_RECHECK: Duration = Duration::from_secs(15);
+
+/// A wall clock that moved this much more (or less) than the monotonic clock between two
+/// steps was set (NTP synced, an operator ran `date`): re-check a refused clock at once.
+pub const CLOCK_JUMP: Duration = Duration::from_secs(30);
 
 /// The event log is trimmed this often.
 pub const TRIM_EVERY: Duration = Duration::from_secs(3600);
@@ -116,6 +125,11 @@ pub struct SchedState {
     auth_probing: bool,
     /// New credentials arrived: re-check at once rather than after `auth_recheck`.
     auth_recheck_now: bool,
+    last_clock_check: Instant,
+    /// A device-clock re-check is running.
+    clock_probing: bool,
+    /// The wall clock (epoch ms) at an instant, to notice when the clock is set.
+    wall_anchor: (Instant, i64),
 }
 
 impl SchedState {
@@ -141,6 +155,9 @@ impl SchedState {
             last_auth_check: now,
             auth_probing: false,
             auth_recheck_now: false,
+            last_clock_check: now,
+            clock_probing: false,
+            wall_anchor: (now, i64::MIN),
         }
     }
 
@@ -158,6 +175,20 @@ impl SchedState {
                     warn!("remote refused the credentials; uploads paused (reason auth)");
                     facts.auth_failed = true;
                     self.last_auth_check = now;
+                }
+                if outcome == Done::ClockSkewed && !facts.clock_skewed {
+                    warn!(
+                        "remote refused the device clock; uploads wait for it (reason clock_skew)"
+                    );
+                    facts.clock_skewed = true;
+                    self.last_clock_check = now;
+                }
+            }
+            SchedMsg::ClockProbe { ok } => {
+                self.clock_probing = false;
+                if ok && facts.clock_skewed {
+                    info!("remote accepts the device clock again; resuming");
+                    facts.clock_skewed = false;
                 }
             }
             SchedMsg::CredentialsChanged => self.auth_recheck_now = facts.auth_failed,
@@ -196,6 +227,26 @@ impl SchedState {
             self.auth_probing = true;
             self.auth_recheck_now = false;
             self.last_auth_check = now;
+            return true;
+        }
+        false
+    }
+
+    /// Whether to ask the remote again whether it accepts the device clock: paused for
+    /// `clock_skew`, none running, and [`CLOCK_RECHECK`] since the last check or the wall
+    /// clock `wall_ms` (epoch ms) was set since the last step. Marks the check as running.
+    pub fn clock_probe_due(&mut self, facts: &Facts, now: Instant, wall_ms: i64) -> bool {
+        let (at, wall) = std::mem::replace(&mut self.wall_anchor, (now, wall_ms));
+        let jumped = wall != i64::MIN && {
+            let mono = now.duration_since(at).as_millis() as i64;
+            (wall_ms.saturating_sub(wall) - mono).unsigned_abs() > CLOCK_JUMP.as_millis() as u64
+        };
+        if facts.clock_skewed
+            && !self.clock_probing
+            && (jumped || now.duration_since(self.last_clock_check) >= CLOCK_RECHECK)
+        {
+            self.clock_probing = true;
+            self.last_clock_check = now;
             return true;
         }
         false
@@ -309,8 +360,12 @@ impl SchedState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     /// Wait this long for a message, then step again; `probe_auth`: re-check the
-    /// credentials meanwhile.
-    Wait { wait: Duration, probe_auth: bool },
+    /// credentials meanwhile; `probe_clock`: whether the remote accepts the clock now.
+    Wait {
+        wait: Duration,
+        probe_auth: bool,
+        probe_clock: bool,
+    },
     /// Stop: shutting down with nothing in flight, or idle with `until_idle`.
     Exit,
 }
@@ -388,6 +443,7 @@ impl Core {
         );
         self.state.governor_generation(self.gov.generation());
         let probe_auth = self.state.auth_probe_due(&self.facts, now);
+        let probe_clock = self.state.clock_probe_due(&self.facts, now, now_ms());
 
         if self.state.wants_fill(reason, shutting_down, now) {
             self.fill()?;
@@ -422,6 +478,7 @@ impl Core {
         Ok(Step::Wait {
             wait: self.state.next_wake(next_due, now_ms()),
             probe_auth,
+            probe_clock,
         })
     }
 
@@ -487,15 +544,18 @@ pub async fn run(
     tx: UnboundedSender<SchedMsg>,
 ) -> Result<(), StoreError> {
     let shutdown = core.shared.shutdown.clone();
+    let beat = core.shared.liveness.handle(Loop::Scheduler);
     let mut core = Some(core);
     let result = loop {
         let shutting_down = shutdown.is_cancelled();
         let mut c = core.take().expect("scheduler core");
+        let turn = beat.busy();
         let (mut c, step) = blocking(move || {
             let step = c.step(shutting_down);
             (c, step)
         })
         .await;
+        drop(turn);
         let step = match step {
             Ok(s) => s,
             // A full state disk: SQLite rolled the write back; nothing is lost, and the
@@ -508,6 +568,7 @@ pub async fn run(
                 Step::Wait {
                     wait: DISK_FULL_RETRY,
                     probe_auth: false,
+                    probe_clock: false,
                 }
             }
             Err(e) => {
@@ -515,7 +576,12 @@ pub async fn run(
                 break Err(e);
             }
         };
-        let Step::Wait { wait, probe_auth } = step else {
+        let Step::Wait {
+            wait,
+            probe_auth,
+            probe_clock,
+        } = step
+        else {
             core = Some(c);
             break Ok(());
         };
@@ -535,6 +601,20 @@ pub async fn run(
                     })
                 );
                 let _ = tx.send(SchedMsg::AuthProbe { ok });
+            });
+        }
+        if probe_clock {
+            let remote = c.remote.clone();
+            let tx = tx.clone();
+            tokio::task::spawn_blocking(move || {
+                let ok = !matches!(
+                    remote.probe(),
+                    Err(RemoteError {
+                        class: ErrorClass::ClockSkew,
+                        ..
+                    })
+                );
+                let _ = tx.send(SchedMsg::ClockProbe { ok });
             });
         }
         tokio::select! {
@@ -739,6 +819,37 @@ mod tests {
         let mut full = state(1, t0);
         full.dispatched("a");
         assert!(!full.waits_for_due(None));
+    }
+
+    #[test]
+    fn refused_clock_pauses_and_is_rechecked_on_its_interval_or_when_the_clock_is_set() {
+        let t0 = Instant::now();
+        let wall0 = 1_000_000_000_000i64;
+        let mut s = SchedState::new(2, Duration::from_secs(30), AUTH, 0, t0);
+        let mut f = Facts::default();
+        assert!(!s.clock_probe_due(&f, t0, wall0));
+        s.on_msg(done("a", Done::ClockSkewed), &mut f, t0);
+        assert!(f.clock_skewed);
+        assert!(!f.auth_failed);
+        // Wall and monotonic clocks move together: only the interval counts.
+        let at = |d: Duration| (t0 + d, wall0 + d.as_millis() as i64);
+        let (t, w) = at(CLOCK_RECHECK - Duration::from_millis(1));
+        assert!(!s.clock_probe_due(&f, t, w));
+        let (t, w) = at(CLOCK_RECHECK);
+        assert!(s.clock_probe_due(&f, t, w));
+        // One check at a time.
+        let (t, w) = at(CLOCK_RECHECK + Duration::from_secs(1));
+        assert!(!s.clock_probe_due(&f, t, w));
+        s.on_msg(SchedMsg::ClockProbe { ok: false }, &mut f, t);
+        assert!(f.clock_skewed);
+        // NTP steps the wall clock 56 years forward: check at once, not at 2 x 15 s.
+        let (t, w) = at(CLOCK_RECHECK + Duration::from_secs(2));
+        assert!(!s.clock_probe_due(&f, t, w));
+        let t = t + Duration::from_secs(1);
+        assert!(s.clock_probe_due(&f, t, w + 1_766_000_000_000));
+        s.on_msg(SchedMsg::ClockProbe { ok: true }, &mut f, t);
+        assert!(!f.clock_skewed);
+        assert!(!s.clock_probe_due(&f, t + CLOCK_RECHECK * 10, w));
     }
 
     #[test]

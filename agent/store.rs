@@ -266,6 +266,11 @@ pub enum EventKind {
     /// The daemon re-read its configuration: `applied` (reason: what changed live and
     /// what waits for a restart) or `failed` (reason: the one-line config error).
     ConfigReloaded,
+    /// An episode that needs an operator began (`alarms.rs`): the oldest pending photo
+    /// waits too long, a photo failed, the disk runs low. Once per episode.
+    Alarm,
+    /// The episode of an earlier `alarm` ended; same reason code.
+    AlarmCleared,
     /// A kind this version does not know (written by a newer one): kept verbatim, so
     /// reading the log never fails on it.
     Other(String),
@@ -273,7 +278,7 @@ pub enum EventKind {
 
 impl EventKind {
     /// Every kind this version writes.
-    pub const KNOWN: [EventKind; 22] = [
+    pub const KNOWN: [EventKind; 24] = [
         EventKind::Enqueued,
         EventKind::Uploaded,
         EventKind::RetryScheduled,
@@ -296,6 +301,8 @@ impl EventKind {
         EventKind::DatabaseRebuilt,
         EventKind::ReloadRequested,
         EventKind::ConfigReloaded,
+        EventKind::Alarm,
+        EventKind::AlarmCleared,
     ];
 
     /// The kinds status reports as `last_success`.
@@ -327,6 +334,8 @@ impl EventKind {
             EventKind::DatabaseRebuilt => "database_rebuilt",
             EventKind::ReloadRequested => "reload_requested",
             EventKind::ConfigReloaded => "config_reloaded",
+            EventKind::Alarm => "alarm",
+            EventKind::AlarmCleared => "alarm_cleared",
             EventKind::Other(s) => s,
         }
     }
@@ -1134,6 +1143,34 @@ impl Store {
         Ok(att.attempts)
     }
 
+    /// Records why `id`'s upload stopped when the cause is not the file's (a refused device
+    /// clock): due again at once, no attempt used, a `retry_scheduled` event with the
+    /// reason. Returns the attempts so far.
+    pub fn hold_without_attempt(&mut self, id: &str, code: &str, msg: &str) -> Result<i64> {
+        let now = now_ms();
+        let tx = self.write_tx()?;
+        tx.execute(
+            "UPDATE attachments SET next_attempt_at=?2, last_error_code=?3,
+                last_error=?4, timestamp=?2, uploading_since=NULL
+             WHERE id=?1",
+            params![id, now, code, msg],
+        )?;
+        let att = get_tx(&tx, id)?;
+        let reason = format!("{code}: {msg}");
+        event_conn(
+            &tx,
+            now,
+            &EventKind::RetryScheduled,
+            EventOutcome::Skipped,
+            Some(&att),
+            Some(att.state),
+            Some(att.state),
+            Some(&reason),
+        )?;
+        tx.commit()?;
+        Ok(att.attempts)
+    }
+
     /// Marks `id` as held by a worker (for status), or releases it.
     pub fn set_uploading(&self, id: &str, on: bool) -> Result<()> {
         let v = on.then(now_ms);
@@ -1650,6 +1687,46 @@ impl Store {
         self.control_set_json(key::BUDGET, budget)
     }
 
+    /// The alarm episodes in progress (`alarms::Active`); None when none was written or it
+    /// does not parse as `T`.
+    pub fn active_alarms<T: serde::de::DeserializeOwned>(&self) -> Result<Option<T>> {
+        self.control_json(key::ALARMS)
+    }
+
+    /// Records the episodes in progress and appends the events that changed them, in one
+    /// transaction: an alarm is raised or cleared exactly once, even across a crash.
+    pub fn record_alarms<T: Serialize>(
+        &mut self,
+        active: &T,
+        events: &[(EventKind, Option<&Attachment>, String)],
+    ) -> Result<()> {
+        let now = now_ms();
+        let tx = self.write_tx()?;
+        for (kind, att, reason) in events {
+            event_conn(
+                &tx,
+                now,
+                kind,
+                EventOutcome::Applied,
+                *att,
+                None,
+                None,
+                Some(reason.as_str()),
+            )?;
+        }
+        tx.execute(
+            "INSERT INTO control (key, value, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(key) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
+            params![
+                key::ALARMS,
+                serde_json::to_string(active).unwrap_or_default(),
+                now
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// The running (or last) daemon's process id and start time (unix ms).
     pub fn daemon_started(&self) -> Result<Option<(u32, i64)>> {
         Ok(self
@@ -1768,6 +1845,9 @@ mod key {
     pub const REBUILT: &str = "database.rebuilt";
     /// The sequence number of the newest `reload_requested` event.
     pub const RELOAD: &str = "reload.requested";
+    /// The alarm episodes in progress (`alarms::Active`), so a restart does not raise
+    /// them again.
+    pub const ALARMS: &str = "alarms.active";
 
     /// The content hash of the manifest published for a checklist.
     pub fn published(checklist: &str) -> String {
@@ -2192,6 +2272,8 @@ mod wire_tests {
                 "database_rebuilt",
                 "reload_requested",
                 "config_reloaded",
+                "alarm",
+                "alarm_cleared",
             ]
         );
         for k in EventKind::KNOWN {

@@ -6,9 +6,14 @@
 //! when it begins a clean stop. Without the variable (a shell, the tests, another init
 //! system) every call is a no-op. A few lines on std's `UnixDatagram` instead of the
 //! `sd-notify`/`libsystemd` crates: nothing else from systemd is needed.
+//!
+//! With `WatchdogSec=` in the unit, systemd also passes `$WATCHDOG_USEC` (and
+//! `$WATCHDOG_PID`): the daemon then sends `WATCHDOG=1` at half that interval for as long
+//! as its loops are alive, and systemd restarts it when the pings stop.
 
 use std::io;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::time::Duration;
 
 /// The environment variable systemd sets for `Type=notify` services.
 pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
@@ -17,6 +22,30 @@ pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 pub const READY: &str = "READY=1";
 /// A clean stop has begun.
 pub const STOPPING: &str = "STOPPING=1";
+/// The service is alive (the watchdog keep-alive).
+pub const WATCHDOG: &str = "WATCHDOG=1";
+
+/// The watchdog interval systemd asks this process for, from the environment.
+pub fn watchdog_interval() -> Option<Duration> {
+    let var = |k| std::env::var(k).ok();
+    watchdog_from(
+        var("WATCHDOG_USEC").as_deref(),
+        var("WATCHDOG_PID").as_deref(),
+        std::process::id(),
+    )
+}
+
+/// The watchdog interval from `$WATCHDOG_USEC`, when `$WATCHDOG_PID` is unset or names
+/// `our_pid` (a child that inherited the variables must not ping for its parent). Pure.
+pub fn watchdog_from(usec: Option<&str>, pid: Option<&str>, our_pid: u32) -> Option<Duration> {
+    if let Some(pid) = pid {
+        if pid.trim().parse::<u32>().ok() != Some(our_pid) {
+            return None;
+        }
+    }
+    let usec: u64 = usec?.trim().parse().ok()?;
+    (usec > 0).then(|| Duration::from_micros(usec))
+}
 
 /// Sends `state` (newline-separated `KEY=value` lines) to `$NOTIFY_SOCKET` if it is set.
 /// Returns whether a message was sent. Errors are for the caller to log: a failed
@@ -108,6 +137,17 @@ mod tests {
         let sock = UnixDatagram::bind_addr(&addr).unwrap();
         notify_to(&format!("@{name}"), "STOPPING=1\nSTATUS=bye").unwrap();
         assert_eq!(recv(&sock), "STOPPING=1\nSTATUS=bye");
+    }
+
+    #[test]
+    fn the_watchdog_interval_is_ours_only() {
+        let d = Duration::from_secs(180);
+        assert_eq!(watchdog_from(Some("180000000"), None, 7), Some(d));
+        assert_eq!(watchdog_from(Some("180000000"), Some("7"), 7), Some(d));
+        assert_eq!(watchdog_from(Some("180000000"), Some("8"), 7), None);
+        assert_eq!(watchdog_from(Some("0"), None, 7), None);
+        assert_eq!(watchdog_from(Some("soon"), None, 7), None);
+        assert_eq!(watchdog_from(None, Some("7"), 7), None);
     }
 
     #[test]

@@ -314,6 +314,14 @@ impl Worker {
                     .schedule_retry(&att.id, now_ms(), &e.code, &e.message)?;
                 Ok(Done::AuthFailed)
             }
+            ErrorClass::ClockSkew => {
+                // The device clock, not the file: no attempt used, nothing failed.
+                warn!(id = %att.id, error = %e, "remote refused the device clock; upload waits");
+                self.store
+                    .borrow_mut()
+                    .hold_without_attempt(&att.id, &e.code, &e.message)?;
+                Ok(Done::ClockSkewed)
+            }
             class => {
                 if matches!(class, ErrorClass::Transient { .. }) {
                     // Every failed request is evidence the link may be down.

@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::bus::LoopBeat;
 pub use crate::bus::WatchMsg;
 use crate::ingest::{IngestError, Ingestor, Outcome};
 use crate::store::{Change, State, Store};
@@ -455,12 +456,18 @@ impl IngestLoop {
 
 /// Drives the ingest loop until `shutdown`: waits for inotify messages or the next
 /// settle/rescan deadline, then runs a turn off the reactor.
-pub async fn run(lp: IngestLoop, mut rx: UnboundedReceiver<WatchMsg>, shutdown: CancellationToken) {
+pub async fn run(
+    lp: IngestLoop,
+    mut rx: UnboundedReceiver<WatchMsg>,
+    shutdown: CancellationToken,
+    beat: LoopBeat,
+) {
     let mut lp = Some(lp);
     let mut msgs = Vec::new();
     loop {
         let mut l = lp.take().expect("ingest loop");
         let batch = std::mem::take(&mut msgs);
+        let busy = beat.busy();
         let turn = tokio::task::spawn_blocking(move || {
             let next = l.turn(batch);
             (l, next)
@@ -468,6 +475,7 @@ pub async fn run(lp: IngestLoop, mut rx: UnboundedReceiver<WatchMsg>, shutdown: 
         let Ok((l, next)) = turn.await else {
             return;
         };
+        drop(busy);
         lp = Some(l);
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -452,3 +452,42 @@ fn bad_condition_settings_are_one_line_naming_the_key() {
         assert!(err.contains(key), "{keys}: {err}");
     }
 }
+
+#[test]
+fn disk_low_raises_one_alarm_across_restarts_and_clears_when_space_returns() {
+    let mut env = env_with("", "");
+    let low = env
+        .toml
+        .replace("min_free_disk = 0\n", "min_free_disk = \"1000TB\"\n");
+    let fine = env.toml.clone();
+    let alarms = |env: &Env, kind: &str| -> Vec<serde_json::Value> {
+        events_of(env, kind)
+            .into_iter()
+            .filter(|e| e["reason"].as_str().unwrap_or("").starts_with("disk_low: "))
+            .collect()
+    };
+    env.write_config(&low);
+    let mut d = env.spawn();
+    env.wait(Some(&d), 20, "disk_low alarm", || {
+        alarms(&env, "alarm").len() == 1
+    });
+    d.terminate();
+    // Still low after a restart: the same episode, no second alarm.
+    let mut d = env.spawn();
+    env.wait(Some(&d), 20, "disk_low reported again", || {
+        env.status()["conditions"]["alarms"] == serde_json::json!(["disk_low"])
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(alarms(&env, "alarm").len(), 1, "{}", env.dump(Some(&d)));
+    assert!(alarms(&env, "alarm_cleared").is_empty());
+    d.terminate();
+    // Space returns: one alarm_cleared.
+    env.write_config(&fine);
+    let d = env.spawn();
+    env.wait(Some(&d), 20, "disk_low cleared", || {
+        alarms(&env, "alarm_cleared").len() == 1
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(alarms(&env, "alarm").len(), 1);
+    assert_eq!(alarms(&env, "alarm_cleared").len(), 1);
+}

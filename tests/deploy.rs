@@ -164,6 +164,115 @@ fn readiness_and_stopping_reach_the_notify_socket() {
     assert_eq!(&buf[..n], b"STOPPING=1");
 }
 
+/// Receives one datagram within `timeout`, or `None`.
+fn recv_within(sock: &UnixDatagram, timeout: Duration) -> Option<String> {
+    sock.set_read_timeout(Some(timeout)).unwrap();
+    let mut buf = [0u8; 512];
+    sock.recv(&mut buf)
+        .ok()
+        .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// Waits for a `WATCHDOG=1` within `timeout`, skipping other messages.
+fn next_ping(sock: &UnixDatagram, timeout: Duration) -> bool {
+    let until = std::time::Instant::now() + timeout;
+    while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+        match recv_within(sock, left.max(Duration::from_millis(1))) {
+            Some(m) if m == "WATCHDOG=1" => return true,
+            Some(_) => continue,
+            None => return false,
+        }
+    }
+    false
+}
+
+/// Reads pings until none came for `gap`; true if that happened within `within`.
+fn pings_stop(sock: &UnixDatagram, gap: Duration, within: Duration) -> bool {
+    let until = std::time::Instant::now() + within;
+    while std::time::Instant::now() < until {
+        if !next_ping(sock, gap) {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn watchdog_pings_only_while_the_loops_are_alive() {
+    let env = Env::new("");
+    let sock_path = env.dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    // systemd's WatchdogSec=2s: a ping every second, a blocking turn may take 2 s.
+    let d = env.spawn_with(&[
+        ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "2000000"),
+    ]);
+    assert_eq!(
+        recv_within(&sock, Duration::from_secs(20)).as_deref(),
+        Some("READY=1")
+    );
+    for i in 0..3 {
+        assert!(
+            next_ping(&sock, Duration::from_secs(5)),
+            "ping {i}\n{}",
+            env.dump(Some(&d))
+        );
+    }
+
+    // The whole process stopped: no pings (systemd would restart it), back with SIGCONT.
+    let pid = d.pid().to_string();
+    let signal = |sig: &str| {
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success())
+    };
+    signal("-STOP");
+    thread::sleep(Duration::from_millis(200));
+    while recv_within(&sock, Duration::from_millis(50)).is_some() {}
+    assert!(
+        !next_ping(&sock, Duration::from_secs(3)),
+        "a stopped process does not ping"
+    );
+    signal("-CONT");
+    assert!(next_ping(&sock, Duration::from_secs(5)), "pings resume");
+
+    // One loop wedged while the process runs: ingest blocks reading a sidecar that is a
+    // FIFO nobody writes. The other loops go on, the pings stop.
+    let photo = env.drop_file("c/r/IMG_1.jpg", &bytes(1, 5000));
+    env.wait(Some(&d), 30, "first photo synced", || {
+        env.count("synced") == 1
+    });
+    let fifo = env.capture.join("c/r/IMG_2.jpg.json");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    fs::write(photo.with_file_name("IMG_2.jpg"), bytes(2, 5000)).unwrap();
+    assert!(
+        pings_stop(&sock, Duration::from_secs(4), Duration::from_secs(30)),
+        "pings stop while ingest is wedged\n{}",
+        env.dump(Some(&d))
+    );
+    assert!(
+        d.log_text().contains("a loop is wedged") && d.log_text().contains("part=\"ingest\""),
+        "the log names the wedged loop\n{}",
+        tail(&d.log_text(), 30)
+    );
+    // Unwedged: pings come again and the photo goes up.
+    fs::write(&fifo, b"{}").unwrap();
+    assert!(next_ping(&sock, Duration::from_secs(5)), "pings resume");
+    env.wait(Some(&d), 30, "second photo synced", || {
+        env.count("synced") == 2
+    });
+    // The FIFO may be opened again (its change is news to ingest) and would hold up a
+    // clean stop: this test is about pings, not stopping.
+    let mut d = d;
+    d.kill9();
+}
+
 #[test]
 fn version_names_version_commit_and_target() {
     let out = Command::new(BIN).arg("--version").output().unwrap();
@@ -228,6 +337,7 @@ fn unit_file_is_hardened_and_agrees_with_the_production_config() {
     for (k, want) in [
         ("Type", "notify"),
         ("NotifyAccess", "main"),
+        ("WatchdogSec", "3min"),
         (
             "ExecStart",
             "/usr/bin/fieldsync --config /etc/fieldsync/fieldsync.toml run",

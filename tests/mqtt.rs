@@ -751,3 +751,128 @@ fn uploads_go_on_while_the_broker_is_a_black_hole() {
         d.log_text().contains("mqtt cannot connect")
     });
 }
+
+/// The `alarm` / `alarm_cleared` events whose reason starts with `code`, as MQTT carried
+/// them and as `fieldsync events` lists them.
+fn alarms(env: &Env, sub: &Sub, kind: &str, code: &str) -> (Vec<Value>, Vec<Value>) {
+    let of = |e: &Value| e["kind"] == kind && e["reason"].as_str().unwrap_or("").starts_with(code);
+    let pushed = events(sub, kind).into_iter().filter(|e| of(e)).collect();
+    let logged = env.events().into_iter().filter(|e| of(e)).collect();
+    (pushed, logged)
+}
+
+#[test]
+fn a_failed_photo_raises_one_alarm_and_its_upload_clears_it() {
+    let broker = Broker::start();
+    let mut env = Env::new(&broker.agent_config(""));
+    // An unreadable photo needs a daemon that permission bits apply to.
+    if is_root() {
+        env.run_as = Some(65534);
+        chown_tree(env.dir.path(), 65534);
+    }
+    let sub = Sub::new(broker.port, "fieldsync/dev1/#");
+    let d = env.spawn();
+    wait(&env, &d, &sub, &broker, 30, "online", || {
+        state_is(&sub, "online")
+    });
+    let staged = env.dir.path().join("locked.jpg");
+    fs::write(&staged, bytes(1, 10_000)).unwrap();
+    fs::set_permissions(&staged, fs::Permissions::from_mode(0o000)).unwrap();
+    fs::create_dir_all(env.capture.join("c1/r1")).unwrap();
+    let locked = env.capture.join("c1/r1/locked.jpg");
+    fs::rename(&staged, &locked).unwrap();
+    env.drop_file("c1/r1/fine.jpg", &bytes(2, 10_000));
+    wait(
+        &env,
+        &d,
+        &sub,
+        &broker,
+        30,
+        "a failed alarm on MQTT",
+        || !alarms(&env, &sub, "alarm", "failed").0.is_empty(),
+    );
+    let failed = env.list_state("failed");
+    assert_eq!(failed.len(), 1);
+    let id = failed[0]["id"].clone();
+    // Once per episode, however long it lasts.
+    std::thread::sleep(Duration::from_secs(3));
+    let (pushed, logged) = alarms(&env, &sub, "alarm", "failed");
+    assert_eq!(pushed.len(), 1, "{pushed:?}");
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert_eq!(pushed[0]["attachment_id"], id);
+    assert_eq!(pushed[0]["checklist"], "c1");
+    assert!(
+        pushed[0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("failed: read_error: "),
+        "{pushed:?}"
+    );
+    assert!(alarms(&env, &sub, "alarm_cleared", "failed").0.is_empty());
+
+    // Fixed and retried: it uploads, and the episode ends.
+    fs::set_permissions(&locked, fs::Permissions::from_mode(0o644)).unwrap();
+    env.cli_ok(&["retry", "--failed"]);
+    wait(&env, &d, &sub, &broker, 30, "alarm_cleared on MQTT", || {
+        !alarms(&env, &sub, "alarm_cleared", "failed").0.is_empty()
+    });
+    assert_eq!(env.count("synced"), 2);
+    let (pushed, logged) = alarms(&env, &sub, "alarm_cleared", "failed");
+    assert_eq!((pushed.len(), logged.len()), (1, 1), "{pushed:?}");
+    assert_eq!(pushed[0]["attachment_id"], id);
+    assert_eq!(pushed[0]["reason"], "failed: now synced");
+    assert_eq!(alarms(&env, &sub, "alarm", "failed").0.len(), 1);
+}
+
+#[test]
+fn a_photo_pending_too_long_raises_one_alarm_until_it_uploads() {
+    let broker = Broker::start();
+    let mut env = Env::new(&broker.agent_config(""));
+    let t = env
+        .toml
+        .replace("[upload]\n", "[upload]\npending_alarm_after = \"2s\"\n");
+    env.write_config(&t);
+    let sub = Sub::new(broker.port, "fieldsync/dev1/#");
+    env.cli_ok(&["pause"]);
+    let d = env.spawn();
+    wait(&env, &d, &sub, &broker, 30, "online", || {
+        state_is(&sub, "online")
+    });
+    env.drop_file("c1/r1/waiting.jpg", &bytes(3, 10_000));
+    wait(&env, &d, &sub, &broker, 30, "pending_too_old alarm", || {
+        !alarms(&env, &sub, "alarm", "pending_too_old").0.is_empty()
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let (pushed, logged) = alarms(&env, &sub, "alarm", "pending_too_old");
+    assert_eq!((pushed.len(), logged.len()), (1, 1), "{pushed:?}");
+    assert!(
+        pushed[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("longer than upload.pending_alarm_after (2s)"),
+        "{pushed:?}"
+    );
+    assert_eq!(env.count("synced"), 0);
+
+    env.cli_ok(&["resume"]);
+    wait(
+        &env,
+        &d,
+        &sub,
+        &broker,
+        30,
+        "pending_too_old cleared",
+        || {
+            !alarms(&env, &sub, "alarm_cleared", "pending_too_old")
+                .0
+                .is_empty()
+        },
+    );
+    assert_eq!(env.count("synced"), 1);
+    let (pushed, _) = alarms(&env, &sub, "alarm_cleared", "pending_too_old");
+    assert_eq!(pushed.len(), 1);
+    assert_eq!(
+        pushed[0]["reason"],
+        "pending_too_old: nothing waits to upload"
+    );
+}

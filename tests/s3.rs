@@ -667,3 +667,83 @@ fn parallel_parts_land_byte_identical_and_resume_after_kill9() {
     );
     assert!(before + after <= size + 4 * part + OVERHEAD);
 }
+
+/// libfaketime, which runs the real binary with a wrong clock (Debian package `faketime`).
+fn libfaketime() -> Option<std::path::PathBuf> {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/arm-linux-gnueabihf/faketime/libfaketimeMT.so.1",
+        "/usr/lib/faketime/libfaketimeMT.so.1",
+    ]
+    .into_iter()
+    .map(std::path::PathBuf::from)
+    .find(|p| p.exists())
+}
+
+#[test]
+fn a_wrong_clock_waits_as_clock_skew_and_resumes_once_the_clock_is_set() {
+    let Some(lib) = libfaketime() else {
+        eprintln!("SKIP: libfaketime not installed (apt-get install faketime)");
+        return;
+    };
+    let server = S3Server::start();
+    let env = s3_env(&server.endpoint(), SECRET_KEY, "");
+    for i in 0..3 {
+        env.drop_file(&format!("c/r/p{i}.jpg"), &bytes(i, 40_000 + i as usize));
+    }
+    // The daemon's clock, set live through libfaketime's timestamp file (re-read every
+    // second); the monotonic clock stays real, as it does when NTP steps the wall clock.
+    let clock = env.dir.path().join("faketime");
+    std::fs::write(&clock, "-20000d\n").unwrap(); // a board without RTC: 1971
+    let d = env.spawn_with(&[
+        ("LD_PRELOAD", lib.to_str().unwrap()),
+        ("FAKETIME_TIMESTAMP_FILE", clock.to_str().unwrap()),
+        ("FAKETIME_CACHE_DURATION", "1"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ]);
+    env.wait(Some(&d), 30, "paused with reason clock_skew", || {
+        env.status()["pause_reason"] == "clock_skew"
+    });
+    let waiting = |env: &Env, why: &str| {
+        let status = env.status();
+        assert_eq!(status["pause_reason"], "clock_skew", "{why}: {status}");
+        assert_eq!(status["conditions"]["clock_skewed"], true, "{status}");
+        assert_eq!(status["conditions"]["auth_failed"], false, "{status}");
+        assert_eq!(status["counts"]["failed"]["count"], 0, "{status}");
+        assert_eq!(status["counts"]["queued_upload"]["count"], 3, "{status}");
+        for a in env.list() {
+            assert_eq!(a["attempts"], 0, "{why}: no attempt used\n{a}");
+        }
+        assert!(server.client().list("").is_empty());
+    };
+    waiting(&env, "1971");
+    assert!(
+        env.list().iter().any(|a| a["last_error_code"]
+            .as_str()
+            .is_some_and(|c| c == "clock_skew" || c.starts_with("s3_"))),
+        "{}",
+        env.dump(Some(&d))
+    );
+    // Two hours ahead: s3s-fs answers RequestTimeTooSkewed; still waiting, nothing used.
+    std::fs::write(&clock, "+2h\n").unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    waiting(&env, "two hours ahead");
+    assert!(
+        d.log_text().contains("device clock"),
+        "the log names the clock\n{}",
+        env.dump(Some(&d))
+    );
+
+    // NTP syncs: the uploads resume by themselves, without a restart.
+    std::fs::write(&clock, "+0\n").unwrap();
+    env.wait(Some(&d), 30, "3 synced after the clock was set", || {
+        env.count("synced") == 3
+    });
+    assert_bucket_matches(&env, &server.client());
+    let status = env.status();
+    assert!(status["pause_reason"].is_null(), "{status}");
+    assert_eq!(status["conditions"]["clock_skewed"], false);
+    assert_eq!(env.count("failed"), 0);
+    assert!(env.list().iter().all(|a| a["attempts"] == 0));
+}

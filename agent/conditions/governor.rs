@@ -86,6 +86,35 @@ struct Budget {
     used: u64,
 }
 
+impl Budget {
+    /// The budget for local day `today` (`YYYY-MM-DD`): this one, or a fresh one when
+    /// `today` is a later day. The day only moves forward: a clock set back (a board
+    /// without a real-time clock boots in 1970, then NTP puts it right) keeps counting
+    /// against the day already counted, so neither the jump back nor the jump forward
+    /// again resets the count.
+    fn for_day(self, today: &str) -> (Budget, bool) {
+        let later = match (
+            self.day.parse::<jiff::civil::Date>(),
+            today.parse::<jiff::civil::Date>(),
+        ) {
+            (Ok(counted), Ok(today)) => today > counted,
+            // Unreadable (hand-edited) day: start afresh rather than never reset.
+            _ => self.day != today,
+        };
+        if later {
+            (
+                Budget {
+                    day: today.to_string(),
+                    used: 0,
+                },
+                true,
+            )
+        } else {
+            (self, false)
+        }
+    }
+}
+
 /// Facts the monitor observes, plus what only status needs.
 #[derive(Debug, Clone, Default)]
 struct Observed {
@@ -196,13 +225,13 @@ impl Governor {
     ) -> Result<Arc<Governor>, StoreError> {
         let c = settings.conditions.clone();
         let today = probes::local_now();
-        let budget = store
-            .metered_budget::<Budget>()?
-            .filter(|b| b.day == today.date)
-            .unwrap_or(Budget {
+        let budget = match store.metered_budget::<Budget>()? {
+            Some(b) => b.for_day(&today.date).0,
+            None => Budget {
                 day: today.date.clone(),
                 used: 0,
-            });
+            },
+        };
         let gov = Arc::new(Governor {
             live: RwLock::new(Arc::new(Live::new(c, settings.retention.clone()))),
             state_dir: settings.state_dir.clone(),
@@ -250,7 +279,8 @@ impl Governor {
         self.live().policy.clone()
     }
 
-    /// Copies the probed facts into the scheduler's (which owns operator and auth).
+    /// Copies the probed facts into the scheduler's (which owns operator, auth and the
+    /// clock).
     pub fn observe(&self, f: &mut Facts) {
         let i = lock(&self.inner);
         f.offline = i.seen.offline;
@@ -442,8 +472,9 @@ impl Governor {
     pub fn probe_remote(&self) -> (bool, Option<RemoteError>) {
         let (reachable, failure) = match self.remote.probe() {
             Ok(()) => (true, None),
-            // Credentials are the scheduler's `auth` condition; the link is fine.
-            Err(e) if e.class == ErrorClass::Auth => (true, None),
+            // Credentials and the clock are the scheduler's `auth` and `clock_skew`
+            // conditions; the link is fine.
+            Err(e) if matches!(e.class, ErrorClass::Auth | ErrorClass::ClockSkew) => (true, None),
             Err(e) => (false, Some(e)),
         };
         let mut i = lock(&self.inner);
@@ -524,12 +555,11 @@ impl Governor {
             )
         };
         let before = judged(&i);
-        if i.budget.day != t.date {
-            info!(day = %t.date, used_yesterday = i.budget.used, "new day: metered data budget reset");
-            i.budget = Budget {
-                day: t.date.clone(),
-                used: 0,
-            };
+        let used_before = i.budget.used;
+        let (budget, new_day) = std::mem::take(&mut i.budget).for_day(&t.date);
+        i.budget = budget;
+        if new_day {
+            info!(day = %t.date, used_yesterday = used_before, "new day: metered data budget reset");
             i.budget_version += 1;
             i.generation += 1;
         }
@@ -649,6 +679,41 @@ impl Drop for Ticket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_budget_day_only_moves_forward_when_the_clock_jumps() {
+        let b = |day: &str, used| Budget {
+            day: day.into(),
+            used,
+        };
+        // A fake clock's days as a board without RTC sees them: counting on 1 December,
+        // a reboot in 1970, NTP puts the clock right, the next day comes.
+        let mut budget = b("2026-12-01", 10);
+        let mut resets = 0;
+        for (today, used_after) in [
+            ("2026-12-01", 10),
+            ("1970-01-01", 10),
+            ("1970-01-01", 10),
+            ("2026-12-01", 10),
+            ("2026-11-30", 10),
+            ("2026-12-02", 0),
+            ("2026-12-02", 0),
+        ] {
+            let (next, reset) = budget.for_day(today);
+            resets += reset as u32;
+            assert_eq!(next.used, used_after, "on {today}");
+            budget = next;
+        }
+        assert_eq!(resets, 1, "one new day, one reset");
+        assert_eq!(budget.day, "2026-12-02");
+        // The day does not go back with the clock.
+        assert_eq!(b("2026-12-02", 5).for_day("1970-01-01").0.day, "2026-12-02");
+        // A hand-edited day is replaced rather than kept forever.
+        assert_eq!(
+            b("someday", 5).for_day("2026-12-02"),
+            (b("2026-12-02", 0), true)
+        );
+    }
 
     #[test]
     fn bucket_paces_to_the_configured_rate() {

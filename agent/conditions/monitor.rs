@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::governor::Governor;
-use crate::bus::{MonitorMsg, SchedMsg};
+use crate::bus::{LoopBeat, MonitorMsg, SchedMsg};
 use crate::store::{EventKind, EventOutcome, Store};
 
 /// Remote probes while offline back off from this to [`OFFLINE_PROBE_MAX`].
@@ -122,6 +122,7 @@ pub async fn run(
     mut rx: UnboundedReceiver<MonitorMsg>,
     wake: UnboundedSender<SchedMsg>,
     shutdown: CancellationToken,
+    beat: LoopBeat,
 ) {
     let mut state = MonitorState::new(gov.probe_interval(), Instant::now());
     // The store and the eviction memory travel into each blocking round and back.
@@ -171,9 +172,11 @@ pub async fn run(
             }
             (store, evict_seen, changed, reachable)
         });
+        let busy = beat.busy();
         let Ok((store, evict_seen, changed, reachable)) = job.await else {
             return;
         };
+        drop(busy);
         held = Some((store, evict_seen));
         if let Some(ok) = reachable {
             state.remote_probed(ok, Instant::now());

@@ -19,6 +19,8 @@ pub struct ConditionsReport {
     pub bandwidth: BandwidthReport,
     pub battery: BatteryReport,
     pub budget: BudgetReport,
+    /// The remote refused the device clock (`clock_skew`).
+    pub clock_skewed: bool,
     pub cpu: CpuReport,
     /// Files held back by a per-file reason, counted by reason code.
     pub deferred: BTreeMap<String, usize>,
@@ -132,6 +134,7 @@ pub fn build(
     ConditionsReport {
         alarms: codes(&mut failing.iter().filter(|r| **r == Reason::DiskLow)),
         auth_failed: f.auth_failed,
+        clock_skewed: f.clock_skewed,
         bandwidth: BandwidthReport {
             limit_bytes_per_s: c.rate,
         },
@@ -252,6 +255,7 @@ mod tests {
             "deferred": {"metered_file_too_large": 3},
             "operator_paused": false,
             "auth_failed": false,
+            "clock_skewed": false,
             "network": {"online": true, "interface": "wwan0", "metered": true, "metered_policy": "budget"},
             "budget": {"day": "2026-11-22", "limit": p.daily_budget, "used": 10, "reserved": 5,
                        "remaining": p.daily_budget - 10, "max_file_size": p.metered_max_file_size},

@@ -95,6 +95,10 @@ pub enum ErrorClass {
     Permanent,
     /// Credentials were refused (401/403): pause the whole queue, do not burn retries.
     Auth,
+    /// The server refused the request's time (`RequestTimeTooSkewed`, or a 401/403 while
+    /// the local clock is far from the server's `Date`): the device clock is wrong, so
+    /// every request would fail the same way. Pause the queue until the clock is right.
+    ClockSkew,
     /// The local file's bytes no longer hash to the ingest sha256: re-ingest it.
     LocalChanged,
     /// The local file vanished.

@@ -721,6 +721,9 @@ pub fn status_error(
         (_, "BadDigest" | "InvalidDigest" | "XAmzContentChecksumMismatch" | "RequestTimeout") => {
             ErrorClass::Transient { retry_after: None }
         }
+        // The signature's time is too far from the server's: the device clock is wrong
+        // (a board without an RTC before NTP synced). Not the credentials.
+        (_, "RequestTimeTooSkewed") => ErrorClass::ClockSkew,
         // Credentials or signing set-up (expired session token, wrong region in the
         // signature): every file would fail the same way, so pause rather than fail each.
         (
@@ -745,8 +748,54 @@ pub fn status_error(
 pub fn answer_error(mut resp: ureq::http::Response<ureq::Body>, what: &str) -> RemoteError {
     let status = resp.status().as_u16();
     let retry_after = header(&resp, "retry-after");
+    let date = header(&resp, "date");
     let says = parse_error_body(&read_body(&mut resp));
-    status_error(status, retry_after.as_deref(), &says, what)
+    let e = status_error(status, retry_after.as_deref(), &says, what);
+    with_clock_check(e, date.as_deref(), SystemTime::now())
+}
+
+/// How far the local clock may be from the server's `Date` before a refused request is
+/// blamed on the clock rather than the credentials. S3 itself allows 15 minutes; some
+/// S3-compatible stores allow less, so a refusal with the clock 5 minutes off is already
+/// the clock's fault as far as an operator can tell.
+pub const CLOCK_TOLERANCE: Duration = Duration::from_secs(5 * 60);
+
+/// How far the local clock `now` is from the server's `Date` header, in seconds
+/// (positive: the device is ahead). `None` without a parseable header.
+pub fn clock_offset(date: Option<&str>, now: SystemTime) -> Option<i64> {
+    let server = parse_http_date(date?)? as i64;
+    let local = match now.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    };
+    Some(local - server)
+}
+
+/// A refused request (401/403) is the clock's fault when the local clock is more than
+/// [`CLOCK_TOLERANCE`] from the server's `Date`, unless the server named the key as the
+/// problem: a HEAD's answer has no body to say `RequestTimeTooSkewed`, and a presigned
+/// request signed in 1970 is refused as `AccessDenied: Request has expired`. Any
+/// clock-skew error gets the offset in its message.
+pub fn with_clock_check(mut e: RemoteError, date: Option<&str>, now: SystemTime) -> RemoteError {
+    const THE_KEY: [&str; 2] = ["s3_InvalidAccessKeyId", "s3_SignatureDoesNotMatch"];
+    let Some(offset) = clock_offset(date, now) else {
+        return e;
+    };
+    if e.class == ErrorClass::Auth
+        && !THE_KEY.contains(&e.code.as_str())
+        && offset.unsigned_abs() > CLOCK_TOLERANCE.as_secs()
+    {
+        e.class = ErrorClass::ClockSkew;
+        if e.code.starts_with("http_") {
+            e.code = "clock_skew".into();
+        }
+    }
+    if e.class == ErrorClass::ClockSkew {
+        e.message.push_str(&format!(
+            " (device clock {offset:+} s from the server's Date)"
+        ));
+    }
+    e
 }
 
 /// Retry-After as delta-seconds or an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
@@ -896,6 +945,56 @@ mod tests {
         assert_eq!(e.code, "s3_InvalidArgument");
         assert_eq!(e.message, "put: HTTP 400 InvalidArgument: m x");
         assert_eq!(status_error(413, None, &none, "x").code, "http_413");
+    }
+
+    #[test]
+    fn skewed_clocks_are_told_from_bad_credentials() {
+        let says = |code: &str| ServerSays {
+            code: Some(code.into()),
+            message: None,
+        };
+        // The server's code decides, whatever the Date.
+        let e = status_error(403, None, &says("RequestTimeTooSkewed"), "put");
+        assert_eq!(e.class, ErrorClass::ClockSkew);
+        assert_eq!(e.code, "s3_RequestTimeTooSkewed");
+        let server = "Sun, 06 Nov 1994 08:49:37 GMT";
+        let at = |secs: u64| UNIX_EPOCH + Duration::from_secs(secs);
+        // A bodyless 403 (HEAD) with the clock in 1970: the clock.
+        let head = || status_error(403, None, &ServerSays::default(), "head bucket");
+        let e = with_clock_check(head(), Some(server), at(0));
+        assert_eq!(e.class, ErrorClass::ClockSkew);
+        assert_eq!(e.code, "clock_skew");
+        assert!(e
+            .message
+            .ends_with("(device clock -784111777 s from the server's Date)"));
+        // Two hours ahead: the clock. Within the tolerance: the credentials.
+        let e = with_clock_check(head(), Some(server), at(784111777 + 7200));
+        assert_eq!(e.class, ErrorClass::ClockSkew);
+        let e = with_clock_check(head(), Some(server), at(784111777 + 60));
+        assert_eq!(e.class, ErrorClass::Auth);
+        assert_eq!(e.code, "http_403");
+        // An expired presigned request, with the clock in 1970: the clock.
+        let e = with_clock_check(
+            status_error(403, None, &says("AccessDenied"), "put"),
+            Some(server),
+            at(0),
+        );
+        assert_eq!(
+            (e.class, e.code.as_str()),
+            (ErrorClass::ClockSkew, "s3_AccessDenied")
+        );
+        // A refusal naming the key stays what the server said; no Date, no guess.
+        let e = with_clock_check(
+            status_error(403, None, &says("InvalidAccessKeyId"), "put"),
+            Some(server),
+            at(0),
+        );
+        assert_eq!(e.class, ErrorClass::Auth);
+        assert_eq!(
+            with_clock_check(head(), None, at(0)).class,
+            ErrorClass::Auth
+        );
+        assert_eq!(clock_offset(Some("soon"), at(0)), None);
     }
 
     #[test]
