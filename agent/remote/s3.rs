@@ -39,11 +39,11 @@ use crate::units::Size;
 use crate::util::hex;
 
 /// S3's limits on multipart uploads.
-const MIN_PART: u64 = 5 * MIB;
-const MAX_PART: u64 = 5 * 1024 * MIB;
-const MAX_PARTS: u64 = 10_000;
+pub(super) const MIN_PART: u64 = 5 * MIB;
+pub(super) const MAX_PART: u64 = 5 * 1024 * MIB;
+pub(super) const MAX_PARTS: u64 = 10_000;
 /// The largest object a single PUT may create.
-const MAX_SINGLE_PUT: u64 = 5 * 1024 * MIB;
+pub(super) const MAX_SINGLE_PUT: u64 = 5 * 1024 * MIB;
 
 /// Lifetime of the presigned URL of one request. The signature is checked when a request
 /// starts, so this only has to cover the gap between signing and sending; short limits the
@@ -999,7 +999,7 @@ fn check_sha(sha: &[u8; 32], expect: &str) -> Result<(), RemoteError> {
 }
 
 /// ETags compare without their quotes (some servers list them unquoted).
-fn same_etag(a: &str, b: &str) -> bool {
+pub(super) fn same_etag(a: &str, b: &str) -> bool {
     a.trim_matches('"') == b.trim_matches('"')
 }
 
