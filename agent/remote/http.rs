@@ -496,10 +496,7 @@ impl HttpRemote {
     /// Calls the backend's multipart API. 401/403 are the device token (the `auth`
     /// pause); 404 is answered as [`Fail::NoSuchUpload`], or [`Fail::Unsupported`] for
     /// `create` (404/405/501: a backend without these calls).
-    fn multipart_call<T: DeserializeOwned>(
-        &self,
-        req: &MultipartRequest<'_>,
-    ) -> Result<T, Fail> {
+    fn multipart_call<T: DeserializeOwned>(&self, req: &MultipartRequest<'_>) -> Result<T, Fail> {
         let what = format!("multipart {}", req.action);
         let body = serde_json::to_vec(req).expect("multipart request serialises");
         let mut resp = self
@@ -525,8 +522,7 @@ impl HttpRemote {
             .map_err(|e| net::transport_error(e, &what))?;
         let text = if text.trim().is_empty() { "{}" } else { &text };
         serde_json::from_str(text).map_err(|e| {
-            RemoteError::transient("bad_response", format!("{what}: unreadable answer: {e}"))
-                .into()
+            RemoteError::transient("bad_response", format!("{what}: unreadable answer: {e}")).into()
         })
     }
 
@@ -595,8 +591,9 @@ impl HttpRemote {
             }
             let d = net::digest_range(&job.path, offset, len, true, false, whole.as_mut())?;
             let md5 = b64(&d.md5.unwrap_or_default());
-            let (etag, sent) =
-                self.put_part(job, &upload_id, pn, n_parts, offset, len, &md5, confirmed, ctx)?;
+            let (etag, sent) = self.put_part(
+                job, &upload_id, pn, n_parts, offset, len, &md5, confirmed, ctx,
+            )?;
             sent_now += sent;
             let rec = PartRecord {
                 part_number: pn,

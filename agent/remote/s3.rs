@@ -670,8 +670,7 @@ impl S3Remote {
                         if stop.load(Ordering::Relaxed) {
                             return;
                         }
-                        let Some(pn) = next.lock().unwrap_or_else(|e| e.into_inner()).next()
-                        else {
+                        let Some(pn) = next.lock().unwrap_or_else(|e| e.into_inner()).next() else {
                             return;
                         };
                         let offset = (pn as u64 - 1) * part_size;
