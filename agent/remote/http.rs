@@ -886,4 +886,55 @@ mod tests {
             serde_json::from_str(r#"{"url":"https://s/x","headers":{"content-md5":"m"}}"#).unwrap();
         assert_eq!(p.headers["content-md5"], "m");
     }
+
+    #[test]
+    fn multipart_calls_have_the_documented_fields() {
+        let v = serde_json::to_value(MultipartRequest {
+            upload_id: Some("u1"),
+            part_number: Some(3),
+            size: Some(8),
+            content_md5: Some("md"),
+            ..MultipartRequest::new("dev1", "part", "fs/k.mp4")
+        })
+        .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"device_id":"dev1","action":"part","key":"fs/k.mp4",
+                "upload_id":"u1","part_number":3,"size":8,"content_md5":"md"})
+        );
+        let v = serde_json::to_value(MultipartRequest {
+            upload_id: Some("u1"),
+            parts: Some(vec![PartRef {
+                part_number: 1,
+                size: None,
+                etag: "\"e\"".into(),
+            }]),
+            ..MultipartRequest::new("dev1", "complete", "fs/k.mp4")
+        })
+        .unwrap();
+        assert_eq!(
+            v["parts"],
+            serde_json::json!([{"part_number":1,"etag":"\"e\""}])
+        );
+        let l: Listed =
+            serde_json::from_str(r#"{"parts":[{"part_number":2,"size":5,"etag":"x"}]}"#).unwrap();
+        assert_eq!(l.parts[0].size, Some(5));
+        let c: Completed = serde_json::from_str("{}").unwrap();
+        assert_eq!(c.etag, None);
+    }
+
+    #[test]
+    fn multipart_sizes_are_validated() {
+        let base = "endpoint = \"https://api.example.com/presign\"\ntoken = \"t\"\n";
+        let c: HttpConfig = toml::from_str(base).unwrap();
+        assert_eq!((c.multipart_threshold.0, c.part_size.0), (8 * MIB, 8 * MIB));
+        let c: HttpConfig = toml::from_str(&format!("{base}part_size = \"1MiB\"")).unwrap();
+        assert_eq!(c.validate().unwrap_err().0, "remote.http.part_size");
+        let c: HttpConfig =
+            toml::from_str(&format!("{base}multipart_threshold = \"6GiB\"")).unwrap();
+        assert_eq!(
+            c.validate().unwrap_err().0,
+            "remote.http.multipart_threshold"
+        );
+    }
 }
