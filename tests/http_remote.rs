@@ -181,7 +181,7 @@ fn killed_mid_presigned_multipart_resends_at_most_one_part_and_progress_moves_wi
         let sent = env.status()["uploading"][0]["bytes_sent"]
             .as_u64()
             .unwrap_or(0);
-        if sent % part != 0 && sent < size {
+        if !sent.is_multiple_of(part) && sent < size {
             mid_part.get_or_insert(sent);
         }
         sent >= 30_000_000
@@ -210,6 +210,7 @@ fn killed_mid_presigned_multipart_resends_at_most_one_part_and_progress_moves_wi
         env.dump(Some(&d))
     );
     let total = before + after;
+    eprintln!("forwarded {before} before the kill, {after} after; {committed} were committed");
     assert!(
         total <= size + part + OVERHEAD,
         "{total} bytes forwarded for a {size} byte file (part {part})\n{}",

@@ -688,7 +688,7 @@ fn progress_moves_within_parts() {
         let sent = env.status()["uploading"][0]["bytes_sent"]
             .as_u64()
             .unwrap_or(0);
-        if sent % part != 0 && sent < size {
+        if !sent.is_multiple_of(part) && sent < size {
             mid_part = Some(sent);
         }
         mid_part.is_some()

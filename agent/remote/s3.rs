@@ -654,7 +654,7 @@ impl S3Remote {
         std::thread::scope(|scope| {
             let (rtx, rrx) = mpsc::channel::<(usize, Result<(PartRecord, u64), Fail>)>();
             let mut acks = Vec::new();
-            for w in 0..width {
+            for (w, slot) in in_flight.iter().enumerate() {
                 let rtx = rtx.clone();
                 // Invariant: a sender starts the body of its next part only after the
                 // caller committed its previous one, so at most `width` parts are ever
@@ -663,7 +663,6 @@ impl S3Remote {
                 acks.push(ack_tx);
                 let (next, stop, have, whole, upload_id) =
                     (&next, &stop, &have, &whole, &upload_id);
-                let slot = &in_flight[w];
                 scope.spawn(move || {
                     let mut awaiting_ack = false;
                     loop {
