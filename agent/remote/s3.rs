@@ -669,7 +669,8 @@ impl S3Remote {
                         if stop.load(Ordering::Relaxed) {
                             return;
                         }
-                        let Some(pn) = next.lock().unwrap_or_else(|e| e.into_inner()).next() else {
+                        let taken = next.lock().unwrap_or_else(|e| e.into_inner()).next();
+                        let Some(pn) = taken else {
                             return;
                         };
                         let offset = (pn as u64 - 1) * part_size;
@@ -719,6 +720,7 @@ impl S3Remote {
             drop(rtx);
             // Parts are committed here, on the caller's thread, as each is acknowledged;
             // between acknowledgements progress includes the bytes in flight.
+            let mut last_moving = 0u64;
             loop {
                 match rrx.recv_timeout(PROGRESS_TICK) {
                     Ok((w, Ok((rec, sent)))) => {
@@ -737,7 +739,11 @@ impl S3Remote {
                     }
                     Err(mpsc::RecvTimeoutError::Timeout) => {
                         let moving: u64 = in_flight.iter().map(|s| s.load(Ordering::Relaxed)).sum();
-                        (ctx.progress)(confirmed + moving);
+                        // Only news is reported: a stalled link writes nothing.
+                        if moving > 0 && moving != last_moving {
+                            (ctx.progress)(confirmed + moving);
+                        }
+                        last_moving = moving;
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
