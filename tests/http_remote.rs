@@ -10,12 +10,49 @@ use common::s3::*;
 use common::*;
 
 const TOKEN: &str = "device-token-7Hq2mZ0pXw";
+const MIB: u64 = 1024 * 1024;
+/// Slack for request lines and headers (presigned URLs are long) on top of body bytes.
+const OVERHEAD: u64 = 256 * 1024;
+/// Multipart from 5 MiB, in 5 MiB parts.
+const MULTIPART: &str = "multipart_threshold = \"5MiB\"\npart_size = \"5MiB\"\n";
 
 fn http_env(presign: &PresignService, token: &str) -> Env {
+    http_env_with(presign, token, "")
+}
+
+fn http_env_with(presign: &PresignService, token: &str, extra: &str) -> Env {
     Env::new(&format!(
-        "[remote]\nkind = \"http\"\nprefix = \"fs\"\n\n[remote.http]\nendpoint = \"{}\"\ntoken = \"{token}\"\nconnect_timeout = \"2s\"\nread_timeout = \"5s\"\n",
+        "[remote]\nkind = \"http\"\nprefix = \"fs\"\n\n[remote.http]\nendpoint = \"{}\"\ntoken = \"{token}\"\nconnect_timeout = \"2s\"\nread_timeout = \"5s\"\n{extra}",
         presign.endpoint()
     ))
+}
+
+/// Committed parts (count, bytes) in the queue database (the CLI does not show them).
+fn committed_parts(env: &Env) -> (i64, i64) {
+    let db = rusqlite::Connection::open(env.state.join("queue.db")).unwrap();
+    db.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM upload_parts",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}
+
+/// The object of the only attachment equals `data`, with its sha256 metadata.
+fn assert_one_object(env: &Env, server: &S3Server, data: &[u8]) -> String {
+    let list = env.list();
+    assert_eq!(list.len(), 1);
+    let key = list[0]["object_key"].as_str().unwrap().to_string();
+    let client = server.client();
+    let body = client.get(&key).expect("object in the bucket");
+    assert_eq!(body.len(), data.len(), "size of {key}");
+    assert_eq!(sha256_hex(&body), sha256_hex(data), "bytes of {key}");
+    assert_eq!(
+        client.head(&key).unwrap()["x-amz-meta-sha256"],
+        sha256_hex(data)
+    );
+    assert_eq!(client.list("fs/").len(), 1, "one object");
+    key
 }
 
 #[test]
@@ -105,4 +142,116 @@ fn refused_device_token_pauses_with_auth_and_never_leaks() {
             .unwrap(),
         bytes(1, 10_000)
     );
+}
+
+#[test]
+fn presigned_multipart_of_100_mb_lands_byte_identical() {
+    let server = S3Server::start();
+    let presign = PresignService::start(&server.endpoint(), TOKEN);
+    let env = http_env_with(&presign, TOKEN, MULTIPART);
+    let data = bytes(11, 100_000_000);
+    env.drop_file("pump-2/row-1/VID_0002.mp4", &data);
+    let d = env.spawn();
+    env.wait(Some(&d), 120, "synced", || env.count("synced") == 1);
+    let key = assert_one_object(&env, &server, &data);
+    // 20 parts of at most 5 MiB, each presigned once; no whole-file PUT.
+    assert_eq!(presign.count("multipart_create", &key), 1);
+    assert_eq!(presign.count("multipart_part", &key), 20);
+    assert_eq!(presign.count("multipart_complete", &key), 1);
+    assert_eq!(presign.count("PUT", &key), 0);
+    assert_eq!(committed_parts(&env).0, 0, "parts forgotten once complete");
+}
+
+#[test]
+fn killed_mid_presigned_multipart_resends_at_most_one_part_and_progress_moves_within_parts() {
+    let server = S3Server::start();
+    // The proxy sits between the device and storage: the backend presigns URLs for it.
+    let proxy = FaultProxy::start(server.addr());
+    let presign = PresignService::start_via(&server.endpoint(), &proxy.endpoint(), TOKEN);
+    let env = http_env_with(&presign, TOKEN, MULTIPART);
+    let part = 5 * MIB;
+    let size = 100_000_000u64;
+    let data = bytes(42, size as usize);
+    env.drop_file("pump-7/row-3/VID_0001.mp4", &data);
+    proxy.set_throttle(10_000_000);
+    let mut d = env.spawn();
+    // Status shows progress between part boundaries, not only per acknowledged part.
+    let mut mid_part = None;
+    env.wait(Some(&d), 120, "30 MB sent", || {
+        let sent = env.status()["uploading"][0]["bytes_sent"]
+            .as_u64()
+            .unwrap_or(0);
+        if !sent.is_multiple_of(part) && sent < size {
+            mid_part.get_or_insert(sent);
+        }
+        sent >= 30_000_000
+    });
+    assert!(
+        mid_part.is_some(),
+        "bytes_sent only moved at part boundaries"
+    );
+    d.kill9();
+    // What the dead process had already written still drains through the proxy.
+    proxy.set_throttle(0);
+    proxy.wait_closed(Duration::from_secs(30));
+    let before = proxy.up_bytes();
+    let (parts, committed) = committed_parts(&env);
+    assert!(parts >= 4, "parts committed before the kill: {parts}");
+
+    let d = env.spawn();
+    env.wait(Some(&d), 120, "synced after restart", || {
+        env.count("synced") == 1
+    });
+    let after = proxy.up_bytes() - before;
+    assert_one_object(&env, &server, &data);
+    assert!(
+        after <= size - committed as u64 + OVERHEAD,
+        "sent {after} after restart; {committed} of {size} were committed\n{}",
+        env.dump(Some(&d))
+    );
+    let total = before + after;
+    eprintln!("forwarded {before} before the kill, {after} after; {committed} were committed");
+    assert!(
+        total <= size + part + OVERHEAD,
+        "{total} bytes forwarded for a {size} byte file (part {part})\n{}",
+        env.dump(Some(&d))
+    );
+    assert!(d.log_text().contains("resuming multipart upload"));
+    assert_eq!(committed_parts(&env).0, 0, "parts forgotten once complete");
+}
+
+#[test]
+fn backend_without_multipart_gets_single_puts() {
+    let server = S3Server::start();
+    let presign = PresignService::start(&server.endpoint(), TOKEN);
+    presign.multipart.store(false, Ordering::SeqCst);
+    let env = http_env_with(&presign, TOKEN, MULTIPART);
+    let d = env.spawn();
+    let a = bytes(5, 12_000_000);
+    env.drop_file("c/r/VID_a.mp4", &a);
+    env.wait(Some(&d), 60, "first synced", || env.count("synced") == 1);
+    let key_a = assert_one_object(&env, &server, &a);
+    assert_eq!(presign.count("multipart_create", &key_a), 1);
+    assert_eq!(presign.count("PUT", &key_a), 1, "sent in one PUT");
+    // Remembered: the next large file goes straight to a single PUT.
+    env.drop_file("c/r/VID_b.mp4", &bytes(6, 12_000_000));
+    env.wait(Some(&d), 60, "both synced", || env.count("synced") == 2);
+    for a in env.list() {
+        let key = a["object_key"].as_str().unwrap();
+        let local = std::fs::read(a["local_uri"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            sha256_hex(&server.client().get(key).unwrap()),
+            sha256_hex(&local)
+        );
+        assert_eq!(presign.count("PUT", key), 1, "{key}");
+    }
+    let creates = presign
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(m, _)| m == "multipart_create")
+        .count();
+    assert_eq!(creates, 1, "the missing multipart calls are remembered");
+    assert!(d.log_text().contains("offers no multipart upload"));
 }

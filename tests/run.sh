@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine or a developer's: installs the real peers
 # the integration tests start (mosquitto, the s3s-fs S3 server, rclone for the benchmark
-# comparison) when they are missing, then runs every test.
+# comparison, tinyproxy for the proxy tests, libfaketime for the clock-skew test) when they
+# are missing, then runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,8 @@ command -v mosquitto >/dev/null 2>&1 || need_apt+=(mosquitto mosquitto-clients)
 command -v rclone >/dev/null 2>&1 || need_apt+=(rclone)
 command -v setpriv >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/sbin/tinyproxy ] || need_apt+=(tinyproxy)
+ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1 || need_apt+=(faketime)
 if ! command -v s3s-fs >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/s3s-fs" ]; then
   [ -x /usr/bin/rustc ] && /usr/bin/rustc --version | grep -q 'rustc 1\.9[6-9]\|rustc 1\.[1-9][0-9][0-9]' || need_apt+=(rustc-web cargo-web)
 fi

@@ -6,6 +6,14 @@
 //! performs the request there. The format is documented in the README (`## S3 and HTTP
 //! remotes`).
 //!
+//! Files above `multipart_threshold` go as a multipart upload through the backend's
+//! `<endpoint>/multipart` calls (create, presign a part, list, complete, abort): the
+//! backend talks to storage for all but the parts, which the device PUTs to presigned
+//! URLs. The upload id and each acknowledged part are committed through the
+//! [`ResumeLog`](super::ResumeLog) before the next part's first byte is sent, so a crash
+//! re-sends at most one part. A backend without these calls (404/405/501 to create) gets
+//! single PUTs, remembered until restart.
+//!
 //! A presigned URL can expire between the answer and its use (a slow link, a paused
 //! queue, a clock far off): storage then answers 403. That is not the device's
 //! credentials failing, so it asks for a fresh URL once and, if storage refuses again,
@@ -15,13 +23,19 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
-use tracing::info;
+use sha2::{Digest as _, Sha256};
+use tracing::{debug, info};
 
-use super::net::{self, b64, HttpClient, Secret, WithHttpClient};
+use super::net::{self, b64, HttpClient, Secret, WithHttpClient, MIB};
+use super::s3::{part_size_for, same_etag, MAX_PART, MAX_PARTS, MAX_SINGLE_PUT, MIN_PART};
 use super::{ErrorClass, Remote, RemoteError, RemoteObject, UploadCtx, UploadJob, Uploaded};
+use crate::store::PartRecord;
+use crate::units::Size;
 use crate::util::hex;
 
 /// `[remote.http]`: the keys below and the shared HTTP-client keys ([`HttpClient`]), which
@@ -41,6 +55,18 @@ pub struct HttpConfig {
     /// A file holding the device token (surrounding whitespace ignored).
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// Files larger than this use a multipart upload through the backend (if it offers
+    /// one). Default 8 MiB.
+    #[serde(default = "default_part")]
+    pub multipart_threshold: Size,
+    /// Part size of multipart uploads (5 MiB ..= 5 GiB); raised for files that would
+    /// need more than 10,000 parts. Default 8 MiB.
+    #[serde(default = "default_part")]
+    pub part_size: Size,
+}
+
+fn default_part() -> Size {
+    Size(8 * MIB)
 }
 
 impl<'de> Deserialize<'de> for HttpConfig {
@@ -84,6 +110,18 @@ impl HttpConfig {
         if self.token.as_ref().is_some_and(Secret::is_empty) {
             return Err(("remote.http.token", "expected a non-empty token".into()));
         }
+        if !(MIN_PART..=MAX_PART).contains(&self.part_size.0) {
+            return Err((
+                "remote.http.part_size",
+                "expected a size from 5 MiB to 5 GiB (S3's part limits)".into(),
+            ));
+        }
+        if self.multipart_threshold.0 > MAX_SINGLE_PUT {
+            return Err((
+                "remote.http.multipart_threshold",
+                "expected at most 5 GiB (S3's single PUT limit)".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -116,8 +154,108 @@ pub struct PresignResponse {
     pub headers: BTreeMap<String, String>,
 }
 
+/// A call of the backend's multipart API (`POST <endpoint>/multipart`; README).
+#[derive(Debug, Serialize)]
+pub struct MultipartRequest<'a> {
+    pub device_id: &'a str,
+    /// `create`, `part`, `list`, `complete` or `abort`.
+    pub action: &'a str,
+    pub key: &'a str,
+    /// Every action but `create`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upload_id: Option<&'a str>,
+    /// `create`: like a PUT presign.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attachment_id: Option<&'a str>,
+    /// `create`: the file's size; `part`: the part's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<&'a str>,
+    /// `create`: the part size the device will use.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub part_size: Option<u64>,
+    /// `part`: which part (1-based).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub part_number: Option<u32>,
+    /// `part`: base64 MD5 of the part, to be signed into its URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content_md5: Option<&'a str>,
+    /// `complete`: every part, in order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parts: Option<Vec<PartRef>>,
+}
+
+impl<'a> MultipartRequest<'a> {
+    fn new(device_id: &'a str, action: &'a str, key: &'a str) -> Self {
+        MultipartRequest {
+            device_id,
+            action,
+            key,
+            upload_id: None,
+            attachment_id: None,
+            size: None,
+            sha256: None,
+            content_type: None,
+            part_size: None,
+            part_number: None,
+            content_md5: None,
+            parts: None,
+        }
+    }
+}
+
+/// One part as the backend lists it, or as the device names it to `complete`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PartRef {
+    pub part_number: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    pub etag: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Created {
+    upload_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Listed {
+    #[serde(default)]
+    parts: Vec<PartRef>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Completed {
+    #[serde(default)]
+    etag: Option<String>,
+}
+
+/// Why a multipart attempt stopped.
+enum Fail {
+    Remote(RemoteError),
+    /// The backend or storage no longer knows the upload id: start a fresh upload.
+    NoSuchUpload,
+    /// The backend has no multipart calls: send the file in one PUT.
+    Unsupported,
+}
+
+impl From<RemoteError> for Fail {
+    fn from(e: RemoteError) -> Fail {
+        Fail::Remote(e)
+    }
+}
+
 pub struct HttpRemote {
     endpoint: String,
+    /// `<endpoint>/multipart`.
+    multipart_endpoint: String,
+    threshold: u64,
+    part_size: u64,
+    /// The backend answered that it has no multipart calls: single PUTs from now on.
+    no_multipart: AtomicBool,
     /// Swapped when the token is re-read (a reload, or a refusal a rotated token file
     /// may explain).
     token: RwLock<Secret>,
@@ -146,6 +284,10 @@ impl HttpRemote {
         let probe_key = super::object_key(prefix, device_id, ".probe", "", "probe", "");
         Ok(HttpRemote {
             endpoint: cfg.endpoint.clone(),
+            multipart_endpoint: format!("{}/multipart", cfg.endpoint.trim_end_matches('/')),
+            threshold: cfg.multipart_threshold.0,
+            part_size: cfg.part_size.0,
+            no_multipart: AtomicBool::new(false),
             token: RwLock::new(token),
             token_source: Mutex::new(cfg.clone()),
             device_id: device_id.to_string(),
@@ -276,55 +418,14 @@ impl HttpRemote {
         }
         Err(last.expect("loop ran"))
     }
-}
 
-/// The device token: inline, else `token_file`, else `FIELDSYNC_DEVICE_TOKEN`.
-fn read_token(cfg: &HttpConfig) -> Result<Secret, String> {
-    let token = match (&cfg.token, &cfg.token_file) {
-        (Some(t), _) => t.clone(),
-        (None, Some(p)) => Secret::new(
-            fs::read_to_string(p)
-                .map_err(|e| format!("remote.http.token_file {}: {e}", p.display()))?
-                .trim(),
-        ),
-        (None, None) => Secret::new(std::env::var("FIELDSYNC_DEVICE_TOKEN").unwrap_or_default()),
-    };
-    if token.is_empty() {
-        return Err(
-            "remote.http: no device token: set token, token_file or FIELDSYNC_DEVICE_TOKEN".into(),
-        );
-    }
-    Ok(token)
-}
-
-impl Remote for HttpRemote {
-    fn reload_credentials(&self, cfg: Option<&super::RemoteConfig>) -> Result<bool, String> {
-        let mut source = self.token_source.lock().unwrap_or_else(|e| e.into_inner());
-        let candidate = cfg
-            .and_then(|c| c.http.clone())
-            .unwrap_or_else(|| source.clone());
-        let token = read_token(&candidate)?;
-        *source = candidate;
-        let mut current = self.token.write().unwrap_or_else(|e| e.into_inner());
-        let changed = *current != token;
-        if changed {
-            *current = token;
-            info!("device token re-read: the new one is in use");
-        }
-        Ok(changed)
-    }
-
-    fn kind(&self) -> &'static str {
-        "http"
-    }
-
-    fn describe(&self) -> String {
-        self.describe.clone()
-    }
-
-    fn upload(&self, job: &UploadJob, ctx: &mut UploadCtx<'_>) -> Result<Uploaded, RemoteError> {
-        // One PUT per file (storage accepts up to 5 GiB so); the backend signs the
-        // Content-MD5 we send, so the storage verifies the bytes.
+    /// One PUT for the whole file (storage accepts up to 5 GiB so); the backend signs the
+    /// Content-MD5 we send, so the storage verifies the bytes.
+    fn single_put(
+        &self,
+        job: &UploadJob,
+        ctx: &mut UploadCtx<'_>,
+    ) -> Result<Uploaded, RemoteError> {
         let d = net::digest_range(&job.path, 0, job.size, true, !job.verified, None)?;
         let (md5, sha) = (d.md5.unwrap_or_default(), d.sha256.unwrap_or_default());
         if !job.verified && hex(&sha) != job.sha256 {
@@ -385,6 +486,300 @@ impl Remote for HttpRemote {
             return Err(e);
         }
         Err(last.expect("loop ran"))
+    }
+
+    /// Calls the backend's multipart API. 401/403 are the device token (the `auth`
+    /// pause); 404 is answered as [`Fail::NoSuchUpload`], or [`Fail::Unsupported`] for
+    /// `create` (404/405/501: a backend without these calls).
+    fn multipart_call<T: DeserializeOwned>(&self, req: &MultipartRequest<'_>) -> Result<T, Fail> {
+        let what = format!("multipart {}", req.action);
+        let body = serde_json::to_vec(req).expect("multipart request serialises");
+        let mut resp = self
+            .agent
+            .post(&self.multipart_endpoint)
+            .header("authorization", format!("Bearer {}", self.token().expose()))
+            .header("content-type", "application/json")
+            .header("accept", "application/json")
+            .send(&body[..])
+            .map_err(|e| net::transport_error(e, &what))?;
+        let status = resp.status().as_u16();
+        match status {
+            404 | 405 | 501 if req.action == "create" => return Err(Fail::Unsupported),
+            404 => return Err(Fail::NoSuchUpload),
+            s if !(200..300).contains(&s) => return Err(self.answer_error(resp, &what).into()),
+            _ => {}
+        }
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(16 * MIB)
+            .read_to_string()
+            .map_err(|e| net::transport_error(e, &what))?;
+        let text = if text.trim().is_empty() { "{}" } else { &text };
+        serde_json::from_str(text).map_err(|e| {
+            RemoteError::transient("bad_response", format!("{what}: unreadable answer: {e}")).into()
+        })
+    }
+
+    fn multipart(&self, job: &UploadJob, ctx: &mut UploadCtx<'_>) -> Result<Uploaded, Fail> {
+        let size = job.size;
+        // Resume what the store remembers, cross-checked with the backend's list: a part
+        // counts only if storage still holds it with the ETag we committed.
+        let (upload_id, part_size, mut done) = match ctx.resume.current() {
+            Some((uid, ps))
+                if (MIN_PART..=MAX_PART).contains(&ps) && size.div_ceil(ps) <= MAX_PARTS =>
+            {
+                let listed: Listed = self.multipart_call(&MultipartRequest {
+                    upload_id: Some(&uid),
+                    ..MultipartRequest::new(&self.device_id, "list", &job.key)
+                })?;
+                let mut done = BTreeMap::new();
+                for p in ctx.resume.parts() {
+                    let on_server = listed.parts.iter().any(|l| {
+                        l.part_number == p.part_number
+                            && l.size.is_none_or(|s| s == p.size)
+                            && same_etag(&l.etag, &p.etag)
+                    });
+                    if on_server {
+                        done.insert(p.part_number, p);
+                    } else {
+                        debug!(id = %job.id, part = p.part_number, "part not on the server; sending it again");
+                    }
+                }
+                info!(id = %job.id, parts_done = done.len(), "resuming multipart upload");
+                (uid, ps, done)
+            }
+            _ => {
+                let ps = part_size_for(size, self.part_size);
+                let created: Created = self.multipart_call(&MultipartRequest {
+                    attachment_id: Some(&job.id),
+                    size: Some(size),
+                    sha256: Some(&job.sha256),
+                    content_type: Some(&job.media_type),
+                    part_size: Some(ps),
+                    ..MultipartRequest::new(&self.device_id, "create", &job.key)
+                })?;
+                ctx.resume.begin(&created.upload_id, ps);
+                (created.upload_id, ps, BTreeMap::new())
+            }
+        };
+        let n_parts = size.div_ceil(part_size).max(1) as u32;
+        let mut confirmed: u64 = done.values().map(|p: &PartRecord| p.size).sum();
+        let mut sent_now = 0u64;
+        (ctx.progress)(confirmed);
+        // Unless the file is proven unchanged since ingest, it is hashed whole, in order,
+        // from the same reads that give each part its MD5.
+        let mut whole = (!job.verified).then(Sha256::new);
+        // One part at a time, each committed before the next is sent: a crash re-sends
+        // at most the part that was in flight.
+        for pn in 1..=n_parts {
+            let offset = (pn as u64 - 1) * part_size;
+            let len = part_size.min(size - offset);
+            if done.get(&pn).is_some_and(|p| p.size == len) {
+                if let Some(h) = whole.as_mut() {
+                    net::digest_range(&job.path, offset, len, false, false, Some(h))?;
+                }
+                continue;
+            }
+            if !(ctx.keep_going)() {
+                return Err(RemoteError::interrupted().into());
+            }
+            let d = net::digest_range(&job.path, offset, len, true, false, whole.as_mut())?;
+            let md5 = b64(&d.md5.unwrap_or_default());
+            let (etag, sent) = self.put_part(
+                job, &upload_id, pn, n_parts, offset, len, &md5, confirmed, ctx,
+            )?;
+            sent_now += sent;
+            let rec = PartRecord {
+                part_number: pn,
+                size: len,
+                etag,
+                checksum: format!("md5:{md5}"),
+            };
+            ctx.resume.part_done(&rec);
+            confirmed += len;
+            (ctx.progress)(confirmed);
+            done.insert(pn, rec);
+        }
+        if let Some(h) = whole {
+            let got = hex(&h.finalize());
+            if got != job.sha256 {
+                // The file changed under us: never complete it as a mix of versions.
+                let _ = self.abort_upload(&job.key, &upload_id);
+                ctx.resume.clear();
+                return Err(RemoteError::new(
+                    ErrorClass::LocalChanged,
+                    "checksum_mismatch",
+                    format!("local bytes hash to {got}, expected {}", job.sha256),
+                )
+                .into());
+            }
+        }
+        let parts = done
+            .values()
+            .map(|p| PartRef {
+                part_number: p.part_number,
+                size: None,
+                etag: p.etag.clone(),
+            })
+            .collect();
+        let completed: Completed = self.multipart_call(&MultipartRequest {
+            upload_id: Some(&upload_id),
+            parts: Some(parts),
+            ..MultipartRequest::new(&self.device_id, "complete", &job.key)
+        })?;
+        ctx.resume.clear();
+        Ok(Uploaded {
+            etag: completed.etag,
+            bytes_sent: sent_now,
+        })
+    }
+
+    /// PUTs part `pn` to the URL the backend presigns for it; returns its ETag and the
+    /// bytes sent. Progress counts from `base` (the parts already committed).
+    #[allow(clippy::too_many_arguments)]
+    fn put_part(
+        &self,
+        job: &UploadJob,
+        upload_id: &str,
+        pn: u32,
+        n_parts: u32,
+        offset: u64,
+        len: u64,
+        md5: &str,
+        base: u64,
+        ctx: &mut UploadCtx<'_>,
+    ) -> Result<(String, u64), Fail> {
+        let what = format!("upload part {pn} of {n_parts}");
+        let mut sent_total = 0u64;
+        let mut last = None;
+        for round in 0..2 {
+            let p: PresignResponse = self.multipart_call(&MultipartRequest {
+                upload_id: Some(upload_id),
+                part_number: Some(pn),
+                size: Some(len),
+                content_md5: Some(md5),
+                ..MultipartRequest::new(&self.device_id, "part", &job.key)
+            })?;
+            let req = self
+                .presigned_put(&p, md5)
+                .header("content-length", len.to_string())
+                .header("expect", "100-continue");
+            let mut body = net::BodyReader::open(
+                &job.path,
+                offset,
+                len,
+                base,
+                ctx.throttle,
+                ctx.keep_going,
+                ctx.progress,
+            )?;
+            let result = req.send(ureq::SendBody::from_reader(&mut body));
+            sent_total += body.sent;
+            let resp = result.map_err(|e| body.explain(e, &what))?;
+            let status = resp.status().as_u16();
+            if resp.status().is_success() {
+                let Some(etag) = net::header(&resp, "etag") else {
+                    return Err(RemoteError::transient(
+                        "bad_response",
+                        format!("{what}: no ETag in the answer"),
+                    )
+                    .into());
+                };
+                return Ok((etag, sent_total));
+            }
+            if status == 404 {
+                // Storage dropped the upload (expired, aborted).
+                return Err(Fail::NoSuchUpload);
+            }
+            let e = self.storage_error(resp, &what);
+            if matches!(status, 401 | 403) && round == 0 {
+                info!(id = %job.id, part = pn, "storage refused the presigned URL (expired?); asking for a new one");
+                last = Some(e);
+                continue;
+            }
+            return Err(e.into());
+        }
+        Err(last.expect("loop ran").into())
+    }
+}
+
+/// The device token: inline, else `token_file`, else `FIELDSYNC_DEVICE_TOKEN`.
+fn read_token(cfg: &HttpConfig) -> Result<Secret, String> {
+    let token = match (&cfg.token, &cfg.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(p)) => Secret::new(
+            fs::read_to_string(p)
+                .map_err(|e| format!("remote.http.token_file {}: {e}", p.display()))?
+                .trim(),
+        ),
+        (None, None) => Secret::new(std::env::var("FIELDSYNC_DEVICE_TOKEN").unwrap_or_default()),
+    };
+    if token.is_empty() {
+        return Err(
+            "remote.http: no device token: set token, token_file or FIELDSYNC_DEVICE_TOKEN".into(),
+        );
+    }
+    Ok(token)
+}
+
+impl Remote for HttpRemote {
+    fn reload_credentials(&self, cfg: Option<&super::RemoteConfig>) -> Result<bool, String> {
+        let mut source = self.token_source.lock().unwrap_or_else(|e| e.into_inner());
+        let candidate = cfg
+            .and_then(|c| c.http.clone())
+            .unwrap_or_else(|| source.clone());
+        let token = read_token(&candidate)?;
+        *source = candidate;
+        let mut current = self.token.write().unwrap_or_else(|e| e.into_inner());
+        let changed = *current != token;
+        if changed {
+            *current = token;
+            info!("device token re-read: the new one is in use");
+        }
+        Ok(changed)
+    }
+
+    fn kind(&self) -> &'static str {
+        "http"
+    }
+
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn upload(&self, job: &UploadJob, ctx: &mut UploadCtx<'_>) -> Result<Uploaded, RemoteError> {
+        if job.size > self.threshold && !self.no_multipart.load(Ordering::Relaxed) {
+            // Twice at most: once with what the store remembers, once fresh if the
+            // backend forgot that upload.
+            for _ in 0..2 {
+                match self.multipart(job, ctx) {
+                    Ok(u) => return Ok(u),
+                    Err(Fail::Remote(e)) => return Err(e),
+                    Err(Fail::NoSuchUpload) => {
+                        info!(id = %job.id, "backend no longer knows the multipart upload; starting a fresh one");
+                        ctx.resume.clear();
+                    }
+                    Err(Fail::Unsupported) => {
+                        info!("backend offers no multipart upload; sending files in one PUT");
+                        self.no_multipart.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            }
+            if !self.no_multipart.load(Ordering::Relaxed) {
+                return Err(RemoteError::transient(
+                    "no_such_upload",
+                    "the backend forgot a new multipart upload at once",
+                ));
+            }
+        }
+        // A multipart upload left over from a larger threshold is of no use now.
+        if let Some((uid, _)) = ctx.resume.current() {
+            let _ = self.abort_upload(&job.key, &uid);
+            ctx.resume.clear();
+        }
+        self.single_put(job, ctx)
     }
 
     fn head(&self, key: &str) -> Result<Option<RemoteObject>, RemoteError> {
@@ -452,6 +847,18 @@ impl Remote for HttpRemote {
         Err(last.expect("loop ran"))
     }
 
+    fn abort_upload(&self, key: &str, upload_id: &str) -> Result<(), RemoteError> {
+        let r: Result<serde_json::Value, Fail> = self.multipart_call(&MultipartRequest {
+            upload_id: Some(upload_id),
+            ..MultipartRequest::new(&self.device_id, "abort", key)
+        });
+        match r {
+            // Already gone: what we wanted.
+            Ok(_) | Err(Fail::NoSuchUpload) | Err(Fail::Unsupported) => Ok(()),
+            Err(Fail::Remote(e)) => Err(e),
+        }
+    }
+
     fn probe(&self) -> Result<(), RemoteError> {
         self.presign(&PresignRequest {
             device_id: &self.device_id,
@@ -508,5 +915,56 @@ mod tests {
         let p: PresignResponse =
             serde_json::from_str(r#"{"url":"https://s/x","headers":{"content-md5":"m"}}"#).unwrap();
         assert_eq!(p.headers["content-md5"], "m");
+    }
+
+    #[test]
+    fn multipart_calls_have_the_documented_fields() {
+        let v = serde_json::to_value(MultipartRequest {
+            upload_id: Some("u1"),
+            part_number: Some(3),
+            size: Some(8),
+            content_md5: Some("md"),
+            ..MultipartRequest::new("dev1", "part", "fs/k.mp4")
+        })
+        .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"device_id":"dev1","action":"part","key":"fs/k.mp4",
+                "upload_id":"u1","part_number":3,"size":8,"content_md5":"md"})
+        );
+        let v = serde_json::to_value(MultipartRequest {
+            upload_id: Some("u1"),
+            parts: Some(vec![PartRef {
+                part_number: 1,
+                size: None,
+                etag: "\"e\"".into(),
+            }]),
+            ..MultipartRequest::new("dev1", "complete", "fs/k.mp4")
+        })
+        .unwrap();
+        assert_eq!(
+            v["parts"],
+            serde_json::json!([{"part_number":1,"etag":"\"e\""}])
+        );
+        let l: Listed =
+            serde_json::from_str(r#"{"parts":[{"part_number":2,"size":5,"etag":"x"}]}"#).unwrap();
+        assert_eq!(l.parts[0].size, Some(5));
+        let c: Completed = serde_json::from_str("{}").unwrap();
+        assert_eq!(c.etag, None);
+    }
+
+    #[test]
+    fn multipart_sizes_are_validated() {
+        let base = "endpoint = \"https://api.example.com/presign\"\ntoken = \"t\"\n";
+        let c: HttpConfig = toml::from_str(base).unwrap();
+        assert_eq!((c.multipart_threshold.0, c.part_size.0), (8 * MIB, 8 * MIB));
+        let c: HttpConfig = toml::from_str(&format!("{base}part_size = \"1MiB\"")).unwrap();
+        assert_eq!(c.validate().unwrap_err().0, "remote.http.part_size");
+        let c: HttpConfig =
+            toml::from_str(&format!("{base}multipart_threshold = \"6GiB\"")).unwrap();
+        assert_eq!(
+            c.validate().unwrap_err().0,
+            "remote.http.multipart_threshold"
+        );
     }
 }

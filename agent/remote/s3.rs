@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -39,16 +39,20 @@ use crate::units::Size;
 use crate::util::hex;
 
 /// S3's limits on multipart uploads.
-const MIN_PART: u64 = 5 * MIB;
-const MAX_PART: u64 = 5 * 1024 * MIB;
-const MAX_PARTS: u64 = 10_000;
+pub(super) const MIN_PART: u64 = 5 * MIB;
+pub(super) const MAX_PART: u64 = 5 * 1024 * MIB;
+pub(super) const MAX_PARTS: u64 = 10_000;
 /// The largest object a single PUT may create.
-const MAX_SINGLE_PUT: u64 = 5 * 1024 * MIB;
+pub(super) const MAX_SINGLE_PUT: u64 = 5 * 1024 * MIB;
 
 /// Lifetime of the presigned URL of one request. The signature is checked when a request
 /// starts, so this only has to cover the gap between signing and sending; short limits the
 /// damage of a URL that leaks.
 const SIGN_EXPIRY: Duration = Duration::from_secs(15 * 60);
+
+/// How often the caller of a multipart upload reports the bytes of parts in flight (the
+/// uploader persists progress at its own, slower, rate).
+const PROGRESS_TICK: Duration = Duration::from_millis(250);
 
 /// Metadata key holding the ingest sha256 (hex) of every object fieldsync writes.
 const META_SHA256: &str = "x-amz-meta-sha256";
@@ -652,83 +656,110 @@ impl S3Remote {
             self.part_concurrency.max(1)
         } else {
             1
-        };
+        }
+        .min(n_parts as usize);
         let whole = (!job.verified).then(|| Mutex::new(Sha256::new()));
         let next = Mutex::new(1..=n_parts);
         let stop = AtomicBool::new(false);
+        // Bytes of the part each sender has in flight: progress between acknowledgements.
+        let in_flight: Vec<AtomicU64> = (0..width).map(|_| AtomicU64::new(0)).collect();
         let (keep_going, throttle) = (ctx.keep_going, ctx.throttle);
         let mut first_error: Option<Fail> = None;
         std::thread::scope(|scope| {
-            let (rtx, rrx) = mpsc::channel::<Result<(PartRecord, u64), Fail>>();
-            for _ in 0..width.min(n_parts as usize) {
+            let (rtx, rrx) = mpsc::channel::<(usize, Result<(PartRecord, u64), Fail>)>();
+            let mut acks = Vec::new();
+            for (w, slot) in in_flight.iter().enumerate() {
                 let rtx = rtx.clone();
+                // Invariant: a sender starts the body of its next part only after the
+                // caller committed its previous one, so at most `width` parts are ever
+                // sent but not committed (the ≤ 1 part re-sent after kill -9 at width 1).
+                let (ack_tx, ack_rx) = mpsc::channel::<()>();
+                acks.push(ack_tx);
                 let (next, stop, have, whole, upload_id) =
                     (&next, &stop, &have, &whole, &upload_id);
-                scope.spawn(move || loop {
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let Some(pn) = next.lock().unwrap_or_else(|e| e.into_inner()).next() else {
-                        return;
-                    };
-                    let offset = (pn as u64 - 1) * part_size;
-                    let len = part_size.min(size - offset);
-                    if have.get(&pn) == Some(&len) {
-                        // Already on the server: only hash it, for the whole-file check.
-                        if let Some(w) = whole {
-                            let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
-                            if let Err(e) = net::digest_range(
-                                &job.path,
-                                offset,
-                                len,
-                                false,
-                                false,
-                                Some(&mut w),
-                            ) {
-                                let _ = rtx.send(Err(e.into()));
-                                return;
-                            }
+                scope.spawn(move || {
+                    let mut awaiting_ack = false;
+                    loop {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
                         }
-                        continue;
-                    }
-                    let r = if keep_going() {
-                        self.send_part(
-                            job,
-                            upload_id,
-                            pn,
-                            n_parts,
-                            offset,
-                            len,
-                            resumed,
-                            throttle,
-                            keep_going,
-                            whole.as_ref(),
-                        )
-                    } else {
-                        Err(RemoteError::interrupted().into())
-                    };
-                    let failed = r.is_err();
-                    let _ = rtx.send(r);
-                    if failed {
-                        return;
+                        let taken = next.lock().unwrap_or_else(|e| e.into_inner()).next();
+                        let Some(pn) = taken else {
+                            return;
+                        };
+                        let offset = (pn as u64 - 1) * part_size;
+                        let len = part_size.min(size - offset);
+                        if have.get(&pn) == Some(&len) {
+                            // Already on the server: only hash it, for the whole-file check.
+                            if let Some(h) = whole {
+                                let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
+                                if let Err(e) = net::digest_range(
+                                    &job.path,
+                                    offset,
+                                    len,
+                                    false,
+                                    false,
+                                    Some(&mut h),
+                                ) {
+                                    let _ = rtx.send((w, Err(e.into())));
+                                    return;
+                                }
+                            }
+                            continue;
+                        }
+                        // Reading and hashing the part may overlap the commit of the
+                        // previous one; sending it may not.
+                        let r = self
+                            .part_digests(job, offset, len, whole.as_ref())
+                            .map_err(Fail::from);
+                        if awaiting_ack && ack_rx.recv().is_err() {
+                            return;
+                        }
+                        let r = match r {
+                            Ok(_) if !keep_going() => Err(RemoteError::interrupted().into()),
+                            Ok(d) => self.send_part(
+                                job, upload_id, pn, n_parts, offset, len, &d, resumed, throttle,
+                                keep_going, slot,
+                            ),
+                            Err(e) => Err(e),
+                        };
+                        let failed = r.is_err();
+                        if rtx.send((w, r)).is_err() || failed {
+                            return;
+                        }
+                        awaiting_ack = true;
                     }
                 });
             }
             drop(rtx);
-            // Parts are committed here, on the caller's thread, as each is acknowledged.
-            for r in rrx {
-                match r {
-                    Ok((rec, sent)) => {
+            // Parts are committed here, on the caller's thread, as each is acknowledged;
+            // between acknowledgements progress includes the bytes in flight.
+            let mut last_moving = 0u64;
+            loop {
+                match rrx.recv_timeout(PROGRESS_TICK) {
+                    Ok((w, Ok((rec, sent)))) => {
                         sent_now += sent;
                         ctx.resume.part_done(&rec);
                         confirmed += rec.size;
+                        in_flight[w].store(0, Ordering::Relaxed);
                         (ctx.progress)(confirmed);
                         done.insert(rec.part_number, rec);
+                        let _ = acks[w].send(());
                     }
-                    Err(e) => {
+                    Ok((w, Err(e))) => {
+                        in_flight[w].store(0, Ordering::Relaxed);
                         stop.store(true, Ordering::Relaxed);
                         first_error.get_or_insert(e);
                     }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        let moving: u64 = in_flight.iter().map(|s| s.load(Ordering::Relaxed)).sum();
+                        // Only news is reported: a stalled link writes nothing.
+                        if moving > 0 && moving != last_moving {
+                            (ctx.progress)(confirmed + moving);
+                        }
+                        last_moving = moving;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
             }
         });
@@ -757,9 +788,29 @@ impl S3Remote {
         })
     }
 
-    /// Sends part `pn` (`len` bytes at `offset`) and returns its record and the bytes
-    /// sent. Runs on one of the part threads; `whole`, when given, receives the part's
-    /// bytes for the whole-file hash (one part at a time, in order).
+    /// The checksums of part `len` bytes at `offset`; `whole`, when given, receives the
+    /// part's bytes for the whole-file hash (one part at a time, in order).
+    fn part_digests(
+        &self,
+        job: &UploadJob,
+        offset: u64,
+        len: u64,
+        whole: Option<&Mutex<Sha256>>,
+    ) -> Result<net::Digests, RemoteError> {
+        let mut w = whole.map(|w| w.lock().unwrap_or_else(|e| e.into_inner()));
+        net::digest_range(
+            &job.path,
+            offset,
+            len,
+            self.checksum.md5(),
+            self.checksum.sha256(),
+            w.as_deref_mut(),
+        )
+    }
+
+    /// Sends part `pn` (`len` bytes at `offset`, checksums `d`) and returns its record and
+    /// the bytes sent. Runs on one of the part threads; `in_flight` follows the bytes of
+    /// this part handed to the socket.
     #[allow(clippy::too_many_arguments)]
     fn send_part(
         &self,
@@ -769,23 +820,13 @@ impl S3Remote {
         n_parts: u32,
         offset: u64,
         len: u64,
+        d: &net::Digests,
         resumed: bool,
         throttle: &(dyn Fn(u64) + Sync),
         keep_going: &(dyn Fn() -> bool + Sync),
-        whole: Option<&Mutex<Sha256>>,
+        in_flight: &AtomicU64,
     ) -> Result<(PartRecord, u64), Fail> {
-        let d = {
-            let mut w = whole.map(|w| w.lock().unwrap_or_else(|e| e.into_inner()));
-            net::digest_range(
-                &job.path,
-                offset,
-                len,
-                self.checksum.md5(),
-                self.checksum.sha256(),
-                w.as_deref_mut(),
-            )?
-        };
-        let headers = self.checksum_headers(&d);
+        let headers = self.checksum_headers(d);
         let creds = self.creds();
         let mut action =
             UploadPart::new(&self.bucket, Some(&*creds), &job.key, pn as u16, upload_id);
@@ -793,8 +834,8 @@ impl S3Remote {
             action.headers_mut().insert(*k, v.clone());
         }
         let url = action.sign(SIGN_EXPIRY);
-        // Progress is reported per acknowledged part by the caller.
-        let mut no_progress = |_| {};
+        // The caller reports it with the parts already committed.
+        let mut progress = |n: u64| in_flight.store(n, Ordering::Relaxed);
         let mut body = net::BodyReader::open(
             &job.path,
             offset,
@@ -802,7 +843,7 @@ impl S3Remote {
             0,
             throttle,
             keep_going,
-            &mut no_progress,
+            &mut progress,
         )?;
         let what = format!("upload part {pn} of {n_parts}");
         let result = self.put_file(&url, &headers, &mut body, len, &what);
@@ -973,7 +1014,7 @@ fn check_sha(sha: &[u8; 32], expect: &str) -> Result<(), RemoteError> {
 }
 
 /// ETags compare without their quotes (some servers list them unquoted).
-fn same_etag(a: &str, b: &str) -> bool {
+pub(super) fn same_etag(a: &str, b: &str) -> bool {
     a.trim_matches('"') == b.trim_matches('"')
 }
 

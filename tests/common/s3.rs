@@ -17,8 +17,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use rusty_s3::actions::{
-    AbortMultipartUpload, DeleteObject, GetObject, HeadBucket, HeadObject, ListObjectsV2,
-    PutObject, S3Action,
+    AbortMultipartUpload, CompleteMultipartUpload, CreateMultipartUpload, DeleteObject, GetObject,
+    HeadBucket, HeadObject, ListObjectsV2, ListParts, PutObject, S3Action, UploadPart,
 };
 use rusty_s3::{Bucket, Credentials, UrlStyle};
 
@@ -499,52 +499,74 @@ fn handle(client: TcpStream, upstream: SocketAddr, f: Arc<Faults>) {
 
 /// A minimal presign backend for the `http` remote, in the test process: it checks the
 /// device token, signs with the S3 server's credentials (rusty-s3) and answers the JSON the
-/// README documents. The next `expire_next` PUT URLs it hands out are already expired when
-/// the device gets them; their keys are recorded in `expired`.
+/// README documents, including the multipart calls (`<endpoint>/multipart`), which it runs
+/// against the server itself. The next `expire_next` PUT URLs it hands out are already
+/// expired when the device gets them; their keys are recorded in `expired`. Clearing
+/// `multipart` makes it a backend without multipart calls (404).
 pub struct PresignService {
     pub port: u16,
+    /// (`PUT`/`HEAD`/`GET`/`DELETE`, or `multipart_<action>`, key) of every request.
     pub requests: Arc<Mutex<Vec<(String, String)>>>,
     pub expire_next: Arc<AtomicU32>,
     pub expired: Arc<Mutex<Vec<String>>>,
+    pub multipart: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
+}
+
+/// What every backend connection shares.
+struct Backend {
+    /// Signs the URLs handed to the device (their host may be a proxy).
+    signer: S3Client,
+    /// The backend's own calls to the server (create, list, complete, abort).
+    direct: S3Client,
+    token: String,
+    requests: Arc<Mutex<Vec<(String, String)>>>,
+    expire_next: Arc<AtomicU32>,
+    expired: Arc<Mutex<Vec<String>>>,
+    multipart: Arc<AtomicBool>,
 }
 
 impl PresignService {
     pub fn start(s3_endpoint: &str, token: &str) -> PresignService {
+        Self::start_via(s3_endpoint, s3_endpoint, token)
+    }
+
+    /// A backend that talks to the server at `s3_endpoint` but hands the device URLs
+    /// for `url_endpoint` (a proxy in front of the same server).
+    pub fn start_via(s3_endpoint: &str, url_endpoint: &str, token: &str) -> PresignService {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let expire_next = Arc::new(AtomicU32::new(0));
-        let expired: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let client = Arc::new(S3Client::new(s3_endpoint));
-        let token = token.to_string();
-        {
-            let (requests, stop) = (requests.clone(), stop.clone());
-            let (expire_next, expired) = (expire_next.clone(), expired.clone());
-            thread::spawn(move || {
-                for conn in listener.incoming() {
-                    if stop.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    let Ok(conn) = conn else { continue };
-                    let (requests, client, token) =
-                        (requests.clone(), client.clone(), token.clone());
-                    let (expire_next, expired) = (expire_next.clone(), expired.clone());
-                    thread::spawn(move || {
-                        let _ =
-                            presign_conn(conn, &client, &token, &requests, &expire_next, &expired);
-                    });
-                }
-            });
-        }
-        PresignService {
+        let backend = Arc::new(Backend {
+            signer: S3Client::new(url_endpoint),
+            direct: S3Client::new(s3_endpoint),
+            token: token.to_string(),
+            requests: Arc::new(Mutex::new(Vec::new())),
+            expire_next: Arc::new(AtomicU32::new(0)),
+            expired: Arc::new(Mutex::new(Vec::new())),
+            multipart: Arc::new(AtomicBool::new(true)),
+        });
+        let service = PresignService {
             port,
-            requests,
-            expire_next,
-            expired,
-            stop,
-        }
+            requests: backend.requests.clone(),
+            expire_next: backend.expire_next.clone(),
+            expired: backend.expired.clone(),
+            multipart: backend.multipart.clone(),
+            stop: stop.clone(),
+        };
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let backend = backend.clone();
+                thread::spawn(move || {
+                    let _ = presign_conn(conn, &backend);
+                });
+            }
+        });
+        service
     }
 
     pub fn endpoint(&self) -> String {
@@ -569,14 +591,7 @@ impl Drop for PresignService {
     }
 }
 
-fn presign_conn(
-    conn: TcpStream,
-    client: &S3Client,
-    token: &str,
-    requests: &Mutex<Vec<(String, String)>>,
-    expire_next: &AtomicU32,
-    expired: &Mutex<Vec<String>>,
-) -> io::Result<()> {
+fn presign_conn(conn: TcpStream, be: &Backend) -> io::Result<()> {
     let mut r = BufReader::new(conn.try_clone()?);
     let mut w = conn;
     loop {
@@ -584,6 +599,7 @@ fn presign_conn(
         if r.read_line(&mut line)? == 0 {
             return Ok(());
         }
+        let path = line.split(' ').nth(1).unwrap_or("").to_string();
         let mut len = 0usize;
         let mut auth = String::new();
         loop {
@@ -601,72 +617,228 @@ fn presign_conn(
         }
         let mut body = vec![0u8; len];
         r.read_exact(&mut body)?;
-        let (status, json) = if auth != format!("Bearer {token}") {
+        let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let (status, json) = if auth != format!("Bearer {}", be.token) {
             (
                 401,
                 serde_json::json!({"code": "unauthorized", "message": "device token refused"}),
             )
+        } else if path.ends_with("/multipart") {
+            let (action, key) = (&req["action"], &req["key"]);
+            be.requests.lock().unwrap().push((
+                format!("multipart_{}", action.as_str().unwrap_or("")),
+                key.as_str().unwrap_or("").to_string(),
+            ));
+            if be.multipart.load(Ordering::SeqCst) {
+                multipart_call(be, &req)
+            } else {
+                (
+                    404,
+                    serde_json::json!({"code": "not_found", "message": "no such endpoint"}),
+                )
+            }
         } else {
-            let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            let method = req["method"].as_str().unwrap_or("").to_string();
-            let key = req["key"].as_str().unwrap_or("").to_string();
-            requests.lock().unwrap().push((method.clone(), key.clone()));
-            let b = client.bucket();
-            let c = Some(client.credentials());
-            let mut headers = serde_json::Map::new();
-            let url = match method.as_str() {
-                "PUT" => {
-                    let mut a = PutObject::new(b, c, &key);
-                    for (field, header) in [
-                        ("content_md5", "content-md5"),
-                        ("sha256", "x-amz-meta-sha256"),
-                        ("content_type", "content-type"),
-                    ] {
-                        if let Some(v) = req[field].as_str() {
-                            a.headers_mut().insert(header, v.to_string());
-                            headers.insert(header.into(), v.into());
-                        }
-                    }
-                    let expire = expire_next
-                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                        .is_ok();
-                    if expire {
-                        expired.lock().unwrap().push(key.clone());
-                        // Valid for one second, handed out after two: a URL that
-                        // expired on its way to the device.
-                        let u = a.sign(Duration::from_secs(1));
-                        thread::sleep(Duration::from_millis(2100));
-                        u
-                    } else {
-                        a.sign(TTL)
-                    }
-                }
-                "HEAD" => HeadObject::new(b, c, &key).sign(TTL),
-                "GET" => GetObject::new(b, c, &key).sign(TTL),
-                "DELETE" => DeleteObject::new(b, c, &key).sign(TTL),
-                _ => {
-                    let body = br#"{"code":"bad_method","message":"unknown method"}"#;
-                    write!(
-                        w,
-                        "HTTP/1.1 400 Bad Request\r\nContent-Length: {}\r\n\r\n",
-                        body.len()
-                    )?;
-                    w.write_all(body)?;
-                    continue;
-                }
-            };
-            (
-                200,
-                serde_json::json!({"url": url.as_str(), "headers": headers}),
-            )
+            presign_call(be, &req)
         };
         let body = serde_json::to_vec(&json).unwrap();
+        let reason = match status {
+            200 => "OK",
+            401 => "Unauthorized",
+            404 => "Not Found",
+            _ => "Error",
+        };
         write!(
             w,
-            "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            if status == 200 { "OK" } else { "Unauthorized" },
+            "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             body.len()
         )?;
         w.write_all(&body)?;
+    }
+}
+
+/// `POST <endpoint>`: one presigned URL.
+fn presign_call(be: &Backend, req: &serde_json::Value) -> (u16, serde_json::Value) {
+    let method = req["method"].as_str().unwrap_or("").to_string();
+    let key = req["key"].as_str().unwrap_or("").to_string();
+    be.requests
+        .lock()
+        .unwrap()
+        .push((method.clone(), key.clone()));
+    let b = be.signer.bucket();
+    let c = Some(be.signer.credentials());
+    let mut headers = serde_json::Map::new();
+    let url = match method.as_str() {
+        "PUT" => {
+            let mut a = PutObject::new(b, c, &key);
+            for (field, header) in [
+                ("content_md5", "content-md5"),
+                ("sha256", "x-amz-meta-sha256"),
+                ("content_type", "content-type"),
+            ] {
+                if let Some(v) = req[field].as_str() {
+                    a.headers_mut().insert(header, v.to_string());
+                    headers.insert(header.into(), v.into());
+                }
+            }
+            let expire = be
+                .expire_next
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if expire {
+                be.expired.lock().unwrap().push(key.clone());
+                // Valid for one second, handed out after two: a URL that
+                // expired on its way to the device.
+                let u = a.sign(Duration::from_secs(1));
+                thread::sleep(Duration::from_millis(2100));
+                u
+            } else {
+                a.sign(TTL)
+            }
+        }
+        "HEAD" => HeadObject::new(b, c, &key).sign(TTL),
+        "GET" => GetObject::new(b, c, &key).sign(TTL),
+        "DELETE" => DeleteObject::new(b, c, &key).sign(TTL),
+        _ => {
+            return (
+                400,
+                serde_json::json!({"code": "bad_method", "message": "unknown method"}),
+            )
+        }
+    };
+    (
+        200,
+        serde_json::json!({"url": url.as_str(), "headers": headers}),
+    )
+}
+
+/// `POST <endpoint>/multipart`: create, part, list, complete, abort.
+fn multipart_call(be: &Backend, req: &serde_json::Value) -> (u16, serde_json::Value) {
+    let action = req["action"].as_str().unwrap_or("").to_string();
+    let key = req["key"].as_str().unwrap_or("").to_string();
+    let uid = req["upload_id"].as_str().unwrap_or("").to_string();
+    let d = &be.direct;
+    let (b, c) = (d.bucket(), Some(d.credentials()));
+    // The server's answer: (status, body).
+    let run = |method: &str, url: url::Url, headers: &[(&str, String)], body: &str| {
+        let mut rq = ureq::http::Request::builder()
+            .method(method)
+            .uri(url.as_str());
+        for (k, v) in headers {
+            rq = rq.header(*k, v.as_str());
+        }
+        let mut resp = d.agent.run(rq.body(body.to_string()).unwrap()).unwrap();
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(16 << 20)
+            .read_to_string()
+            .unwrap_or_default();
+        (status, text)
+    };
+    let failed = |status: u16, text: &str| {
+        (
+            if status == 404 { 404 } else { 502 },
+            serde_json::json!({"code": "storage", "message": format!("storage answered {status}: {text}")}),
+        )
+    };
+    match action.as_str() {
+        "create" => {
+            let mut a = CreateMultipartUpload::new(b, c, &key);
+            let mut headers = Vec::new();
+            for (field, header) in [
+                ("sha256", "x-amz-meta-sha256"),
+                ("content_type", "content-type"),
+            ] {
+                if let Some(v) = req[field].as_str() {
+                    a.headers_mut().insert(header, v.to_string());
+                    headers.push((header, v.to_string()));
+                }
+            }
+            let (status, text) = run("POST", a.sign(TTL), &headers, "");
+            if status != 200 {
+                return failed(status, &text);
+            }
+            let r = CreateMultipartUpload::parse_response(&text).unwrap();
+            (200, serde_json::json!({"upload_id": r.upload_id()}))
+        }
+        "part" => {
+            let pn = req["part_number"].as_u64().unwrap_or(0) as u16;
+            // Signed for where the device sends (maybe the proxy), like every URL it gets.
+            let s = &be.signer;
+            let mut a = UploadPart::new(s.bucket(), Some(s.credentials()), &key, pn, &uid);
+            let mut headers = serde_json::Map::new();
+            if let Some(v) = req["content_md5"].as_str() {
+                a.headers_mut().insert("content-md5", v.to_string());
+                headers.insert("content-md5".into(), v.into());
+            }
+            (
+                200,
+                serde_json::json!({"url": a.sign(TTL).as_str(), "headers": headers}),
+            )
+        }
+        "list" => {
+            let (status, text) = run("GET", ListParts::new(b, c, &key, &uid).sign(TTL), &[], "");
+            if status != 200 {
+                return failed(status, &text);
+            }
+            let parts: Vec<_> = text
+                .split("<Part>")
+                .skip(1)
+                .map(|p| {
+                    let tag = |t: &str| {
+                        let open = format!("<{t}>");
+                        let s = p.find(&open).map(|i| i + open.len()).unwrap_or(0);
+                        let e = p[s..].find('<').map(|i| s + i).unwrap_or(s);
+                        p[s..e].replace("&quot;", "\"")
+                    };
+                    serde_json::json!({
+                        "part_number": tag("PartNumber").parse::<u64>().unwrap_or(0),
+                        "size": tag("Size").parse::<u64>().unwrap_or(0),
+                        "etag": tag("ETag"),
+                    })
+                })
+                .collect();
+            (200, serde_json::json!({ "parts": parts }))
+        }
+        "complete" => {
+            let mut xml = String::from("<CompleteMultipartUpload>");
+            for p in req["parts"].as_array().cloned().unwrap_or_default() {
+                xml.push_str(&format!(
+                    "<Part><PartNumber>{}</PartNumber><ETag>{}</ETag></Part>",
+                    p["part_number"],
+                    p["etag"].as_str().unwrap_or("")
+                ));
+            }
+            xml.push_str("</CompleteMultipartUpload>");
+            let a = CompleteMultipartUpload::new(b, c, &key, &uid, std::iter::empty::<&str>());
+            let (status, text) = run("POST", a.sign(TTL), &[], &xml);
+            if status != 200 || text.contains("<Error>") {
+                return failed(status, &text);
+            }
+            let etag = text
+                .split("<ETag>")
+                .nth(1)
+                .and_then(|t| t.split("</ETag>").next())
+                .unwrap_or("")
+                .replace("&quot;", "\"");
+            (200, serde_json::json!({ "etag": etag }))
+        }
+        "abort" => {
+            let (status, text) = run(
+                "DELETE",
+                AbortMultipartUpload::new(b, c, &key, &uid).sign(TTL),
+                &[],
+                "",
+            );
+            match status {
+                200..=299 => (200, serde_json::json!({})),
+                _ => failed(status, &text),
+            }
+        }
+        _ => (
+            400,
+            serde_json::json!({"code": "bad_action", "message": "unknown action"}),
+        ),
     }
 }
