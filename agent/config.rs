@@ -23,6 +23,13 @@ use crate::remote::RemoteConfig;
 /// Durations and byte sizes mean the same in every table.
 pub use crate::units::{parse_size, Dur, Size};
 
+/// Parses a log filter (`info`, `fieldsync=debug,info`: a default level and per-target
+/// levels, the `RUST_LOG` syntax without span and field filters, which would pull a regex
+/// engine into the device binary).
+pub fn log_filter(s: &str) -> Result<tracing_subscriber::filter::Targets, String> {
+    s.trim().parse().map_err(|e| format!("{e}"))
+}
+
 /// The demo configuration, used when no `--config` is given and the default path is absent.
 pub const DEMO_TOML: &str = include_str!("../config/demo.toml");
 
@@ -228,7 +235,7 @@ impl Config {
         if let Some(m) = &self.mqtt {
             m.validate().map_err(own)?;
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+        if log_filter(&self.log.level).is_err() {
             return Err((
                 "log.level".into(),
                 "expected a level such as \"info\" or \"fieldsync=debug\"".into(),

@@ -25,6 +25,11 @@ pub mod fleet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::Layer as _;
+
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, LogFormat, DEFAULT_PATH};
@@ -183,15 +188,23 @@ fn init_logging(cfg: &Config, arg: Option<LogFormatArg>, daemon: bool) {
     } else {
         "warn"
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // `RUST_LOG` wins when it parses; the syntax is the same target=level list.
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| crate::config::log_filter(&v).ok())
+        .or_else(|| crate::config::log_filter(level).ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let registry = tracing_subscriber::registry();
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.with_target(false).try_init(),
+        LogFormat::Json => registry
+            .with(layer.json().flatten_event(true).with_filter(filter))
+            .try_init(),
+        LogFormat::Text => registry
+            .with(layer.with_target(false).with_filter(filter))
+            .try_init(),
     };
 }
 
