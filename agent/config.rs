@@ -177,6 +177,17 @@ fn default_device_id() -> String {
 }
 
 impl Config {
+    /// The ingest part, built from the sections it needs (capture folder, `[ingest]`, the
+    /// remote prefix and the device id: together they name every object key).
+    pub fn ingestor(&self) -> crate::ingest::Ingestor {
+        crate::ingest::Ingestor::new(
+            &self.paths.capture,
+            &self.ingest,
+            &self.remote.prefix,
+            &self.device_id,
+        )
+    }
+
     /// Loads and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();

@@ -211,12 +211,7 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         warn!(state_dir = %state_dir.display(), "state disk full at start; new photos wait until there is room");
     }
     store.set_daemon_started(std::process::id(), now_ms())?;
-    let ingestor = Arc::new(Ingestor::new(
-        &cfg.paths.capture,
-        &cfg.ingest,
-        &cfg.remote.prefix,
-        &cfg.device_id,
-    ));
+    let ingestor = Arc::new(cfg.ingestor());
     let repairs = match verify::repair(&mut store, &ingestor) {
         Ok(r) => r,
         // Nothing was changed (each repair is one transaction, rolled back): the next

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use crate::config::Config;
-use crate::ingest::{absolute, Ingestor, Outcome};
+use crate::ingest::{absolute, Outcome};
 use crate::{commands, verify};
 
 use super::common::{open_store, print_json};
@@ -21,12 +21,7 @@ pub fn retry(cfg: &Config, id: Option<&str>) -> Result<i32, CliError> {
 
 pub fn enqueue(cfg: &Config, file: &Path, checklist: String, row: String) -> Result<i32, CliError> {
     let mut store = open_store(cfg)?;
-    let ingestor = Ingestor::new(
-        &cfg.paths.capture,
-        &cfg.ingest,
-        &cfg.remote.prefix,
-        &cfg.device_id,
-    );
+    let ingestor = cfg.ingestor();
     let path = absolute(file);
     let outcome = ingestor
         .ingest_as(&mut store, &path, (checklist, row))
@@ -69,12 +64,7 @@ pub fn enqueue(cfg: &Config, file: &Path, checklist: String, row: String) -> Res
 
 pub fn verify(cfg: &Config, json: bool) -> Result<i32, CliError> {
     let mut store = open_store(cfg)?;
-    let ingestor = Ingestor::new(
-        &cfg.paths.capture,
-        &cfg.ingest,
-        &cfg.remote.prefix,
-        &cfg.device_id,
-    );
+    let ingestor = cfg.ingestor();
     let repairs = verify::repair(&mut store, &ingestor)?;
     if json {
         print_json(&repairs);

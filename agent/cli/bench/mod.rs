@@ -23,7 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::ingest::{hash_file, Ingestor, Outcome};
+use crate::ingest::{hash_file, Outcome};
 use crate::store::{NewAttachment, State, Store};
 
 use super::common::LONG_VERSION;
@@ -107,12 +107,7 @@ fn core(args: BenchArgs) -> Result<i32, CliError> {
     }
     let hash_secs = t.elapsed().as_secs_f64();
     let cfg = env.config()?;
-    let ingestor = Ingestor::new(
-        &cfg.paths.capture,
-        &cfg.ingest,
-        &cfg.remote.prefix,
-        &cfg.device_id,
-    );
+    let ingestor = cfg.ingestor();
     let mut store = Store::open(&cfg.db_path()).map_err(err)?;
     let t = Instant::now();
     for f in &files {
@@ -168,12 +163,7 @@ fn core(args: BenchArgs) -> Result<i32, CliError> {
     // The periodic rescan's cost, through the same code path, amortised over its interval.
     let cfg = env.config()?;
     let (unknown, full_pass, periodic_pass) = {
-        let ingestor = Ingestor::new(
-            &cfg.paths.capture,
-            &cfg.ingest,
-            &cfg.remote.prefix,
-            &cfg.device_id,
-        );
+        let ingestor = cfg.ingestor();
         let store = Store::open(&cfg.db_path()).map_err(err)?;
         let mut dirs = Default::default();
         let mut unknown = 0;
@@ -307,12 +297,7 @@ impl BenchEnv {
     fn seed_records(&self, synced: usize, queued: usize) -> Result<(), CliError> {
         let cfg = self.config()?;
         let files = self.make_photos(synced + queued, 1024, 2)?;
-        let ingestor = Ingestor::new(
-            &cfg.paths.capture,
-            &cfg.ingest,
-            &cfg.remote.prefix,
-            &cfg.device_id,
-        );
+        let ingestor = cfg.ingestor();
         let mut store = Store::open(&cfg.db_path()).map_err(err)?;
         store.set_operator_paused(true).map_err(err)?;
         let mut records = Vec::with_capacity(files.len());
