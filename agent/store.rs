@@ -1119,41 +1119,33 @@ impl Store {
     /// Records a failed attempt that will be retried at `next_at` (the row stays
     /// `queued_upload`); returns the new attempt count.
     pub fn schedule_retry(&mut self, id: &str, next_at: i64, code: &str, msg: &str) -> Result<i64> {
-        let now = now_ms();
-        let tx = self.write_tx()?;
-        tx.execute(
-            "UPDATE attachments SET attempts=attempts+1, next_attempt_at=?2, last_error_code=?3,
-                last_error=?4, timestamp=?5, uploading_since=NULL
-             WHERE id=?1",
-            params![id, next_at, code, msg, now],
-        )?;
-        let att = get_tx(&tx, id)?;
-        let reason = format!("{code}: {msg}");
-        event_conn(
-            &tx,
-            now,
-            &EventKind::RetryScheduled,
-            EventOutcome::Skipped,
-            Some(&att),
-            Some(att.state),
-            Some(att.state),
-            Some(&reason),
-        )?;
-        tx.commit()?;
-        Ok(att.attempts)
+        self.hold_row(id, next_at, code, msg, true)
     }
 
     /// Records why `id`'s upload stopped when the cause is not the file's (a refused device
     /// clock): due again at once, no attempt used, a `retry_scheduled` event with the
     /// reason. Returns the attempts so far.
     pub fn hold_without_attempt(&mut self, id: &str, code: &str, msg: &str) -> Result<i64> {
+        self.hold_row(id, now_ms(), code, msg, false)
+    }
+
+    /// One transaction: the row is due again at `next_at` with its error recorded (and
+    /// one more attempt counted when `count` is set), plus its `retry_scheduled` event.
+    fn hold_row(
+        &mut self,
+        id: &str,
+        next_at: i64,
+        code: &str,
+        msg: &str,
+        count: bool,
+    ) -> Result<i64> {
         let now = now_ms();
         let tx = self.write_tx()?;
         tx.execute(
-            "UPDATE attachments SET next_attempt_at=?2, last_error_code=?3,
-                last_error=?4, timestamp=?2, uploading_since=NULL
+            "UPDATE attachments SET attempts=attempts+?6, next_attempt_at=?2, last_error_code=?3,
+                last_error=?4, timestamp=?5, uploading_since=NULL
              WHERE id=?1",
-            params![id, now, code, msg],
+            params![id, next_at, code, msg, now, i64::from(count)],
         )?;
         let att = get_tx(&tx, id)?;
         let reason = format!("{code}: {msg}");
