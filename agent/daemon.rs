@@ -324,6 +324,7 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
             prefix: cfg.remote.prefix.clone(),
             device: cfg.device_id.clone(),
             remote: remote.clone(),
+            settle: cfg.ingest.settle.0,
         },
         Store::open(&db_path)?,
         cfg.upload.sync_interval.0,

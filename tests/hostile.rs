@@ -229,7 +229,10 @@ fn a_photo_named_with_bytes_that_are_not_utf8_uploads_byte_identical_and_survive
             .unwrap_or_else(|| panic!("no readable record of the photo: {list:?}"));
         assert_eq!(a["state"], "synced", "{a}");
         let key = a["object_key"].as_str().unwrap();
-        assert!(key.starts_with("fs/dev1/c1/r1/") && key.ends_with(".jpg"), "{key}");
+        assert!(
+            key.starts_with("fs/dev1/c1/r1/") && key.ends_with(".jpg"),
+            "{key}"
+        );
         let got = client.get(key).expect("object in the bucket");
         assert_eq!(sha256_hex(&got), sha256_hex(&body), "bytes of {key}");
         let t = list
@@ -473,7 +476,12 @@ fn fifos_loops_photo_named_directories_and_growing_files() {
     fs::create_dir_all(row.join("IMG_dir2.jpg")).unwrap();
     // Written in pieces, never quiet for as long as ingest.settle.
     let growing = bytes(32, 400_000);
-    write_slowly(&row.join("IMG_growing.jpg"), &growing, 20, Duration::from_secs(2));
+    write_slowly(
+        &row.join("IMG_growing.jpg"),
+        &growing,
+        20,
+        Duration::from_secs(2),
+    );
     env.drop_file("c1/r1/IMG_1.jpg", &bytes(33, 1000));
     env.wait(Some(&d), 15, "IMG_growing and IMG_1 synced", || {
         synced_named(&env, "IMG_growing.jpg") && synced_named(&env, "IMG_1.jpg")
@@ -486,7 +494,9 @@ fn fifos_loops_photo_named_directories_and_growing_files() {
         .collect();
     for bad in ["fifo", "loop", "IMG_dir", "up"] {
         assert!(
-            !names.iter().any(|n| n.starts_with(&format!("IMG_{bad}")) || *n == bad),
+            !names
+                .iter()
+                .any(|n| n.starts_with(&format!("IMG_{bad}")) || *n == bad),
             "{bad} recorded: {names:?}"
         );
     }
@@ -504,5 +514,7 @@ fn fifos_loops_photo_named_directories_and_growing_files() {
     assert!(d.log_text().contains("fieldsync started"));
     // Still responsive: a new photo after all that is taken.
     env.drop_file("c1/r1/IMG_2.jpg", &bytes(34, 1000));
-    env.wait(Some(&d), 10, "IMG_2 synced", || synced_named(&env, "IMG_2.jpg"));
+    env.wait(Some(&d), 10, "IMG_2 synced", || {
+        synced_named(&env, "IMG_2.jpg")
+    });
 }
