@@ -65,7 +65,7 @@ pub fn repair(store: &mut Store, ingestor: &Ingestor) -> Result<Vec<Repair>, Sto
                     {
                         out.push(Repair {
                             id: a.id.clone(),
-                            path: a.local_uri.clone(),
+                            path: crate::localfs::readable_line(&a.local_uri),
                             from: a.state,
                             to: State::Archived,
                             reason: format!("superseded by {}", new.id),
@@ -75,7 +75,10 @@ pub fn repair(store: &mut Store, ingestor: &Ingestor) -> Result<Vec<Repair>, Sto
                 }
                 _ => continue,
             };
-            let msg = format!("{} no longer exists", a.local_uri);
+            let msg = format!(
+                "{} no longer exists",
+                crate::localfs::readable_line(&a.local_uri)
+            );
             store.transition(
                 &a.id,
                 to,
@@ -91,7 +94,7 @@ pub fn repair(store: &mut Store, ingestor: &Ingestor) -> Result<Vec<Repair>, Sto
             )?;
             out.push(Repair {
                 id: a.id,
-                path: a.local_uri,
+                path: crate::localfs::readable_line(&a.local_uri),
                 from: a.state,
                 to,
                 reason: reason.into(),

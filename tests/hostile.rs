@@ -214,15 +214,25 @@ fn a_photo_named_with_bytes_that_are_not_utf8_uploads_byte_identical_and_survive
     let name = OsStr::from_bytes(b"IMG_\xff\xfe.jpg");
     let body = bytes(7, 300_000);
     fs::write(dir.join(name), &body).unwrap();
+    // A checklist folder whose name is not UTF-8: keyed with U+FFFD.
+    let odd_dir = env.capture.join(OsStr::from_bytes(b"c\xff")).join("r1");
+    fs::create_dir_all(&odd_dir).unwrap();
+    let odd = bytes(9, 2000);
+    fs::write(odd_dir.join("a.jpg"), &odd).unwrap();
     // Its lossy twin is a different file with other bytes.
     let twin = bytes(8, 1000);
     fs::write(dir.join("IMG_\u{FFFD}\u{FFFD}.jpg"), &twin).unwrap();
     let mut d = env.spawn();
-    env.wait(Some(&d), 20, "both synced", || env.count("synced") == 2);
+    env.wait(Some(&d), 20, "all synced", || env.count("synced") == 3);
 
     let check = |env: &Env| {
         let list = env.list();
-        assert_eq!(list.len(), 2, "{}", env.dump(None));
+        assert_eq!(list.len(), 3, "{}", env.dump(None));
+        let o = list.iter().find(|a| a["filename"] == "a.jpg").unwrap();
+        assert_eq!(o["checklist"], "c\u{FFFD}");
+        let key = o["object_key"].as_str().unwrap();
+        assert!(key.starts_with("fs/dev1/c\u{FFFD}/r1/"), "{key}");
+        assert_eq!(client.get(key).unwrap(), odd);
         let a = list
             .iter()
             .find(|a| a["filename"] == "IMG_\\xff\\xfe.jpg")
@@ -256,7 +266,7 @@ fn a_photo_named_with_bytes_that_are_not_utf8_uploads_byte_identical_and_survive
     // The text list shows it readably, on one line.
     let text = env.cli_ok(&["list"]);
     assert!(text.contains("c1/r1/IMG_\\xff\\xfe.jpg"), "{text}");
-    assert_eq!(text.lines().count(), 2, "{text}");
+    assert_eq!(text.lines().count(), 3, "{text}");
 }
 
 #[test]
@@ -469,6 +479,12 @@ fn fifos_loops_photo_named_directories_and_growing_files() {
     fs::write(row.join("IMG_dir.jpg/inner.jpg"), bytes(31, 1000)).unwrap();
     env.drop_file("c1/r1/IMG_0.jpg", &bytes(30, 1000));
     let d = env.spawn();
+    let fifo_reported = |name: &str| {
+        events_of(&env, "file_skipped").iter().any(|e| {
+            let r = e["reason"].as_str().unwrap_or("");
+            r.contains(name) && r.contains("a FIFO")
+        })
+    };
     env.wait(Some(&d), 15, "IMG_0 and inner synced", || {
         synced_named(&env, "IMG_0.jpg") && synced_named(&env, "inner.jpg")
     });
@@ -500,6 +516,7 @@ fn fifos_loops_photo_named_directories_and_growing_files() {
             "{bad} recorded: {names:?}"
         );
     }
+    assert!(fifo_reported("IMG_fifo_at_start.jpg") && fifo_reported("IMG_fifo.jpg"));
     // The inner photo is recorded once, not again through the `up` loop.
     assert_eq!(names.iter().filter(|n| **n == "inner.jpg").count(), 1);
     // The growing file: only its complete bytes are synced.
