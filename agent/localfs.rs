@@ -121,9 +121,13 @@ pub fn open_regular(path: &Path) -> io::Result<File> {
 /// folder is followed. A path outside it (`fieldsync enqueue` of a file elsewhere) has
 /// its folder resolved and its last component kept.
 pub fn real_path(capture: &Path, path: &Path) -> io::Result<PathBuf> {
+    let plain = |rel: &Path| {
+        rel.components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+    };
     match path.strip_prefix(capture) {
-        Ok(rel) => Ok(std::fs::canonicalize(capture)?.join(rel)),
-        Err(_) => {
+        Ok(rel) if plain(rel) => Ok(std::fs::canonicalize(capture)?.join(rel)),
+        _ => {
             let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
                 return Ok(path.to_path_buf());
             };

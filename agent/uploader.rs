@@ -420,15 +420,28 @@ impl Worker {
     fn reingest(&self, att: &Attachment) {
         let path = text_path(&att.local_uri);
         let assignment = (att.checklist.clone(), att.row.clone());
-        match self
+        let outcome = self
             .ingestor
-            .rehash(&mut self.store.borrow_mut(), &path, assignment)
-        {
+            .rehash(&mut self.store.borrow_mut(), &path, assignment);
+        match outcome {
             Ok(Outcome::Enqueued(new)) => {
                 info!(old = %att.id, new = %new.id, "file changed after ingest; new version queued")
             }
             Ok(Outcome::Missing) => {
                 let _ = self.archive_deleted(att);
+            }
+            Ok(Outcome::Refused(why)) => {
+                // A link (or a FIFO) now stands where the photo was: it is never read, and
+                // the record must not be taken again and again.
+                warn!(id = %att.id, reason = %why, "photo replaced by a file that is not read");
+                let _ = self.store.borrow_mut().transition(
+                    &att.id,
+                    State::Failed,
+                    Change {
+                        error: Some(("not_regular_file", &why)),
+                        ..Change::of(EventKind::Failed)
+                    },
+                );
             }
             Ok(other) => debug!(id = %att.id, ?other, "re-ingest"),
             Err(e) => warn!(id = %att.id, error = %e, "re-ingest failed"),

@@ -535,3 +535,31 @@ fn fifos_loops_photo_named_directories_and_growing_files() {
         synced_named(&env, "IMG_2.jpg")
     });
 }
+
+/// A photo recorded, then replaced by a link before it was uploaded: the link is never
+/// read, and the record fails with the reason instead of being taken again and again.
+#[test]
+fn a_photo_replaced_by_a_symlink_before_upload_fails_and_is_never_read() {
+    let env = Env::new("");
+    let secret = outside_file(&env, "secret.jpg", SECRET);
+    let d = env.spawn();
+    env.cli_ok(&["pause"]);
+    env.wait(Some(&d), 5, "paused", || env.status()["paused"] == true);
+    env.drop_file("c1/r1/IMG_1.jpg", &bytes(41, 3000));
+    env.wait(Some(&d), 10, "queued", || env.count("queued_upload") == 1);
+    let tmp = env.capture.join("c1/r1/.IMG_1.tmp");
+    symlink(&secret, &tmp).unwrap();
+    fs::rename(&tmp, env.capture.join("c1/r1/IMG_1.jpg")).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    env.cli_ok(&["resume"]);
+    env.wait(Some(&d), 10, "failed", || env.count("failed") == 1);
+    let failed = env.list_state("failed");
+    assert_eq!(
+        failed[0]["last_error_code"], "not_regular_file",
+        "{failed:?}"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(env.list().len(), 1, "{}", env.dump(Some(&d)));
+    assert_no_secret_in_remote(&env);
+    assert!(env.remote_objects().is_empty());
+}
