@@ -483,6 +483,7 @@ async fn supervise(p: Parts, signals: Signals) -> Result<(), DaemonError> {
         // Publish what the last uploads completed before exiting.
         publish = tokio::task::spawn_blocking(move || {
             publish.turn(Vec::new());
+            publish.settle_and_turn();
             publish
         })
         .await

@@ -405,6 +405,21 @@ impl PublishLoop {
     }
 }
 
+impl PublishLoop {
+    /// For the last turn of `--until-idle`: a checklist.json still settling is looked at
+    /// again once it may have settled (a few times at most: one being rewritten all the
+    /// time must not keep the daemon from exiting).
+    pub fn settle_and_turn(&mut self) {
+        for _ in 0..3 {
+            if self.settling.is_empty() {
+                return;
+            }
+            std::thread::sleep(self.publisher.settle);
+            self.turn(Vec::new());
+        }
+    }
+}
+
 /// Drives the publisher until `shutdown`, then hands its state back so the supervisor can
 /// run a last turn once uploads have stopped (`--until-idle`). The event log is tailed
 /// whenever the queue changed (`queue_changed`: the workers need no knowledge of
