@@ -215,13 +215,16 @@ impl Config {
                 message,
             }
         };
-        let de = toml::de::Deserializer::parse(text)
-            .map_err(|e| invalid(String::new(), one_line(e.message()), e.span()))?;
+        let de = toml::de::Deserializer::parse(text).map_err(|e| {
+            let (key, message) = syntax_subject(text, e.message(), e.span());
+            invalid(key, message, e.span())
+        })?;
         let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
             let key = if path.is_empty() || path == "." {
-                String::new()
+                // Never an empty key in the line (`line 3: : …`).
+                "top level".to_string()
             } else {
                 format!("key `{path}`")
             };
@@ -284,10 +287,108 @@ impl Config {
         Ok(())
     }
 
+    /// Checks `paths.capture` and `paths.state_dir` against the file system (`config
+    /// check` and `run`): each must be a directory, or a missing one that can be created;
+    /// with `create` (the daemon's start) they are created. `file` names the config in the
+    /// error, which is a configuration error like any other (exit 2, not a restart loop).
+    pub fn check_paths(&self, file: &str, create: bool) -> Result<(), ConfigError> {
+        for (key, path) in [
+            ("paths.capture", &self.paths.capture),
+            ("paths.state_dir", &self.paths.state_dir),
+        ] {
+            check_dir(path, create).map_err(|message| ConfigError::Invalid {
+                file: file.to_string(),
+                location: String::new(),
+                key: format!("key `{key}`"),
+                message,
+            })?;
+        }
+        Ok(())
+    }
+
     /// The queue database inside the state directory.
     pub fn db_path(&self) -> PathBuf {
         self.paths.state_dir.join("queue.db")
     }
+}
+
+/// A directory that exists, or can be created (and is, with `create`); else what is wrong.
+fn check_dir(path: &Path, create: bool) -> Result<(), String> {
+    let kind = |m: &std::fs::Metadata| {
+        if m.is_file() {
+            "a regular file"
+        } else {
+            "not a directory"
+        }
+    };
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => return Ok(()),
+        Ok(m) => {
+            return Err(format!(
+                "expected a directory; {} is {}",
+                path.display(),
+                kind(&m)
+            ))
+        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(format!("cannot use {}: {e}", path.display()))
+        }
+        Err(_) => {}
+    }
+    // Missing: the nearest existing folder above it must be a directory.
+    let mut up = path.parent();
+    while let Some(p) = up.filter(|p| !p.as_os_str().is_empty()) {
+        match std::fs::metadata(p) {
+            Ok(m) if m.is_dir() => break,
+            Ok(m) => {
+                return Err(format!(
+                    "cannot create {}: {} is {}",
+                    path.display(),
+                    p.display(),
+                    kind(&m)
+                ))
+            }
+            Err(_) => up = p.parent(),
+        }
+    }
+    if create {
+        std::fs::create_dir_all(path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// What a TOML parse error is about, for its one line: the table or key a `duplicate key`
+/// names (from the text at the error), else `syntax error`; and the message.
+fn syntax_subject(
+    text: &str,
+    message: &str,
+    span: Option<std::ops::Range<usize>>,
+) -> (String, String) {
+    let message = one_line(message);
+    let at = span
+        .as_ref()
+        .and_then(|s| text.get(s.clone()))
+        .map(str::trim)
+        .unwrap_or("");
+    if message == "duplicate key" && !at.is_empty() {
+        let start = span.map(|s| s.start).unwrap_or(0);
+        let line_start = text[..start].rfind('\n').map(|i| i + 1).unwrap_or(0);
+        let line = text[line_start..].lines().next().unwrap_or("").trim();
+        if let Some(header) = line.strip_prefix('[') {
+            let name = header
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or(at);
+            return (
+                format!("table `{}`", name.trim()),
+                "defined twice (merge the two tables)".into(),
+            );
+        }
+        return (format!("key `{at}`"), "defined twice".into());
+    }
+    ("syntax error".into(), message)
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -367,7 +468,21 @@ mod tests {
     #[test]
     fn syntax_error_has_a_line() {
         let e = err("[upload\n");
-        assert!(e.contains("line 1"), "{e}");
+        assert!(e.contains("line 1: syntax error: "), "{e}");
+        assert!(!e.contains(": :"), "{e}");
+    }
+
+    #[test]
+    fn a_duplicate_names_the_table_or_the_key() {
+        let e = err("[upload]\nconcurrency = 2\n[remote.file]\npath = \"/x\"\n\n[upload]\nx = 1\n");
+        assert_eq!(
+            e,
+            "config /etc/x.toml: line 6: table `upload`: defined twice (merge the two tables)"
+        );
+        let e = err("[remote.file]\npath = \"/x\"\n[ remote.file ]\n");
+        assert!(e.contains("line 3: table `remote.file`"), "{e}");
+        let e = err("device_id = \"a\"\ndevice_id = \"b\"\n");
+        assert!(e.contains("line 2: key `device_id`: defined twice"), "{e}");
     }
 
     #[test]

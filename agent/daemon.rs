@@ -324,6 +324,7 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
             prefix: cfg.remote.prefix.clone(),
             device: cfg.device_id.clone(),
             remote: remote.clone(),
+            settle: cfg.ingest.settle.0,
         },
         Store::open(&db_path)?,
         cfg.upload.sync_interval.0,
@@ -482,6 +483,7 @@ async fn supervise(p: Parts, signals: Signals) -> Result<(), DaemonError> {
         // Publish what the last uploads completed before exiting.
         publish = tokio::task::spawn_blocking(move || {
             publish.turn(Vec::new());
+            publish.settle_and_turn();
             publish
         })
         .await

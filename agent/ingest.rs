@@ -5,14 +5,18 @@
 //! same file (path, size, mtime, hash) is never enqueued twice; a file whose bytes changed
 //! after ingest becomes a new version and the stale, not yet uploaded one is archived.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
+use crate::localfs::{self, path_text, readable_line};
 use crate::remote::object_key;
 use crate::store::{Attachment, EventKind, EventOutcome, NewAttachment, State, Store, StoreError};
 use crate::units::Dur;
@@ -93,6 +97,10 @@ pub enum Outcome {
     SidecarUpdated,
     /// The path does not exist (any more).
     Missing,
+    /// Not read: a symbolic link, a FIFO, a file reached through a linked directory
+    /// (`crate::localfs`); reported once as `file_skipped`. The `not_regular_file: …`
+    /// reason.
+    Refused(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,6 +240,9 @@ pub struct Ingestor {
     ignore: Vec<String>,
     prefix: String,
     device: String,
+    /// Paths already reported as not read (`file_skipped`): each rescan finds a link
+    /// again, and the log should say so once.
+    reported: Mutex<HashSet<PathBuf>>,
 }
 
 impl Ingestor {
@@ -243,7 +254,46 @@ impl Ingestor {
             ignore: cfg.ignore.clone(),
             prefix: prefix.to_string(),
             device: device.to_string(),
+            reported: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// The path a file below (or outside) the capture folder is opened by: the capture
+    /// folder's real path joined with the rest ([`localfs::real_path`]).
+    pub fn real_path(&self, path: &Path) -> io::Result<PathBuf> {
+        localfs::real_path(&self.capture, path)
+    }
+
+    /// Reports once that `path` is not read (`file_skipped`, reason `not_regular_file`).
+    fn refuse(
+        &self,
+        store: &Store,
+        path: &Path,
+        checklist: Option<&str>,
+        what: &'static str,
+    ) -> Result<Outcome, IngestError> {
+        let msg = localfs::Refused {
+            path: readable_line(&path_text(path)),
+            what,
+        }
+        .to_string();
+        let first = self
+            .reported
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.to_path_buf());
+        if first {
+            // `info`: the event is the report (MQTT too); `enqueue` prints the reason
+            // as its one error line.
+            info!(reason = %msg, "file in the capture folder not read");
+            store.log_event_for(
+                EventKind::FileSkipped,
+                EventOutcome::Skipped,
+                checklist,
+                Some(&msg),
+            )?;
+        }
+        Ok(Outcome::Refused(msg))
     }
 
     pub fn capture(&self) -> &Path {
@@ -261,13 +311,13 @@ impl Ingestor {
 
     /// Whether `path` may be an attachment (by name and place; not yet by content).
     pub fn is_candidate(&self, path: &Path) -> bool {
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-            // Names that are not UTF-8 are still photos; only ignore-globs need text.
-            return path.starts_with(&self.capture);
+        // Names that are not UTF-8 are still photos; the globs see U+FFFD for such bytes.
+        let Some(name) = path.file_name().map(|n| n.to_string_lossy()) else {
+            return false;
         };
         path.starts_with(&self.capture)
             && path != self.capture
-            && !self.ignored_name(name)
+            && !self.ignored_name(&name)
             && !name.ends_with(".json")
             // Anything inside a hidden directory (an app's staging area) is ignored too.
             && !path
@@ -332,19 +382,38 @@ impl Ingestor {
         (checklist, row): (String, String),
         force: bool,
     ) -> Result<Outcome, IngestError> {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let meta = match fs::metadata(path) {
+        // The stored form of the name and path keeps every byte (`localfs::path_text`).
+        let name = path_text(Path::new(path.file_name().unwrap_or_default()));
+        // Nothing is read through a link (`localfs`): the link itself is looked at, and
+        // the file is opened without following one and checked once open.
+        let lmeta = match fs::symlink_metadata(path) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Outcome::Missing),
             Err(e) => return Err(io_err(path, e)),
         };
-        if !meta.is_file() {
+        if lmeta.is_dir() {
             return Ok(Outcome::Ignored);
         }
-        let uri = path.to_string_lossy().into_owned();
+        if let Some(what) = localfs::odd_kind(&lmeta) {
+            return self.refuse(store, path, Some(&checklist), what);
+        }
+        let mut read_error = None;
+        let (mut file, meta) = match self
+            .real_path(path)
+            .and_then(|r| localfs::open_regular(&r))
+            .and_then(|f| f.metadata().map(|m| (f, m)))
+        {
+            Ok((f, m)) => (Some(f), m),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Outcome::Missing),
+            Err(e) => {
+                if let Some(r) = localfs::refused(&e) {
+                    return self.refuse(store, path, Some(&checklist), r.what);
+                }
+                read_error = Some(e);
+                (None, lmeta)
+            }
+        };
+        let uri = path_text(path);
         let size = meta.len() as i64;
         let mtime = mtime_ns(&meta);
         let latest = store.latest_for_path(&uri)?;
@@ -357,7 +426,7 @@ impl Ingestor {
         }
 
         // The id is known once the bytes are hashed (it names them); until then, none.
-        let ext = Path::new(&name)
+        let ext = path
             .extension()
             .map(|e| e.to_string_lossy().into_owned())
             .unwrap_or_default();
@@ -378,14 +447,18 @@ impl Ingestor {
             error: None,
         };
 
-        match hash_file(path) {
+        let hashed = match (file.as_mut(), read_error) {
+            (Some(f), _) => hash_reader(f),
+            (None, e) => Err(e.unwrap_or_else(|| io::Error::other("not opened"))),
+        };
+        match hashed {
             Ok((sha, hashed_len)) => {
                 // The app may still be writing: only a file that did not change while we
                 // read it is taken.
-                let after = match fs::metadata(path) {
-                    Ok(m) => m,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Outcome::Missing),
-                    Err(e) => return Err(io_err(path, e)),
+                let after = match file.as_ref().map(File::metadata) {
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => return Err(io_err(path, e)),
+                    None => return Ok(Outcome::Missing),
                 };
                 if after.len() as i64 != size
                     || mtime_ns(&after) != mtime
@@ -428,6 +501,10 @@ impl Ingestor {
             .filter(|l| matches!(l.state, State::QueuedUpload | State::Failed))
             .map(|l| l.id.clone());
         let att = store.insert(&new, supersedes.as_deref())?;
+        self.reported
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(path);
         info!(id = %att.id, path = %path.display(), checklist = %att.checklist, row = %att.row,
               size = att.size, "enqueued");
         Ok(Outcome::Enqueued(att))
@@ -468,9 +545,34 @@ impl Ingestor {
         let mut p = photo.as_os_str().to_owned();
         p.push(".json");
         let p = PathBuf::from(p);
-        let text = match fs::read_to_string(&p) {
+        let no_sidecar = |e: &io::Error| {
+            // A name so long that `<name>.json` cannot exist: there is no sidecar.
+            e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENAMETOOLONG)
+        };
+        match fs::symlink_metadata(&p) {
+            Err(e) if no_sidecar(&e) => return None,
+            Ok(m) if m.is_dir() => return None,
+            Ok(m) => {
+                if let Some(what) = localfs::odd_kind(&m) {
+                    let _ = self.refuse(store, &p, None, what);
+                    return None;
+                }
+            }
+            Err(_) => {}
+        }
+        let read = self.real_path(&p).and_then(|r| {
+            let mut text = String::new();
+            localfs::open_regular(&r)?.read_to_string(&mut text)?;
+            Ok(text)
+        });
+        let text = match read {
             Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+            Err(e) if no_sidecar(&e) => return None,
+            Err(e) if localfs::refused(&e).is_some() => {
+                let what = localfs::refused(&e).map(|r| r.what).unwrap_or_default();
+                let _ = self.refuse(store, &p, None, what);
+                return None;
+            }
             Err(e) => {
                 warn!(sidecar = %p.display(), error = %e, "cannot read sidecar; photo enqueued without metadata");
                 let _ = store.log_event(
@@ -508,8 +610,10 @@ impl Ingestor {
         if name == CHECKLIST_FILE {
             return Ok(Outcome::Ignored);
         }
-        let photo = path.with_file_name(name.trim_end_matches(".json"));
-        let uri = photo.to_string_lossy().into_owned();
+        let file = path.file_name().unwrap_or_default().as_bytes();
+        let stem = file.strip_suffix(b".json").unwrap_or(file);
+        let photo = path.with_file_name(std::ffi::OsStr::from_bytes(stem));
+        let uri = path_text(&photo);
         let Some(att) = store.latest_for_path(&uri)? else {
             return Ok(Outcome::Ignored);
         };
@@ -535,7 +639,14 @@ impl Ingestor {
         want_files: &mut dyn FnMut(&Path) -> bool,
         f: &mut dyn FnMut(PathBuf),
     ) {
-        let mut stack = vec![dir.to_path_buf()];
+        // A folder reached through a link is not looked into (nothing below the capture
+        // folder is read through a link).
+        let linked = dir != self.capture && fs::symlink_metadata(dir).is_ok_and(|m| m.is_symlink());
+        let mut stack = if linked {
+            Vec::new()
+        } else {
+            vec![dir.to_path_buf()]
+        };
         while let Some(dir) = stack.pop() {
             let Ok(rd) = fs::read_dir(&dir) else { continue };
             let files = want_files(&dir);
@@ -545,7 +656,8 @@ impl Ingestor {
                     if !entry.file_name().to_string_lossy().starts_with('.') {
                         stack.push(entry.path());
                     }
-                } else if files && ft.is_file() {
+                } else if files {
+                    // Links, FIFOs and the like too: ingest reports them (never reads).
                     let p = entry.path();
                     if self.is_candidate(&p) {
                         f(p);
@@ -576,9 +688,14 @@ pub fn attachment_id(device: &str, rel: &Path, size: i64, mtime_ns: i64, sha256:
     uuid::Uuid::new_v5(&ID_NAMESPACE, &name).to_string()
 }
 
-/// Streams the file through sha256; returns the hex digest and the bytes read.
+/// Streams the file through sha256; returns the hex digest and the bytes read. `path` is
+/// a real path ([`Ingestor::real_path`]), opened under the rule of [`crate::localfs`].
 pub fn hash_file(path: &Path) -> io::Result<(String, u64)> {
-    let mut f = File::open(path)?;
+    hash_reader(&mut localfs::open_regular(path)?)
+}
+
+/// Streams an open file through sha256; returns the hex digest and the bytes read.
+pub fn hash_reader(f: &mut File) -> io::Result<(String, u64)> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; HASH_CHUNK];
     let mut n = 0u64;

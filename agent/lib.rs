@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod device;
 pub mod ingest;
+pub mod localfs;
 pub mod publisher;
 pub mod reload;
 

@@ -30,6 +30,7 @@ use crate::bus::LoopBeat;
 pub use crate::bus::PublishMsg;
 
 use crate::ingest::{Layout, CHECKLIST_FILE};
+use crate::localfs::text_path;
 use crate::remote::{key_component, Remote};
 use crate::store::{
     Attachment, Change, EventKind, EventOutcome, ListFilter, State, Store, StoreError,
@@ -50,6 +51,9 @@ pub enum Outcome {
     },
     NoChecklist,
     Invalid(String),
+    /// The checklist.json changed less than `settle` ago (the app may still be writing
+    /// it): not parsed yet, looked at again once it has been quiet that long.
+    Settling,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +70,9 @@ pub struct Publisher {
     pub prefix: String,
     pub device: String,
     pub remote: Arc<dyn Remote>,
+    /// `ingest.settle`: a checklist.json is parsed only once its size and mtime held this
+    /// long, the rule photos are taken by.
+    pub settle: Duration,
 }
 
 impl Publisher {
@@ -105,9 +112,18 @@ impl Publisher {
         let Some(path) = self.checklist_file(checklist) else {
             return Ok(Outcome::NoChecklist);
         };
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(_) => return Ok(Outcome::NoChecklist),
+        let bytes = match self.read_settled(&path) {
+            Ok(Some(b)) => b,
+            Ok(None) => return Ok(Outcome::Settling),
+            Err(e) => {
+                if let Some(r) = crate::localfs::refused(&e) {
+                    // A link (or a FIFO) is never read: no manifest from outside the
+                    // capture folder.
+                    let why = format!("not_regular_file: {}; not read", r.what);
+                    return self.invalid(store, checklist, &path, why.as_bytes(), &why);
+                }
+                return Ok(Outcome::NoChecklist);
+            }
         };
         let doc: Value = match serde_json::from_slice(&bytes) {
             Ok(v @ Value::Object(_)) => v,
@@ -176,7 +192,10 @@ impl Publisher {
                         named.insert(a.id.clone());
                         attachments.push(attachment_json(a));
                     }
-                    Some(a) if a.state == State::Archived && Path::new(&a.local_uri).exists() => {
+                    Some(a)
+                        if a.state == State::Archived
+                            && fs::symlink_metadata(text_path(&a.local_uri)).is_ok() =>
+                    {
                         // Referenced again (a revised checklist): back to where it was.
                         let to = if a.has_synced {
                             State::Synced
@@ -259,6 +278,41 @@ impl Publisher {
         Ok(Outcome::Published { key })
     }
 
+    /// The bytes of a checklist.json under the rule of [`crate::localfs`] (never through a
+    /// link), or `None` while it is still settling: changed less than `settle` ago, or
+    /// while it was read.
+    fn read_settled(&self, path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+        use std::io::Read;
+        let lmeta = fs::symlink_metadata(path)?;
+        if let Some(what) = crate::localfs::odd_kind(&lmeta) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                crate::localfs::Refused {
+                    path: path.display().to_string(),
+                    what,
+                },
+            ));
+        }
+        let mut f = crate::localfs::open_regular(&crate::localfs::real_path(&self.capture, path)?)?;
+        let before = f.metadata()?;
+        let age = std::time::SystemTime::now()
+            .duration_since(before.modified()?)
+            .unwrap_or_default();
+        if age < self.settle {
+            return Ok(None);
+        }
+        let mut bytes = Vec::with_capacity(before.len() as usize);
+        f.read_to_end(&mut bytes)?;
+        let after = f.metadata()?;
+        if after.len() != before.len()
+            || after.modified()? != before.modified()?
+            || bytes.len() as u64 != after.len()
+        {
+            return Ok(None);
+        }
+        Ok(Some(bytes))
+    }
+
     fn invalid(
         &self,
         store: &mut Store,
@@ -292,6 +346,8 @@ pub struct PublishLoop {
     pub retry_interval: Duration,
     dirty: HashSet<String>,
     failed: HashSet<String>,
+    /// Checklists whose checklist.json was still settling: looked at again next turn.
+    settling: HashSet<String>,
     /// The last event of the log looked at.
     seq: i64,
     last_retry: Instant,
@@ -308,6 +364,7 @@ impl PublishLoop {
             retry_interval,
             dirty,
             failed: HashSet::new(),
+            settling: HashSet::new(),
             seq,
             last_retry: Instant::now(),
         }
@@ -317,6 +374,7 @@ impl PublishLoop {
     /// a message, or due for a retry are checked.
     pub fn turn(&mut self, named: Vec<String>) {
         self.dirty.extend(named);
+        self.dirty.extend(self.settling.drain());
         if let Ok(events) = self.store.events_after(self.seq, 1000) {
             for e in events {
                 self.seq = e.seq;
@@ -333,12 +391,31 @@ impl PublishLoop {
         }
         for name in std::mem::take(&mut self.dirty) {
             match self.publisher.check(&mut self.store, &name) {
+                Ok(Outcome::Settling) => {
+                    debug!(checklist = %name, "checklist.json still settling");
+                    self.settling.insert(name);
+                }
                 Ok(o) => debug!(checklist = %name, outcome = ?o, "checklist checked"),
                 Err(e) => {
                     warn!(checklist = %name, error = %e, "cannot publish checklist yet; will retry");
                     self.failed.insert(name);
                 }
             }
+        }
+    }
+}
+
+impl PublishLoop {
+    /// For the last turn of `--until-idle`: a checklist.json still settling is looked at
+    /// again once it may have settled (a few times at most: one being rewritten all the
+    /// time must not keep the daemon from exiting).
+    pub fn settle_and_turn(&mut self) {
+        for _ in 0..3 {
+            if self.settling.is_empty() {
+                return;
+            }
+            std::thread::sleep(self.publisher.settle);
+            self.turn(Vec::new());
         }
     }
 }
@@ -372,6 +449,12 @@ pub async fn run(
         };
         drop(busy);
         let retry = (!l.failed.is_empty()).then_some(l.retry_interval);
+        // A settling checklist.json is looked at again once it may have settled.
+        let retry = match (retry, l.settling.is_empty()) {
+            (r, true) => r,
+            (Some(r), false) => Some(r.min(l.publisher.settle)),
+            (None, false) => Some(l.publisher.settle),
+        };
         lp = Some(l);
         tokio::select! {
             _ = shutdown.cancelled() => break,

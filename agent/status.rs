@@ -138,7 +138,7 @@ pub fn snapshot_with(
                     0.0
                 },
                 id: a.id,
-                filename: a.filename,
+                filename: crate::localfs::readable(&a.filename),
                 checklist: a.checklist,
                 row: a.row,
                 size: a.size,
@@ -240,7 +240,7 @@ pub fn render(s: &Snapshot) -> String {
             "uploading: {}/{}/{} {:.1}% ({} of {})\n",
             u.checklist,
             u.row,
-            u.filename,
+            crate::localfs::readable_line(&u.filename),
             u.percent,
             human_bytes(u.bytes_sent),
             human_bytes(u.size)

@@ -271,6 +271,10 @@ pub enum EventKind {
     Alarm,
     /// The episode of an earlier `alarm` ended; same reason code.
     AlarmCleared,
+    /// A file in the capture folder that is not read (a symbolic link, a FIFO, …):
+    /// outcome `skipped`, reason `not_regular_file: <path>: <what>; not read`. Once per
+    /// path and daemon run.
+    FileSkipped,
     /// A kind this version does not know (written by a newer one): kept verbatim, so
     /// reading the log never fails on it.
     Other(String),
@@ -278,7 +282,7 @@ pub enum EventKind {
 
 impl EventKind {
     /// Every kind this version writes.
-    pub const KNOWN: [EventKind; 24] = [
+    pub const KNOWN: [EventKind; 25] = [
         EventKind::Enqueued,
         EventKind::Uploaded,
         EventKind::RetryScheduled,
@@ -303,6 +307,7 @@ impl EventKind {
         EventKind::ConfigReloaded,
         EventKind::Alarm,
         EventKind::AlarmCleared,
+        EventKind::FileSkipped,
     ];
 
     /// The kinds status reports as `last_success`.
@@ -336,6 +341,7 @@ impl EventKind {
             EventKind::ConfigReloaded => "config_reloaded",
             EventKind::Alarm => "alarm",
             EventKind::AlarmCleared => "alarm_cleared",
+            EventKind::FileSkipped => "file_skipped",
             EventKind::Other(s) => s,
         }
     }
@@ -2266,6 +2272,7 @@ mod wire_tests {
                 "config_reloaded",
                 "alarm",
                 "alarm_cleared",
+                "file_skipped",
             ]
         );
         for k in EventKind::KNOWN {

@@ -6,7 +6,6 @@
 use std::cell::RefCell;
 use std::fs;
 use std::io;
-use std::path::Path;
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -19,6 +18,7 @@ use crate::bus::{Done, SchedMsg, Shared};
 use crate::conditions::governor::{Governor, Ticket};
 use crate::config::Upload;
 use crate::ingest::{Ingestor, Outcome};
+use crate::localfs::text_path;
 use crate::remote::{ErrorClass, Remote, RemoteError, ResumeLog, UploadCtx, UploadJob};
 use crate::scheduler::{verdict, Verdict};
 use crate::store::{
@@ -155,12 +155,18 @@ impl Worker {
     }
 
     fn process(&self, mut att: Attachment, ticket: &Ticket) -> Result<Done, StoreError> {
-        let path = Path::new(&att.local_uri);
+        // Every read is of the real path below the capture folder, never through a link
+        // (`crate::localfs`); a vanished folder shows up as the file missing.
+        let stored = text_path(&att.local_uri);
+        let real = self.ingestor.real_path(&stored).unwrap_or(stored);
+        let path = real.as_path();
         if att.sha256.is_empty() {
             // Unreadable at ingest and requeued by an operator: hash it now.
             match crate::ingest::hash_file(path) {
                 Ok((sha, n)) => {
-                    let mtime = fs::metadata(path).map(|m| mtime_ns(&m)).unwrap_or(0);
+                    let mtime = fs::symlink_metadata(path)
+                        .map(|m| mtime_ns(&m))
+                        .unwrap_or(0);
                     self.store
                         .borrow()
                         .set_hash(&att.id, &sha, n as i64, mtime)?;
@@ -173,8 +179,9 @@ impl Worker {
                 }
             }
         }
-        // The file must still be the one we hashed.
-        let before = match fs::metadata(path) {
+        // The file must still be the one we hashed (the entry itself: a link put in its
+        // place is not it).
+        let before = match fs::symlink_metadata(path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 self.archive_deleted(&att)?;
                 return Ok(Done::Finished);
@@ -363,10 +370,11 @@ impl Worker {
     /// ingested one (ctime unchanged), or, if its ctime moved (a chmod, a touch), its bytes
     /// still hash to the ingest sha256.
     fn still_unchanged(&self, att: &Attachment) -> bool {
-        let path = Path::new(&att.local_uri);
-        match fs::metadata(path) {
+        let stored = text_path(&att.local_uri);
+        let path = self.ingestor.real_path(&stored).unwrap_or(stored);
+        match fs::symlink_metadata(&path) {
             Ok(m) if att.ctime_ns == Some(ctime_ns(&m)) => true,
-            Ok(_) => crate::ingest::hash_file(path).is_ok_and(|(sha, _)| sha == att.sha256),
+            Ok(_) => crate::ingest::hash_file(&path).is_ok_and(|(sha, _)| sha == att.sha256),
             // Deleted since: an unlink does not change bytes already read, and deleting
             // the object would lose the only copy.
             Err(e) if e.kind() == io::ErrorKind::NotFound => true,
@@ -410,17 +418,30 @@ impl Worker {
 
     /// The bytes changed after ingest: hash again; a new version supersedes this one.
     fn reingest(&self, att: &Attachment) {
-        let path = Path::new(&att.local_uri);
+        let path = text_path(&att.local_uri);
         let assignment = (att.checklist.clone(), att.row.clone());
-        match self
+        let outcome = self
             .ingestor
-            .rehash(&mut self.store.borrow_mut(), path, assignment)
-        {
+            .rehash(&mut self.store.borrow_mut(), &path, assignment);
+        match outcome {
             Ok(Outcome::Enqueued(new)) => {
                 info!(old = %att.id, new = %new.id, "file changed after ingest; new version queued")
             }
             Ok(Outcome::Missing) => {
                 let _ = self.archive_deleted(att);
+            }
+            Ok(Outcome::Refused(why)) => {
+                // A link (or a FIFO) now stands where the photo was: it is never read, and
+                // the record must not be taken again and again.
+                warn!(id = %att.id, reason = %why, "photo replaced by a file that is not read");
+                let _ = self.store.borrow_mut().transition(
+                    &att.id,
+                    State::Failed,
+                    Change {
+                        error: Some(("not_regular_file", &why)),
+                        ..Change::of(EventKind::Failed)
+                    },
+                );
             }
             Ok(other) => debug!(id = %att.id, ?other, "re-ingest"),
             Err(e) => warn!(id = %att.id, error = %e, "re-ingest failed"),

@@ -13,7 +13,6 @@
 
 use std::fs;
 use std::io;
-use std::path::Path;
 
 use serde::Serialize;
 
@@ -46,8 +45,10 @@ pub fn repair(store: &mut Store, ingestor: &Ingestor) -> Result<Vec<Repair>, Sto
         }
         after = last;
         for a in page {
-            let path = Path::new(&a.local_uri);
-            let meta = match fs::metadata(path) {
+            let stored = crate::localfs::text_path(&a.local_uri);
+            let path = stored.as_path();
+            // The entry itself: a link in the file's place is not the file.
+            let meta = match fs::symlink_metadata(path) {
                 Ok(m) => Some(m),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => None,
                 // Unreadable metadata is not proof of absence; the uploader reports it.
@@ -64,7 +65,7 @@ pub fn repair(store: &mut Store, ingestor: &Ingestor) -> Result<Vec<Repair>, Sto
                     {
                         out.push(Repair {
                             id: a.id.clone(),
-                            path: a.local_uri.clone(),
+                            path: crate::localfs::readable_line(&a.local_uri),
                             from: a.state,
                             to: State::Archived,
                             reason: format!("superseded by {}", new.id),
@@ -74,7 +75,10 @@ pub fn repair(store: &mut Store, ingestor: &Ingestor) -> Result<Vec<Repair>, Sto
                 }
                 _ => continue,
             };
-            let msg = format!("{} no longer exists", a.local_uri);
+            let msg = format!(
+                "{} no longer exists",
+                crate::localfs::readable_line(&a.local_uri)
+            );
             store.transition(
                 &a.id,
                 to,
@@ -90,7 +94,7 @@ pub fn repair(store: &mut Store, ingestor: &Ingestor) -> Result<Vec<Repair>, Sto
             )?;
             out.push(Repair {
                 id: a.id,
-                path: a.local_uri,
+                path: crate::localfs::readable_line(&a.local_uri),
                 from: a.state,
                 to,
                 reason: reason.into(),

@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 use crate::bus::LoopBeat;
 pub use crate::bus::WatchMsg;
 use crate::ingest::{IngestError, Ingestor, Outcome};
+use crate::localfs::path_text;
 use crate::store::{Change, State, Store};
 use crate::util::mtime_ns;
 
@@ -54,7 +55,7 @@ pub fn watch(
     capture: &Path,
     tx: UnboundedSender<WatchMsg>,
 ) -> notify::Result<notify::RecommendedWatcher> {
-    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+    let handler = move |res: notify::Result<notify::Event>| match res {
         Ok(ev) => {
             if ev.need_rescan() {
                 let _ = tx.send(WatchMsg::Rescan);
@@ -74,9 +75,11 @@ pub fn watch(
                         closed: false,
                     },
                     EventKind::Modify(ModifyKind::Name(_)) => {
-                        if path.is_dir() {
+                        // The entry itself, not what a link points at.
+                        let meta = fs::symlink_metadata(&path);
+                        if meta.as_ref().is_ok_and(|m| m.is_dir()) {
                             WatchMsg::DirCreated(path)
-                        } else if path.exists() {
+                        } else if meta.is_ok() {
                             // A rename into place: the writer is done with it.
                             WatchMsg::Changed { path, closed: true }
                         } else {
@@ -95,7 +98,12 @@ pub fn watch(
             warn!(error = %e, "inotify error; rescanning");
             let _ = tx.send(WatchMsg::Rescan);
         }
-    })?;
+    };
+    // Linked directories below the capture folder are not watched (nor read: `localfs`).
+    let mut w = notify::RecommendedWatcher::new(
+        handler,
+        notify::Config::default().with_follow_symlinks(false),
+    )?;
     w.watch(capture, RecursiveMode::Recursive)?;
     Ok(w)
 }
@@ -387,7 +395,9 @@ impl IngestLoop {
 
     fn settle(&mut self) {
         let ready = self.settler.ready(Instant::now(), &mut |p| {
-            fs::metadata(p).ok().map(|m| (m.len(), mtime_ns(&m)))
+            fs::symlink_metadata(p)
+                .ok()
+                .map(|m| (m.len(), mtime_ns(&m)))
         });
         // A new photo is recorded only while the reserve for recording upload outcomes
         // exists: on a full state disk the files wait (unhashed) and are taken later.
@@ -520,10 +530,11 @@ pub fn rescan_pass(
 /// True when the store already holds this path with its current size and mtime: the
 /// rescan's cheap check that skips hashing.
 fn known_unchanged(store: &Store, path: &Path) -> bool {
-    let Ok(meta) = fs::metadata(path) else {
+    // The entry itself: a link is handed to ingest, which reports it (never reads it).
+    let Ok(meta) = fs::symlink_metadata(path) else {
         return true;
     };
-    match store.latest_for_path(&path.to_string_lossy()) {
+    match store.latest_for_path(&path_text(path)) {
         Ok(Some(a)) => a.size == meta.len() as i64 && a.mtime_ns == mtime_ns(&meta),
         _ => false,
     }
@@ -531,10 +542,10 @@ fn known_unchanged(store: &Store, path: &Path) -> bool {
 
 /// The app deleted a file that was still waiting: archive it (not a failure, not retried).
 pub fn deleted_before_upload(store: &mut Store, path: &Path) {
-    if path.exists() {
+    if fs::symlink_metadata(path).is_ok() {
         return;
     }
-    let Ok(Some(a)) = store.latest_for_path(&path.to_string_lossy()) else {
+    let Ok(Some(a)) = store.latest_for_path(&path_text(path)) else {
         return;
     };
     if a.state == State::QueuedUpload && a.uploading_since.is_none() {

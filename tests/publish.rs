@@ -168,5 +168,8 @@ fn checklists_written_while_stopped_publish_at_start() {
     env.wait(Some(&d), 10, "published at start", || {
         manifest(&env).is_some()
     });
+    // The manifest is uploaded first, then its publication recorded.
+    env.wait(Some(&d), 5, "checklist_published", || published(&env) >= 1);
+    std::thread::sleep(Duration::from_millis(500));
     assert_eq!(published(&env), 1);
 }

@@ -9,19 +9,26 @@ use super::error::{exit, CliError};
 
 /// `path` is the `--config` argument; `embedded` is true on the embedded demo config.
 pub fn check(cfg: &Config, path: Option<&Path>, embedded: bool) -> Result<i32, CliError> {
+    let src = source(path, embedded);
+    cfg.check_paths(&src, false)?;
     crate::remote::build(&cfg.remote, &cfg.device_id).map_err(|e| CliError::new(exit::USAGE, e))?;
     if let Some(m) = &cfg.mqtt {
         // Reads the password file and certificates, as the daemon will.
         crate::mqtt::options(m, "check", None)
             .map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
     }
-    let src = path.map(|p| p.display().to_string()).unwrap_or_else(|| {
+    println!("config {src}: ok");
+    Ok(exit::OK)
+}
+
+/// How errors name the configuration: the `--config` file, the default path, or the
+/// embedded demo.
+pub fn source(path: Option<&Path>, embedded: bool) -> String {
+    path.map(|p| p.display().to_string()).unwrap_or_else(|| {
         if embedded {
             "<embedded demo config>".into()
         } else {
             DEFAULT_PATH.into()
         }
-    });
-    println!("config {src}: ok");
-    Ok(exit::OK)
+    })
 }

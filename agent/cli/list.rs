@@ -2,6 +2,7 @@
 //! lines or JSON.
 
 use crate::config::Config;
+use crate::localfs::{readable, readable_line};
 use crate::status;
 use crate::store::ListFilter;
 
@@ -10,8 +11,13 @@ use super::error::{exit, CliError};
 
 pub fn list(cfg: &Config, filter: &ListFilter, json: bool) -> Result<i32, CliError> {
     let store = open_store(cfg)?;
-    let list = store.list(filter)?;
+    let mut list = store.list(filter)?;
     if json {
+        // Names are shown readably: a byte that is not UTF-8 as `\xff` (README).
+        for a in &mut list {
+            a.filename = readable(&a.filename);
+            a.local_uri = readable(&a.local_uri);
+        }
         print_json(&list);
     } else {
         for a in &list {
@@ -20,12 +26,16 @@ pub fn list(cfg: &Config, filter: &ListFilter, json: bool) -> Result<i32, CliErr
                 a.id,
                 a.state,
                 status::human_bytes(a.size),
-                a.checklist,
-                a.row,
-                a.filename,
+                readable_line(&a.checklist),
+                readable_line(&a.row),
+                readable_line(&a.filename),
                 a.last_error
                     .as_ref()
-                    .map(|e| format!("  ({}: {e})", a.last_error_code.as_deref().unwrap_or("")))
+                    .map(|e| format!(
+                        "  ({}: {})",
+                        a.last_error_code.as_deref().unwrap_or(""),
+                        readable_line(e)
+                    ))
                     .unwrap_or_default()
             );
         }

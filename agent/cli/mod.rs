@@ -148,6 +148,31 @@ pub enum ConfigCommand {
     Check,
 }
 
+/// Parses the command line. Help and `--version` are printed and exit 0 as usual; a bad
+/// command line is a [`CliError`] of one line (exit 2), like every other error.
+pub fn parse() -> Result<Cli, CliError> {
+    Cli::try_parse().map_err(|e| {
+        use clap::error::ErrorKind;
+        if matches!(
+            e.kind(),
+            ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        ) {
+            e.exit()
+        }
+        CliError::new(exit::USAGE, usage_line(&e.render().to_string()))
+    })
+}
+
+/// clap's message in one line: its first paragraph (the usage and tips that follow are in
+/// `--help`), without the `error: ` prefix.
+fn usage_line(rendered: &str) -> String {
+    let first = rendered.trim().split("\n\n").next().unwrap_or("");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    first.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 fn parse_state(s: &str) -> Result<State, String> {
     s.parse()
 }
@@ -221,6 +246,12 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
     }
     match cli.command {
         Command::Run { until_idle } => {
+            // A capture folder that is a file, or a state directory that cannot be
+            // created, is the configuration's fault: exit 2 naming the key, once.
+            cfg.check_paths(
+                &config::source(cli.config.as_deref(), loaded.embedded),
+                true,
+            )?;
             let path = match cli.config {
                 Some(p) => Some(p),
                 None if loaded.embedded => None,

@@ -51,6 +51,8 @@ pub fn enqueue(cfg: &Config, file: &Path, checklist: String, row: String) -> Res
                 format!("{}: changed while being read; try again", path.display()),
             ))
         }
+        // A link or a FIFO is never read (README: symbolic links); the reason names it.
+        Outcome::Refused(why) => return Err(CliError::new(exit::USAGE, why)),
         Outcome::Ignored | Outcome::SidecarUpdated => {
             return Err(CliError::new(
                 exit::USAGE,

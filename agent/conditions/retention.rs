@@ -29,7 +29,7 @@ fn evictable(store: &Store, capture: &Path, a: &Attachment) -> bool {
     if !a.has_synced || !matches!(a.state, State::Synced | State::Archived) {
         return false;
     }
-    let path = Path::new(&a.local_uri);
+    let path = crate::localfs::text_path(&a.local_uri);
     if !path.starts_with(capture) {
         return false;
     }
@@ -37,7 +37,7 @@ fn evictable(store: &Store, capture: &Path, a: &Attachment) -> bool {
         Ok(Some(latest)) if latest.id == a.id => {}
         _ => return false,
     }
-    match fs::symlink_metadata(path) {
+    match fs::symlink_metadata(&path) {
         Ok(m) => m.is_file() && m.len() as i64 == a.size && mtime_ns(&m) == a.mtime_ns,
         Err(_) => false,
     }
@@ -45,7 +45,7 @@ fn evictable(store: &Store, capture: &Path, a: &Attachment) -> bool {
 
 /// Deletes one local copy and records it; false when the file could not be deleted.
 fn evict(store: &mut Store, a: &Attachment, reason: &str) -> Result<bool, StoreError> {
-    match fs::remove_file(&a.local_uri) {
+    match fs::remove_file(crate::localfs::text_path(&a.local_uri)) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => {

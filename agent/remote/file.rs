@@ -146,6 +146,9 @@ fn remote_io(what: &str, path: &Path, e: io::Error) -> RemoteError {
 
 /// A failure reading the local file.
 pub fn local_read_error(e: io::Error) -> RemoteError {
+    if let Some(r) = crate::localfs::refused(&e) {
+        return RemoteError::permanent("not_regular_file", r.to_string());
+    }
     match e.kind() {
         io::ErrorKind::NotFound => {
             RemoteError::new(ErrorClass::LocalMissing, "file_missing", e.to_string())
@@ -164,7 +167,7 @@ impl Remote for FileRemote {
     }
 
     fn upload(&self, job: &UploadJob, ctx: &mut UploadCtx<'_>) -> Result<Uploaded, RemoteError> {
-        let mut f = File::open(&job.path).map_err(local_read_error)?;
+        let mut f = crate::localfs::open_regular(&job.path).map_err(local_read_error)?;
         // Hash while copying only when the uploader could not prove the file unchanged
         // since ingest (it re-checks after the upload either way).
         let expect = (!job.verified).then_some(job.sha256.as_str());

@@ -477,7 +477,7 @@ impl<'a> BodyReader<'a> {
         keep_going: &'a dyn Fn() -> bool,
         progress: &'a mut dyn FnMut(u64),
     ) -> Result<BodyReader<'a>, RemoteError> {
-        let mut f = File::open(path).map_err(local_read_error)?;
+        let mut f = crate::localfs::open_regular(path).map_err(local_read_error)?;
         f.seek(SeekFrom::Start(offset)).map_err(local_read_error)?;
         Ok(BodyReader {
             file: f.take(len),
@@ -547,7 +547,7 @@ pub fn digest_range(
     want_sha256: bool,
     also: Option<&mut Sha256>,
 ) -> Result<Digests, RemoteError> {
-    let mut f = File::open(path).map_err(local_read_error)?;
+    let mut f = crate::localfs::open_regular(path).map_err(local_read_error)?;
     f.seek(SeekFrom::Start(offset)).map_err(local_read_error)?;
     let mut f = f.take(len);
     let mut md5 = want_md5.then(Md5::new);
