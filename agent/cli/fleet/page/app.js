@@ -172,13 +172,27 @@
     const h = d.history || [];
     const end = now() / 1000, start = end - 3600;
     const max = Math.max(1, ...h.map((p) => p[1]));
-    const x = (t) => (Math.max(0, t - start) / 3600) * (W - 2) + 1;
+    const x = (t) => (Math.max(0, t - start) / 3600) * (W - 6) + 1;
     const y = (n) => H - 2 - (n / max) * (H - 4);
     const pts = h.map((p) => x(p[0]).toFixed(1) + "," + y(p[1]).toFixed(1));
     if (h.length) pts.push(x(end).toFixed(1) + "," + y(h[h.length - 1][1]).toFixed(1));
+    const base = document.createElementNS(NS, "line");
+    base.setAttribute("x1", 1);
+    base.setAttribute("x2", W - 1);
+    base.setAttribute("y1", H - 1.5);
+    base.setAttribute("y2", H - 1.5);
+    svg.appendChild(base);
     const line = document.createElementNS(NS, "polyline");
     line.setAttribute("points", pts.join(" "));
     svg.appendChild(line);
+    if (h.length) {
+      // The value now, visible even when the history is only seconds long.
+      const dot = document.createElementNS(NS, "circle");
+      dot.setAttribute("cx", x(end).toFixed(1));
+      dot.setAttribute("cy", y(h[h.length - 1][1]).toFixed(1));
+      dot.setAttribute("r", 2);
+      svg.appendChild(dot);
+    }
     const title = document.createElementNS(NS, "title");
     const lo = h.length ? Math.min(...h.map((p) => p[1])) : 0;
     title.textContent = "pending over the last hour: " + (h.length ? lo + "–" + Math.max(...h.map((p) => p[1])) : "no data");
@@ -338,7 +352,7 @@
     const st = el("td", "state");
     st.appendChild(el("span", "state-" + (d.state || "unknown"), d.state || "unknown"));
     const from = d.state_since || d.status_time;
-    st.appendChild(el("div", "sub age", from ? (d.state_since ? "for " : "last heard ") + since(from) : ""));
+    st.appendChild(el("div", "sub age", from ? (d.state_since ? "for " + since(from) : "last heard " + since(from) + " ago") : ""));
     tr.appendChild(st);
 
     const p = el("td", "pending");
