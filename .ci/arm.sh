@@ -116,6 +116,10 @@ FIELDSYNC_GIT_COMMIT="$commit" cargo build --locked --release --no-default-featu
 bin_host=target/release/fieldsync
 s=$(size_of "$bin_host")
 note "x86_64-unknown-linux-gnu: stripped binary $s bytes ($(mib "$s")), built in $((SECONDS - b0))s"
+# The device build carries neither the fleet dashboard's page nor its server.
+if strings "$bin_host" | grep -q -e 'EventSource' -e 'fleet --serve'; then
+    die "the device build contains the fleet dashboard (feature dashboard)"
+fi
 
 # ---------------------------------------------------------------- 3. qemu smoke tests
 # smoke NAME TRIPLE RUNNER...: the binary runs under RUNNER (qemu-user with a sysroot).

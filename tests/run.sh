@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine or a developer's: installs the real peers
 # the integration tests start (mosquitto, the s3s-fs S3 server, rclone for the benchmark
-# comparison, tinyproxy for the proxy tests, libfaketime for the clock-skew test) when they
-# are missing, then runs every test.
+# comparison, tinyproxy for the proxy tests, libfaketime for the clock-skew test, chromium for
+# the fleet dashboard test) when they are missing, then runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +13,7 @@ command -v setpriv >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/sbin/tinyproxy ] || need_apt+=(tinyproxy)
 ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1 || need_apt+=(faketime)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if ! command -v s3s-fs >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/s3s-fs" ]; then
   [ -x /usr/bin/rustc ] && /usr/bin/rustc --version | grep -q 'rustc 1\.9[6-9]\|rustc 1\.[1-9][0-9][0-9]' || need_apt+=(rustc-web cargo-web)
 fi

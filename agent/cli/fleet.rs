@@ -7,7 +7,8 @@
 //! when there is one; `--broker` overrides its host and port.
 //!
 //! Runs on an operator's machine, not on a device: built with the `fleet` cargo feature
-//! (on by default, off in the device build).
+//! (on by default, off in the device build). `--serve` turns the same subscription into a
+//! live web page (`serve.rs`, the `dashboard` feature).
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -22,6 +23,13 @@ use crate::mqtt;
 use crate::status::{human_age, human_bytes};
 
 use super::error::{exit, CliError};
+
+#[cfg(feature = "dashboard")]
+mod board;
+#[cfg(feature = "dashboard")]
+mod http;
+#[cfg(feature = "dashboard")]
+mod serve;
 
 /// How long to wait for the broker to accept the connection and subscriptions.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,6 +54,27 @@ pub struct FleetArgs {
     /// One-shot mode: how long to collect retained messages before printing
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub wait: Duration,
+    /// Serve a live web page of the fleet on HOST:PORT (e.g. 127.0.0.1:8080) instead of printing
+    #[cfg(feature = "dashboard")]
+    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["json", "watch"])]
+    pub serve: Option<String>,
+    /// With --serve: let the page send sync, pause, resume and retry (needs --token-file)
+    #[cfg(feature = "dashboard")]
+    #[arg(long, requires = "serve")]
+    pub allow_commands: bool,
+    /// With --allow-commands: a file holding the token the page must send with a command
+    #[cfg(feature = "dashboard")]
+    #[arg(long, value_name = "FILE", requires = "serve")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// With --serve: mark a device whose oldest pending photo has waited longer than this
+    #[cfg(feature = "dashboard")]
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration, requires = "serve")]
+    pub attention_after: Duration,
+    /// With --serve: a host name the page may be reached under besides IP addresses and
+    /// localhost (repeatable)
+    #[cfg(feature = "dashboard")]
+    #[arg(long, value_name = "NAME", requires = "serve")]
+    pub allow_host: Vec<String>,
 }
 
 /// One device as `fleet --json` prints it.
@@ -197,6 +226,17 @@ pub fn run(cfg: &Config, args: FleetArgs) -> Result<i32, CliError> {
     );
     let opts = mqtt::options(&m, &client_id, None)
         .map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+    #[cfg(feature = "dashboard")]
+    if let Some(addr) = args.serve {
+        let serve = serve::ServeArgs {
+            addr,
+            allow_commands: args.allow_commands,
+            token_file: args.token_file,
+            attention_after: args.attention_after,
+            allow_host: args.allow_host,
+        };
+        return serve::run(opts, m.endpoint(), prefix, serve);
+    }
     let (client, mut conn) = Client::new(opts, 16);
     for t in ["state", "status"] {
         client
