@@ -155,6 +155,16 @@ impl Worker {
     }
 
     fn process(&self, mut att: Attachment, ticket: &Ticket) -> Result<Done, StoreError> {
+        if att.state == State::QueuedDelete {
+            return crate::deletes::perform(
+                &mut self.store.borrow_mut(),
+                &*self.remote,
+                &self.cfg,
+                &self.gov,
+                self.ingestor.capture(),
+                &att,
+            );
+        }
         let path = Path::new(&att.local_uri);
         if att.sha256.is_empty() {
             // Unreadable at ingest and requeued by an operator: hash it now.
@@ -232,7 +242,9 @@ impl Worker {
             }
         };
         let shared = self.shared.clone();
-        let keep_going = move || shared.keep_going() && ticket.may_continue();
+        let id = att.id.clone();
+        let keep_going =
+            move || shared.keep_going() && ticket.may_continue() && !shared.is_cancelled(&id);
         let mut resume = StoreResume {
             store: &self.store,
             id: &att.id,
@@ -286,6 +298,16 @@ impl Worker {
     }
 
     fn failed_attempt(&self, att: &Attachment, e: RemoteError) -> Result<Done, StoreError> {
+        // Deleted while it was sent: the delete decides what happens now, not this error.
+        if !matches!(e.class, ErrorClass::Interrupted)
+            && self
+                .store
+                .borrow()
+                .get(&att.id)?
+                .is_some_and(|a| a.state == State::QueuedDelete)
+        {
+            return Ok(Done::Interrupted);
+        }
         match &e.class {
             ErrorClass::Interrupted => {
                 debug!(id = %att.id, "upload stopped at a safe point");
@@ -381,7 +403,7 @@ impl Worker {
         reason: &str,
     ) -> Result<(), StoreError> {
         // The bytes are in the remote: record it even on a full disk.
-        self.store.borrow_mut().with_room(|s| {
+        let r = self.store.borrow_mut().with_room(|s| {
             s.transition(
                 &att.id,
                 State::Synced,
@@ -391,8 +413,15 @@ impl Worker {
                     ..Change::of(EventKind::Uploaded)
                 },
             )
-        })?;
-        Ok(())
+        });
+        match r {
+            // Deleted while the last part was on its way: the delete removes the object.
+            Err(StoreError::BadTransition {
+                from: State::QueuedDelete,
+                ..
+            }) => Ok(()),
+            r => r.map(|_| ()),
+        }
     }
 
     fn archive_deleted(&self, att: &Attachment) -> Result<(), StoreError> {

@@ -98,6 +98,9 @@ pub enum Command {
         #[arg(long)]
         failed: bool,
     },
+    /// Delete an attachment everywhere: the remote object (or its unfinished upload), then
+    /// the local copy; it stays as an `archived` record (reason `deleted`)
+    Delete { id: String },
     /// Enqueue a file against a checklist row (it does not need to be in the capture folder)
     Enqueue {
         file: PathBuf,
@@ -251,6 +254,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             json,
         ),
         Command::Retry { id, failed: _ } => queue::retry(&cfg, id.as_deref()),
+        Command::Delete { id } => queue::delete(&cfg, &id),
         Command::Enqueue {
             file,
             checklist,

@@ -19,6 +19,24 @@ pub fn retry(cfg: &Config, id: Option<&str>) -> Result<i32, CliError> {
     Ok(exit::OK)
 }
 
+/// `delete ID`: the daemon removes the remote object and the local copy.
+pub fn delete(cfg: &Config, id: &str) -> Result<i32, CliError> {
+    let mut store = open_store(cfg)?;
+    let r = commands::delete(&mut store, id, "cli").map_err(|e| match e {
+        crate::store::StoreError::BadTransition { from, .. } => CliError::new(
+            exit::NOT_FOUND,
+            if store.is_tombstone(id).unwrap_or(false) {
+                format!("attachment {id} is already deleted")
+            } else {
+                format!("attachment {id} is {from}: it cannot be deleted")
+            },
+        ),
+        e => e.into(),
+    })?;
+    println!("{}", commands::describe_delete(&r));
+    Ok(exit::OK)
+}
+
 pub fn enqueue(cfg: &Config, file: &Path, checklist: String, row: String) -> Result<i32, CliError> {
     let mut store = open_store(cfg)?;
     let ingestor = cfg.ingestor();
