@@ -109,10 +109,18 @@ pub enum Command {
         #[arg(long, default_value = "")]
         row: String,
     },
-    /// Check every record against the file system and repair what is not true
+    /// Check every record against the file system and repair what is not true; with
+    /// --remote, also every uploaded object in the remote
     Verify {
         #[arg(long)]
         json: bool,
+        /// Check every uploaded object's existence, size and sha256 in the remote, and
+        /// requeue a photo whose object is missing or wrong while its local copy is intact
+        #[arg(long)]
+        remote: bool,
+        /// Remote requests per second at most (with --remote)
+        #[arg(long, default_value_t = 10.0, requires = "remote")]
+        rate: f64,
     },
     /// Pause uploads (the daemon keeps ingesting)
     Pause,
@@ -260,7 +268,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             checklist,
             row,
         } => queue::enqueue(&cfg, &file, checklist, row),
-        Command::Verify { json } => queue::verify(&cfg, json),
+        Command::Verify { json, remote, rate } => queue::verify(&cfg, json, remote, rate),
         Command::Pause => queue::pause(&cfg),
         Command::Resume => queue::resume(&cfg),
         Command::Sync => queue::sync(&cfg),
