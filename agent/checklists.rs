@@ -186,7 +186,10 @@ mod tests {
     fn progress_counts_and_says_what_it_waits_for() {
         let mut p = Progress::new("C-17");
         p.add("a.jpg", &Photo::Present);
-        p.add("b.jpg", &classify(Some(&att(State::Failed, false)), true, false));
+        p.add(
+            "b.jpg",
+            &classify(Some(&att(State::Failed, false)), true, false),
+        );
         p.add("c.jpg", &Photo::Pending);
         p.add("d.jpg", &Photo::NotCaptured(None));
         assert_eq!((p.named, p.synced, p.pending, p.failed), (4, 1, 1, 1));

@@ -127,7 +127,11 @@ pub fn perform(
 }
 
 /// Steps 1 and 2: abort an open multipart upload, delete the object.
-fn remove_remote(store: &mut Store, remote: &dyn Remote, att: &Attachment) -> Result<(), RemoteError> {
+fn remove_remote(
+    store: &mut Store,
+    remote: &dyn Remote,
+    att: &Attachment,
+) -> Result<(), RemoteError> {
     if let Some(uid) = &att.upload_id {
         remote.abort_upload(&att.object_key, uid)?;
         let _ = store.clear_multipart(&att.id);
@@ -192,7 +196,12 @@ fn failed_attempt(
         Verdict::RetryIn(d) => {
             warn!(id = %att.id, attempt = attempts, retry_in = ?d, error = %e, "delete failed; will retry");
             store.with_room(|s| {
-                s.schedule_retry(&att.id, now_ms() + d.as_millis() as i64, &e.code, &e.message)
+                s.schedule_retry(
+                    &att.id,
+                    now_ms() + d.as_millis() as i64,
+                    &e.code,
+                    &e.message,
+                )
             })?;
         }
         Verdict::GiveUp => {

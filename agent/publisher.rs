@@ -27,13 +27,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::bus::LoopBeat;
-use crate::checklists::{classify, Photo, Progress};
 pub use crate::bus::PublishMsg;
+use crate::checklists::{classify, Photo, Progress};
 
 use crate::ingest::{Layout, CHECKLIST_FILE};
 use crate::remote::{key_component, Remote};
 use crate::store::{
-    Attachment, ChecklistRecord, Change, EventKind, EventOutcome, ListFilter, State, Store,
+    Attachment, Change, ChecklistRecord, EventKind, EventOutcome, ListFilter, State, Store,
     StoreError,
 };
 use crate::util::{hex, rfc3339};

@@ -108,7 +108,10 @@ impl State {
                 | (QueuedDelete, Archived | Failed)
                 | (QueuedDownload, Synced | Failed)
                 | (Archived, Synced | QueuedUpload | QueuedDelete)
-                | (Failed, QueuedUpload | QueuedDownload | Archived | QueuedDelete)
+                | (
+                    Failed,
+                    QueuedUpload | QueuedDownload | Archived | QueuedDelete
+                )
         )
     }
 }
@@ -1976,7 +1979,12 @@ impl Store {
     }
 
     /// Deletes ready to run now, oldest request first, skipping `exclude`.
-    pub fn due_deletes(&self, now: i64, limit: usize, exclude: &[String]) -> Result<Vec<Attachment>> {
+    pub fn due_deletes(
+        &self,
+        now: i64,
+        limit: usize,
+        exclude: &[String],
+    ) -> Result<Vec<Attachment>> {
         let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT {ATTACHMENT_COLUMNS} FROM attachments
              WHERE state='queued_delete' AND next_attempt_at <= ?1
@@ -2003,7 +2011,9 @@ impl Store {
     pub fn next_delete_due_at(&self) -> Result<Option<i64>> {
         Ok(self
             .conn
-            .prepare_cached("SELECT MIN(next_attempt_at) FROM attachments WHERE state='queued_delete'")?
+            .prepare_cached(
+                "SELECT MIN(next_attempt_at) FROM attachments WHERE state='queued_delete'",
+            )?
             .query_row([], |r| r.get(0))?)
     }
 

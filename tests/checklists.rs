@@ -52,7 +52,10 @@ fn photos_evicted_after_upload_still_publish_the_manifest() {
         env.count("archived") == 2 && !pa.exists() && !pb.exists()
     });
     // The app finishes the checklist only now: every photo is in the remote, none local.
-    env.drop_file("c1/checklist.json", &checklist(&[("r1", &["a.jpg", "b.jpg"])]));
+    env.drop_file(
+        "c1/checklist.json",
+        &checklist(&[("r1", &["a.jpg", "b.jpg"])]),
+    );
     env.wait(Some(&d), 20, "manifest", || manifest(&env).is_some());
     let m = manifest(&env).unwrap();
     let list = env.list();
@@ -67,7 +70,11 @@ fn photos_evicted_after_upload_still_publish_the_manifest() {
         assert_eq!(&obj, body);
     }
     let p = progress(&env, "c1").expect("c1 in status");
-    assert_eq!((p["named"].as_i64(), p["synced"].as_i64()), (Some(2), Some(2)), "{p}");
+    assert_eq!(
+        (p["named"].as_i64(), p["synced"].as_i64()),
+        (Some(2), Some(2)),
+        "{p}"
+    );
     assert!(p["published_at"].is_string(), "{p}");
     assert_eq!(p["waiting_for"], serde_json::json!([]));
 }
@@ -112,7 +119,9 @@ fn status_shows_what_a_checklist_waits_for_and_a_long_wait_is_reported_once() {
     let p = progress(&env, "c1").unwrap();
     assert_eq!(p["waiting_for"].as_array().unwrap().len(), 1, "{p}");
     // Waiting longer than 2 s: one checklist_stalled, naming what it waits for.
-    env.wait(Some(&d), 20, "stalled", || count_events(&env, "checklist_stalled") == 1);
+    env.wait(Some(&d), 20, "stalled", || {
+        count_events(&env, "checklist_stalled") == 1
+    });
     let ev = env
         .events()
         .into_iter()
@@ -124,7 +133,12 @@ fn status_shows_what_a_checklist_waits_for_and_a_long_wait_is_reported_once() {
     d.terminate();
     let d = env.spawn();
     std::thread::sleep(Duration::from_secs(4));
-    assert_eq!(count_events(&env, "checklist_stalled"), 1, "{}", env.dump(Some(&d)));
+    assert_eq!(
+        count_events(&env, "checklist_stalled"),
+        1,
+        "{}",
+        env.dump(Some(&d))
+    );
 
     env.drop_file("c1/r2/c.jpg", &bytes(25, 10_000));
     env.wait(Some(&d), 20, "published", || manifest(&env).is_some());
@@ -132,7 +146,10 @@ fn status_shows_what_a_checklist_waits_for_and_a_long_wait_is_reported_once() {
         progress(&env, "c1").is_some_and(|p| p["published_at"].is_string())
     });
     let p = progress(&env, "c1").unwrap();
-    assert_eq!((p["named"].as_i64(), p["synced"].as_i64()), (Some(3), Some(3)));
+    assert_eq!(
+        (p["named"].as_i64(), p["synced"].as_i64()),
+        (Some(3), Some(3))
+    );
     assert_eq!(p["waiting_for"], serde_json::json!([]));
 }
 
@@ -154,7 +171,9 @@ fn photos_a_revised_checklist_drops_are_deleted_remotely_when_configured() {
     assert!(env.remote.join(&kb).exists());
     env.drop_file("c1/checklist.json", &checklist(&[("r1", &["a.jpg"])]));
     env.wait(Some(&d), 20, "manifest", || manifest(&env).is_some());
-    env.wait(Some(&d), 20, "b's object deleted", || !env.remote.join(&kb).exists());
+    env.wait(Some(&d), 20, "b's object deleted", || {
+        !env.remote.join(&kb).exists()
+    });
     assert!(env.remote.join(&ka).exists(), "a named photo was deleted");
     assert!(pa.exists() && pb.exists(), "local copies stay");
     env.wait(Some(&d), 10, "b archived", || env.count("archived") == 1);

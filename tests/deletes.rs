@@ -61,7 +61,10 @@ fn delete_of_a_synced_photo_removes_object_and_file_and_it_never_comes_back() {
     let out = env.cli_ok(&["delete", &id]);
     assert!(out.contains("queued for delete"), "{out}");
     env.wait(Some(&d), 30, "archived", || env.count("archived") == 1);
-    assert!(client.get(&key).is_none(), "the object is still in the bucket");
+    assert!(
+        client.get(&key).is_none(),
+        "the object is still in the bucket"
+    );
     assert!(client.list("fs/").is_empty(), "{:?}", client.list("fs/"));
     assert!(!p.exists(), "the local copy is still there");
     let a = only(&env);
@@ -89,7 +92,12 @@ fn delete_of_a_synced_photo_removes_object_and_file_and_it_never_comes_back() {
     let d = env.spawn();
     std::thread::sleep(Duration::from_secs(4));
     let list = env.list();
-    assert_eq!(list.len(), 1, "re-ingested: {list:?}\n{}", env.dump(Some(&d)));
+    assert_eq!(
+        list.len(),
+        1,
+        "re-ingested: {list:?}\n{}",
+        env.dump(Some(&d))
+    );
     assert_eq!(list[0]["state"], "archived");
     assert!(client.list("fs/").is_empty(), "uploaded again");
 }
@@ -108,7 +116,9 @@ fn delete_mid_multipart_aborts_the_upload_and_nothing_reaches_the_remote() {
     let d = env.spawn();
     env.wait(Some(&d), 60, "a part committed", || {
         db(&env)
-            .query_row("SELECT COUNT(*) FROM upload_parts", [], |r| r.get::<_, i64>(0))
+            .query_row("SELECT COUNT(*) FROM upload_parts", [], |r| {
+                r.get::<_, i64>(0)
+            })
             .unwrap()
             >= 1
     });
@@ -122,7 +132,10 @@ fn delete_mid_multipart_aborts_the_upload_and_nothing_reaches_the_remote() {
     env.wait(Some(&d), 10, "parts freed", || open_parts(&server) == 0);
     // The upload stopped where it was: most of the file never went over the wire.
     let sent = proxy.up_bytes();
-    assert!(sent < 30_000_000, "{sent} bytes sent: the upload was not stopped");
+    assert!(
+        sent < 30_000_000,
+        "{sent} bytes sent: the upload was not stopped"
+    );
     // Well past when the throttled upload would have finished: still nothing.
     std::thread::sleep(Duration::from_secs(3));
     assert!(client.list("fs/").is_empty(), "{:?}", client.list("fs/"));
@@ -167,7 +180,11 @@ fn mqtt_cmd_delete_answers_by_request_id() {
     assert!(by("d0")["message"].as_str().unwrap().contains("nope"));
     assert_eq!(by("d1")["result"], "ok", "{:?}", by("d1"));
     env.wait(Some(&d), 30, "archived", || env.count("archived") == 1);
-    assert!(env.remote_objects().is_empty(), "{:?}", env.remote_objects().len());
+    assert!(
+        env.remote_objects().is_empty(),
+        "{:?}",
+        env.remote_objects().len()
+    );
     assert!(!p.exists());
     let e = events_of(&env, "delete_requested");
     assert_eq!(e[0]["reason"], "mqtt");

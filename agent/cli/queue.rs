@@ -106,7 +106,10 @@ pub fn verify(cfg: &Config, json: bool, remote: bool, rate: f64) -> Result<i32, 
     // pause is known.
     let hold = |s: &crate::store::Store| -> Option<String> {
         if crate::daemon::running_pid(&state_dir).is_some() {
-            s.pause_reason().ok().flatten().map(|r| format!("uploads paused ({r})"))
+            s.pause_reason()
+                .ok()
+                .flatten()
+                .map(|r| format!("uploads paused ({r})"))
         } else if s.operator_paused().unwrap_or(false) {
             Some("uploads paused (paused_by_operator)".into())
         } else {
