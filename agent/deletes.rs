@@ -59,8 +59,10 @@ impl Core {
             return Ok(());
         }
         for id in self.store.queued_for_delete(&running)? {
+            // (A delete in flight is `queued_delete` too; the flag only stops uploads and
+            // is cleared when its worker reports.)
             if !self.shared.is_cancelled(&id) {
-                info!(id = %id, "photo deleted while uploading; stopping its upload");
+                debug!(id = %id, "queued for delete while a worker holds it; an upload stops");
                 self.shared.cancel(&id, true);
             }
         }

@@ -982,6 +982,9 @@ mod tests {
             parse_command("retry", br#"{"failed":true}"#).1,
             Ok(Command::Retry(None))
         );
+        let (rid, c) = parse_command("delete", br#"{"id":"abc","request_id":"d1"}"#);
+        assert_eq!(rid.as_deref(), Some("d1"));
+        assert_eq!(c, Ok(Command::Delete("abc".into())));
         for (name, payload) in [
             ("retry", &b""[..]),
             ("retry", br#"{"failed":false}"#),
@@ -990,6 +993,9 @@ mod tests {
             ("pause", br#"{"colour":1}"#),
             ("pause", br#"{"id":"a"}"#),
             ("pause", b"{not json"),
+            ("delete", b""),
+            ("delete", br#"{"id":""}"#),
+            ("delete", br#"{"failed":true}"#),
             ("reboot", b""),
         ] {
             let (_, r) = parse_command(name, payload);

@@ -631,6 +631,10 @@ pub async fn run(
             msg = rx.recv() => {
                 let now = Instant::now();
                 for m in msg.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+                    if let SchedMsg::Done { id, .. } = &m {
+                        // The worker let go: a cancel of its upload has done its job.
+                        c.shared.cancel(id, false);
+                    }
                     c.state.on_msg(m, &mut c.facts, now);
                 }
                 // An outcome was recorded, a command or a condition changed: the publisher

@@ -2481,6 +2481,62 @@ mod tests {
     }
 
     #[test]
+    fn a_delete_ends_as_a_tombstone_and_a_refused_one_retries_as_a_delete() {
+        let mut s = Store::open_in_memory().unwrap();
+        s.insert(&new("a", "/x/a.jpg"), None).unwrap();
+        s.transition("a", State::Synced, Change::of(EventKind::Uploaded))
+            .unwrap();
+        let r = s.request_delete("a", "cli", false).unwrap();
+        assert_eq!(
+            (r.from, r.attachment.state),
+            (State::Synced, State::QueuedDelete)
+        );
+        assert_eq!(s.due_deletes(now_ms(), 5, &[]).unwrap().len(), 1);
+        assert_eq!(
+            s.queued_for_delete(&["a".into(), "zz".into()]).unwrap(),
+            ["a"]
+        );
+        // Refused for good, then retried: a delete again, not an upload.
+        s.transition(
+            "a",
+            State::Failed,
+            Change {
+                error: Some(("http_403", "denied")),
+                ..Change::of(EventKind::Failed)
+            },
+        )
+        .unwrap();
+        assert_eq!(s.retry_failed(Some("a")).unwrap(), ["a"]);
+        assert_eq!(s.get("a").unwrap().unwrap().state, State::QueuedDelete);
+        assert!(!s.is_tombstone("a").unwrap());
+        let a = s.finish_delete("a", "deleted").unwrap();
+        assert_eq!(a.state, State::Archived);
+        assert!(!a.has_synced);
+        assert!(s.is_tombstone("a").unwrap());
+        assert_eq!(s.tombstones_in("c1").unwrap().len(), 1);
+        // Deleted once is deleted: a second request is refused.
+        assert!(matches!(
+            s.request_delete("a", "cli", false),
+            Err(StoreError::BadTransition { .. })
+        ));
+        assert!(matches!(
+            s.request_delete("nope", "cli", false),
+            Err(StoreError::NotFound(_))
+        ));
+        let kinds: Vec<String> = s
+            .events_after(0, 100)
+            .unwrap()
+            .iter()
+            .map(|e| format!("{}:{}", e.kind, e.reason.clone().unwrap_or_default()))
+            .collect();
+        assert!(
+            kinds.contains(&"delete_requested:cli".to_string()),
+            "{kinds:?}"
+        );
+        assert_eq!(kinds.last().unwrap(), "archived:deleted");
+    }
+
+    #[test]
     fn retry_requeues_failed_and_resets_attempts() {
         let mut s = Store::open_in_memory().unwrap();
         s.insert(&new("a", "/x/a.jpg"), None).unwrap();

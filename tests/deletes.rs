@@ -165,6 +165,9 @@ fn mqtt_cmd_delete_answers_by_request_id() {
             .map(|m| m.json())
             .collect()
     };
+    // Deletes obey the conditions like uploads: while paused, nothing is removed.
+    env.cli_ok(&["pause"]);
+    env.wait(Some(&d), 10, "paused", || env.status()["paused"] == true);
     sub.publish(
         "fieldsync/dev1/cmd/delete",
         br#"{"id":"nope","request_id":"d0"}"#,
@@ -179,6 +182,11 @@ fn mqtt_cmd_delete_answers_by_request_id() {
     assert_eq!(by("d0")["result"], "error");
     assert!(by("d0")["message"].as_str().unwrap().contains("nope"));
     assert_eq!(by("d1")["result"], "ok", "{:?}", by("d1"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(env.count("queued_delete"), 1, "{}", env.dump(Some(&d)));
+    assert_eq!(env.remote_objects().len(), 1, "deleted while paused");
+    assert!(p.exists());
+    env.cli_ok(&["resume"]);
     env.wait(Some(&d), 30, "archived", || env.count("archived") == 1);
     assert!(
         env.remote_objects().is_empty(),
@@ -255,4 +263,31 @@ fn verify_remote_requeues_a_photo_whose_object_vanished_and_it_is_uploaded_again
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["remote"]["ok"], 2, "{v}");
     assert_eq!(v["remote"]["requeued"], 0, "{v}");
+}
+
+#[test]
+fn a_delete_refused_by_a_busy_server_is_retried_until_it_is_done() {
+    let mut server = S3Server::start();
+    let proxy = FaultProxy::start(server.addr());
+    let client = server.client();
+    let env = s3_env(&proxy.endpoint(), "");
+    env.drop_file("c1/r1/a.jpg", &bytes(17, 50_000));
+    let d = env.spawn();
+    env.wait(Some(&d), 30, "synced", || env.count("synced") == 1);
+    let a = only(&env);
+    let key = a["object_key"].as_str().unwrap().to_string();
+    // Pooled connections die with the server; the next ones are answered 503.
+    server.stop();
+    server.resume();
+    proxy.fail_503(2);
+    env.cli_ok(&["delete", a["id"].as_str().unwrap()]);
+    env.wait(Some(&d), 30, "archived", || env.count("archived") == 1);
+    assert!(client.get(&key).is_none());
+    let retries: Vec<Value> = events_of(&env, "retry_scheduled");
+    assert!(!retries.is_empty(), "no retry after a 503");
+    assert!(
+        retries.iter().all(|e| e["to_state"] == "queued_delete"),
+        "{retries:?}"
+    );
+    assert_eq!(events_of(&env, "failed").len(), 0);
 }
