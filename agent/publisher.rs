@@ -7,8 +7,15 @@
 //! and logs `checklist_published`. A backend that sees the manifest can rely on every photo
 //! it names being present. A changed checklist.json republishes; the same content twice is
 //! a no-op. Photos of the checklist that it does not name are archived once it is
-//! published (kept locally and in the log, never deleted). A malformed checklist.json is
-//! reported (`checklist_invalid`) and the photos upload regardless.
+//! published (kept locally and in the log); with `retention.delete_unreferenced_remote`
+//! their remote objects are deleted ([`crate::deletes`], the local copy stays). A
+//! malformed checklist.json is reported (`checklist_invalid`) and the photos upload
+//! regardless.
+//!
+//! A named photo counts as present once its upload was confirmed, even when its local copy
+//! was evicted since ([`crate::checklists::classify`]). Every check stores the checklist's
+//! progress for `status` (`checklists[]`) and reports a wait longer than
+//! `upload.checklist_alarm_after` once as `checklist_stalled`.
 //!
 //! Runs as its own task, each turn off the reactor: publishing is a network request and
 //! must not hold up the scheduler.
