@@ -124,6 +124,9 @@ pub struct Shared {
     pub queue_changed: watch::Sender<u64>,
     /// Whether each async loop is alive, for the systemd watchdog.
     pub liveness: Arc<Liveness>,
+    /// Uploads in flight whose photo an operator deleted meanwhile: their workers stop at
+    /// the next safe point, so the delete can abort the multipart upload.
+    pub cancelled: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Shared {
@@ -135,6 +138,22 @@ impl Shared {
     /// Checked by workers at every safe point (each chunk, each part).
     pub fn keep_going(&self) -> bool {
         !self.shutdown.is_cancelled() && self.gate_open.load(Ordering::Relaxed)
+    }
+
+    /// Stops the upload of `id` at its next safe point (or, `on` false, forgets that).
+    pub fn cancel(&self, id: &str, on: bool) {
+        let mut c = self.cancelled.lock().unwrap_or_else(|e| e.into_inner());
+        if on {
+            c.insert(id.to_string());
+        } else {
+            c.remove(id);
+        }
+    }
+
+    /// Whether the upload of `id` was cancelled (checked with [`Shared::keep_going`]).
+    pub fn is_cancelled(&self, id: &str) -> bool {
+        let c = self.cancelled.lock().unwrap_or_else(|e| e.into_inner());
+        !c.is_empty() && c.contains(id)
     }
 }
 

@@ -3,7 +3,7 @@
 //! then touches the wake file, which a running daemon watches (inotify), so it takes effect
 //! at once (`PRAGMA data_version`, checked every 5 s, is the backstop).
 
-use crate::store::{EventKind, EventOutcome, Store, StoreError};
+use crate::store::{DeleteRequest, EventKind, EventOutcome, Store, StoreError};
 use crate::util::now_ms;
 
 /// Pauses uploads (ingest goes on). `source` is recorded in the event log (`cli`, `mqtt`).
@@ -35,6 +35,28 @@ pub fn retry(store: &mut Store, id: Option<&str>) -> Result<Vec<String>, StoreEr
     let ids = store.retry_failed(id)?;
     wake(store)?;
     Ok(ids)
+}
+
+/// Removes a photo everywhere (`fieldsync delete ID`, MQTT `cmd/delete`): it becomes
+/// `queued_delete` and the daemon deletes the remote object, then the local copy
+/// ([`crate::deletes`]); a photo still `queued_upload` has its upload cancelled. `source`
+/// is recorded in the event log.
+pub fn delete(store: &mut Store, id: &str, source: &str) -> Result<DeleteRequest, StoreError> {
+    let r = store.request_delete(id, source, false)?;
+    wake(store)?;
+    Ok(r)
+}
+
+/// What [`delete`] tells the operator.
+pub fn describe_delete(r: &DeleteRequest) -> String {
+    let a = &r.attachment;
+    match r.from {
+        crate::store::State::QueuedUpload => format!(
+            "{} ({}): upload cancelled; queued for delete",
+            a.id, a.filename
+        ),
+        from => format!("{} ({}, {from}): queued for delete", a.id, a.filename),
+    }
 }
 
 /// Makes every waiting retry due now and wakes the scheduler.

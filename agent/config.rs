@@ -126,6 +126,9 @@ pub struct Upload {
     pub auth_recheck: Dur,
     /// An `alarm` event when the oldest pending photo has waited longer; unset: never.
     pub pending_alarm_after: Option<Dur>,
+    /// A `checklist_stalled` event when a checklist has waited longer than this for its
+    /// photos (once per wait); unset: never.
+    pub checklist_alarm_after: Option<Dur>,
 }
 
 impl Default for Upload {
@@ -140,6 +143,7 @@ impl Default for Upload {
             transient_attempts: 0,
             auth_recheck: Dur::secs(60),
             pending_alarm_after: None,
+            checklist_alarm_after: None,
         }
     }
 }

@@ -325,6 +325,11 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
             device: cfg.device_id.clone(),
             remote: remote.clone(),
             settle: cfg.ingest.settle.0,
+            stall_after: cfg.upload.checklist_alarm_after.map(|d| d.0),
+            delete_unreferenced_remote: {
+                let gov = gov.clone();
+                Arc::new(move || gov.delete_unreferenced_remote())
+            },
         },
         Store::open(&db_path)?,
         cfg.upload.sync_interval.0,

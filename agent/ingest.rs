@@ -469,6 +469,13 @@ impl Ingestor {
                 }
                 new.ctime_ns = Some(ctime_ns(&after));
                 if let Some(l) = &latest {
+                    // The same bytes back at the path of a photo an operator deleted (a
+                    // restored backup, a local copy that could not be removed): it stays
+                    // deleted.
+                    if l.sha256 == sha && l.state == State::Archived && store.is_tombstone(&l.id)? {
+                        store.touch_mtime(&l.id, mtime)?;
+                        return Ok(Outcome::Unchanged);
+                    }
                     if l.sha256 == sha && l.state != State::Archived && l.state != State::Failed {
                         store.touch_mtime(&l.id, mtime)?;
                         return Ok(Outcome::Touched);

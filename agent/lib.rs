@@ -6,11 +6,13 @@
 
 pub mod alarms;
 pub mod bus;
+pub mod checklists;
 pub mod cli;
 pub mod commands;
 pub mod conditions;
 pub mod config;
 pub mod daemon;
+pub mod deletes;
 pub mod device;
 pub mod ingest;
 pub mod localfs;

@@ -7,8 +7,15 @@
 //! and logs `checklist_published`. A backend that sees the manifest can rely on every photo
 //! it names being present. A changed checklist.json republishes; the same content twice is
 //! a no-op. Photos of the checklist that it does not name are archived once it is
-//! published (kept locally and in the log, never deleted). A malformed checklist.json is
-//! reported (`checklist_invalid`) and the photos upload regardless.
+//! published (kept locally and in the log); with `retention.delete_unreferenced_remote`
+//! their remote objects are deleted ([`crate::deletes`], the local copy stays). A
+//! malformed checklist.json is reported (`checklist_invalid`) and the photos upload
+//! regardless.
+//!
+//! A named photo counts as present once its upload was confirmed, even when its local copy
+//! was evicted since ([`crate::checklists::classify`]). Every check stores the checklist's
+//! progress for `status` (`checklists[]`) and reports a wait longer than
+//! `upload.checklist_alarm_after` once as `checklist_stalled`.
 //!
 //! Runs as its own task, each turn off the reactor: publishing is a network request and
 //! must not hold up the scheduler.
@@ -28,12 +35,14 @@ use tracing::{debug, info, warn};
 
 use crate::bus::LoopBeat;
 pub use crate::bus::PublishMsg;
+use crate::checklists::{classify, Photo, Progress};
 
 use crate::ingest::{Layout, CHECKLIST_FILE};
 use crate::localfs::text_path;
 use crate::remote::{key_component, Remote};
 use crate::store::{
-    Attachment, Change, EventKind, EventOutcome, ListFilter, State, Store, StoreError,
+    Attachment, Change, ChecklistRecord, EventKind, EventOutcome, ListFilter, State, Store,
+    StoreError,
 };
 use crate::util::{hex, rfc3339};
 
@@ -73,6 +82,10 @@ pub struct Publisher {
     /// `ingest.settle`: a checklist.json is parsed only once its size and mtime held this
     /// long, the rule photos are taken by.
     pub settle: Duration,
+    /// `upload.checklist_alarm_after`: a checklist waiting longer is reported once.
+    pub stall_after: Option<Duration>,
+    /// `retention.delete_unreferenced_remote`, as in force now (a reload may change it).
+    pub delete_unreferenced_remote: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
 impl Publisher {
@@ -122,6 +135,7 @@ impl Publisher {
                     let why = format!("not_regular_file: {}; not read", r.what);
                     return self.invalid(store, checklist, &path, why.as_bytes(), &why);
                 }
+                store.remove_checklist_record(checklist)?;
                 return Ok(Outcome::NoChecklist);
             }
         };
@@ -144,8 +158,9 @@ impl Publisher {
             checklist: Some(checklist.to_string()),
             ..Default::default()
         })?;
+        let tombstones = store.tombstones_in(checklist)?;
         let mut named: HashSet<String> = HashSet::new();
-        let mut missing = 0;
+        let mut progress = Progress::new(checklist);
         let mut out_rows = Vec::new();
         for (i, row) in rows.iter().enumerate() {
             let Some(obj) = row.as_object() else {
@@ -187,17 +202,18 @@ impl Publisher {
                     .iter()
                     .filter(|a| a.row == row_id && a.filename == photo)
                     .max_by_key(|a| a.created_at);
-                match current {
-                    Some(a) if a.state == State::Synced => {
+                let local =
+                    current.is_some_and(|a| fs::symlink_metadata(text_path(&a.local_uri)).is_ok());
+                let tomb = current.is_some_and(|a| tombstones.contains(&a.id));
+                let what = classify(current, local, tomb);
+                match (&what, current) {
+                    (Photo::Present, Some(a)) => {
                         named.insert(a.id.clone());
                         attachments.push(attachment_json(a));
                     }
-                    Some(a)
-                        if a.state == State::Archived
-                            && fs::symlink_metadata(text_path(&a.local_uri)).is_ok() =>
-                    {
+                    (Photo::Restore | Photo::Requeue, Some(a)) => {
                         // Referenced again (a revised checklist): back to where it was.
-                        let to = if a.has_synced {
+                        let to = if what == Photo::Restore {
                             State::Synced
                         } else {
                             State::QueuedUpload
@@ -210,21 +226,25 @@ impl Publisher {
                                 ..Change::of(EventKind::Restored)
                             },
                         )?;
+                        named.insert(a.id.clone());
                         if to == State::Synced {
-                            named.insert(a.id.clone());
                             attachments.push(attachment_json(&a));
-                        } else {
-                            missing += 1;
                         }
                     }
-                    _ => missing += 1,
+                    (_, Some(a)) => {
+                        named.insert(a.id.clone());
+                    }
+                    _ => {}
                 }
+                progress.add(photo, &what);
             }
             let mut r: Map<String, Value> = obj.clone();
             r.insert("attachments".into(), Value::Array(attachments));
             out_rows.push(Value::Object(r));
         }
-        if missing > 0 {
+        if !progress.complete() {
+            let missing = progress.waiting_for.len();
+            self.record_waiting(store, progress)?;
             return Ok(Outcome::Waiting { missing });
         }
 
@@ -238,13 +258,20 @@ impl Publisher {
         let content = serde_json::to_vec(&manifest).expect("serialisable");
         let digest = hex(&Sha256::digest(&content));
         if store.published_checklist(checklist)?.as_deref() == Some(digest.as_str()) {
+            // Published before this record existed (an older version): the time is now.
+            let at = store
+                .checklist_record(checklist)?
+                .and_then(|r| r.published_at)
+                .unwrap_or_else(crate::util::now_ms);
+            self.record_published(store, progress, at)?;
             return Ok(Outcome::Unchanged);
         }
+        let published_at = crate::util::now_ms();
         manifest
             .get_mut("fieldsync")
             .and_then(Value::as_object_mut)
             .expect("inserted above")
-            .insert("published_at".into(), json!(rfc3339(crate::util::now_ms())));
+            .insert("published_at".into(), json!(rfc3339(published_at)));
         let body = serde_json::to_vec_pretty(&manifest).expect("serialisable");
         let key = self.manifest_key(checklist);
         self.remote
@@ -261,11 +288,21 @@ impl Publisher {
             Some(&key),
         )?;
         info!(checklist, key = %key, "checklist published");
+        self.record_published(store, progress, published_at)?;
 
         // Photos of this checklist it does not name are no longer referenced.
+        let delete_remote = (self.delete_unreferenced_remote)();
+        let mut deleted = 0;
         for a in records.iter().filter(|a| {
             !named.contains(&a.id) && matches!(a.state, State::Synced | State::QueuedUpload)
         }) {
+            if delete_remote && a.state == State::Synced && a.has_synced {
+                // `retention.delete_unreferenced_remote`: the object goes, the local copy
+                // stays (archived, as without the option).
+                store.request_delete(&a.id, "checklist", true)?;
+                deleted += 1;
+                continue;
+            }
             store.transition(
                 &a.id,
                 State::Archived,
@@ -274,6 +311,9 @@ impl Publisher {
                     ..Change::of(EventKind::Archived)
                 },
             )?;
+        }
+        if deleted > 0 {
+            crate::commands::wake(store)?;
         }
         Ok(Outcome::Published { key })
     }
@@ -313,6 +353,71 @@ impl Publisher {
         Ok(Some(bytes))
     }
 
+    /// Stores the progress of a checklist that waits, and reports it once as
+    /// `checklist_stalled` when it has waited longer than `stall_after`.
+    fn record_waiting(&self, store: &mut Store, progress: Progress) -> Result<(), PublishError> {
+        let now = crate::util::now_ms();
+        let old = store.checklist_record(&progress.checklist)?;
+        let waiting_since = old.as_ref().and_then(|r| r.waiting_since).unwrap_or(now);
+        let mut stalled_at = old.as_ref().and_then(|r| r.stalled_at);
+        if let Some(after) = self.stall_after {
+            if stalled_at.is_none() && now - waiting_since >= after.as_millis() as i64 {
+                let why = format!(
+                    "waiting {} for {}",
+                    crate::status::human_age((now - waiting_since) / 1000),
+                    progress.waiting_line()
+                );
+                warn!(checklist = %progress.checklist, reason = %why, "checklist stalled");
+                store.log_event_for(
+                    EventKind::ChecklistStalled,
+                    EventOutcome::Failed,
+                    Some(&progress.checklist),
+                    Some(&why),
+                )?;
+                stalled_at = Some(now);
+            }
+        }
+        store.set_checklist_record(&ChecklistRecord {
+            name: progress.checklist.clone(),
+            progress: serde_json::to_string(&progress).expect("serialisable"),
+            waiting_since: Some(waiting_since),
+            stalled_at,
+            published_at: None,
+        })?;
+        Ok(())
+    }
+
+    fn record_published(
+        &self,
+        store: &mut Store,
+        mut progress: Progress,
+        at: i64,
+    ) -> Result<(), PublishError> {
+        progress.published_at = Some(rfc3339(at));
+        store.set_checklist_record(&ChecklistRecord {
+            name: progress.checklist.clone(),
+            progress: serde_json::to_string(&progress).expect("serialisable"),
+            waiting_since: None,
+            stalled_at: None,
+            published_at: Some(at),
+        })?;
+        Ok(())
+    }
+
+    /// How long until the first waiting checklist is due to be reported stalled.
+    pub fn next_stall(&self, store: &Store) -> Option<Duration> {
+        let after = self.stall_after?.as_millis() as i64;
+        let now = crate::util::now_ms();
+        store
+            .checklist_records()
+            .ok()?
+            .into_iter()
+            .filter(|r| r.stalled_at.is_none())
+            .filter_map(|r| r.waiting_since)
+            .map(|since| Duration::from_millis((since + after - now).max(0) as u64))
+            .min()
+    }
+
     fn invalid(
         &self,
         store: &mut Store,
@@ -321,6 +426,7 @@ impl Publisher {
         bytes: &[u8],
         why: &str,
     ) -> Result<Outcome, PublishError> {
+        store.remove_checklist_record(checklist)?;
         let digest = hex(&Sha256::digest(bytes));
         // Report each bad content once, not on every pass.
         if store.invalid_checklist(checklist)?.as_deref() != Some(digest.as_str()) {
@@ -378,7 +484,19 @@ impl PublishLoop {
         if let Ok(events) = self.store.events_after(self.seq, 1000) {
             for e in events {
                 self.seq = e.seq;
-                if e.kind == EventKind::Uploaded {
+                // Anything that changes what a checklist waits for (its progress in status).
+                let relevant = matches!(
+                    e.kind,
+                    EventKind::Uploaded
+                        | EventKind::Enqueued
+                        | EventKind::Failed
+                        | EventKind::Archived
+                        | EventKind::Retried
+                        | EventKind::Evicted
+                        | EventKind::Repaired
+                        | EventKind::DeleteRequested
+                );
+                if relevant && e.attachment_id.is_some() {
                     if let Some(c) = e.checklist {
                         self.dirty.insert(c);
                     }
@@ -388,6 +506,20 @@ impl PublishLoop {
         if self.last_retry.elapsed() >= self.retry_interval {
             self.last_retry = Instant::now();
             self.dirty.extend(self.failed.drain());
+        }
+        if self
+            .publisher
+            .next_stall(&self.store)
+            .is_some_and(|d| d.is_zero())
+        {
+            // A wait became long enough to report: look at every waiting checklist.
+            if let Ok(recs) = self.store.checklist_records() {
+                self.dirty.extend(
+                    recs.into_iter()
+                        .filter(|r| r.waiting_since.is_some() && r.stalled_at.is_none())
+                        .map(|r| r.name),
+                );
+            }
         }
         for name in std::mem::take(&mut self.dirty) {
             match self.publisher.check(&mut self.store, &name) {
@@ -454,6 +586,11 @@ pub async fn run(
             (r, true) => r,
             (Some(r), false) => Some(r.min(l.publisher.settle)),
             (None, false) => Some(l.publisher.settle),
+        };
+        // A waiting checklist to report as stalled: wake when its time comes.
+        let retry = match (retry, l.publisher.next_stall(&l.store)) {
+            (Some(a), Some(b)) => Some(a.min(b.max(Duration::from_millis(200)))),
+            (a, b) => a.or(b.map(|b| b.max(Duration::from_millis(200)))),
         };
         lp = Some(l);
         tokio::select! {

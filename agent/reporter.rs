@@ -114,6 +114,8 @@ pub enum Command {
     Retry(Option<String>),
     /// Re-read the configuration and its secret files.
     Reload,
+    /// Remove one attachment everywhere (`{"id": "…"}`).
+    Delete(String),
 }
 
 /// The payload of every command: all keys optional, unknown keys refused (a typo must not
@@ -122,7 +124,7 @@ pub enum Command {
 #[serde(deny_unknown_fields)]
 struct CommandArgs {
     request_id: Option<String>,
-    /// `retry`: the attachment to requeue.
+    /// `retry`, `delete`: the attachment.
     id: Option<String>,
     /// `retry`: requeue every failed attachment.
     failed: Option<bool>,
@@ -159,8 +161,12 @@ pub fn parse_command(name: &str, payload: &[u8]) -> (Option<String>, Result<Comm
                 "`retry` expects {\"id\": \"<attachment id>\"} or {\"failed\": true}".to_string(),
             ),
         },
+        "delete" => match (args.id, args.failed) {
+            (Some(id), None) if !id.is_empty() => Ok(Command::Delete(id)),
+            _ => Err("`delete` expects {\"id\": \"<attachment id>\"}".to_string()),
+        },
         other => Err(format!(
-            "unknown command `{other}` (expected sync, pause, resume, retry or reload)"
+            "unknown command `{other}` (expected sync, pause, resume, retry, delete or reload)"
         )),
     };
     (rid, cmd)
@@ -176,6 +182,9 @@ fn apply(store: &mut Store, cmd: &Command) -> Result<(String, Option<Vec<String>
         }
         Command::Retry(id) => commands::retry(store, id.as_deref())
             .map(|ids| (format!("requeued {} attachment(s)", ids.len()), Some(ids))),
+        Command::Delete(id) => {
+            commands::delete(store, id, "mqtt").map(|r| (commands::describe_delete(&r), None))
+        }
         // Not a store command: handled by `Core::reload`.
         Command::Reload => Ok(("reload requested".into(), None)),
     }
@@ -973,6 +982,9 @@ mod tests {
             parse_command("retry", br#"{"failed":true}"#).1,
             Ok(Command::Retry(None))
         );
+        let (rid, c) = parse_command("delete", br#"{"id":"abc","request_id":"d1"}"#);
+        assert_eq!(rid.as_deref(), Some("d1"));
+        assert_eq!(c, Ok(Command::Delete("abc".into())));
         for (name, payload) in [
             ("retry", &b""[..]),
             ("retry", br#"{"failed":false}"#),
@@ -981,6 +993,9 @@ mod tests {
             ("pause", br#"{"colour":1}"#),
             ("pause", br#"{"id":"a"}"#),
             ("pause", b"{not json"),
+            ("delete", b""),
+            ("delete", br#"{"id":""}"#),
+            ("delete", br#"{"failed":true}"#),
             ("reboot", b""),
         ] {
             let (_, r) = parse_command(name, payload);

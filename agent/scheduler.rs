@@ -301,6 +301,11 @@ impl SchedState {
         self.inflight.len()
     }
 
+    /// The ids a worker holds now.
+    pub fn running(&self) -> Vec<String> {
+        self.inflight.iter().cloned().collect()
+    }
+
     /// Deferred files counted by reason (status shows it).
     pub fn deferred_by(&self) -> BTreeMap<Reason, usize> {
         let mut by = BTreeMap::new();
@@ -445,7 +450,10 @@ impl Core {
         let probe_auth = self.state.auth_probe_due(&self.facts, now);
         let probe_clock = self.state.clock_probe_due(&self.facts, now, now_ms());
 
+        self.cancel_deleted_uploads()?;
         if self.state.wants_fill(reason, shutting_down, now) {
+            // Deletes first: few, asked for by a person, and they move no bytes.
+            self.fill_deletes()?;
             self.fill()?;
         }
         let shown = self.state.shown_reason(reason);
@@ -471,7 +479,9 @@ impl Core {
             return Ok(Step::Exit);
         }
         let next_due = if self.state.waits_for_due(reason) {
-            self.store.next_due_at()?
+            let uploads = self.store.next_due_at()?;
+            let deletes = self.store.next_delete_due_at()?;
+            uploads.into_iter().chain(deletes).min()
         } else {
             None
         };
@@ -621,6 +631,10 @@ pub async fn run(
             msg = rx.recv() => {
                 let now = Instant::now();
                 for m in msg.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+                    if let SchedMsg::Done { id, .. } = &m {
+                        // The worker let go: a cancel of its upload has done its job.
+                        c.shared.cancel(id, false);
+                    }
                     c.state.on_msg(m, &mut c.facts, now);
                 }
                 // An outcome was recorded, a command or a condition changed: the publisher

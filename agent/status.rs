@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::checklists::Progress;
 use crate::conditions::report::ConditionsReport;
 use crate::conditions::settings::MeteredPolicy;
 use crate::device::{self, DeviceHealth};
@@ -50,6 +51,9 @@ pub struct Snapshot {
     /// The last time the queue database was found missing or corrupt and rebuilt; null
     /// when it never was.
     pub database_rebuilt: Option<RebuiltNote>,
+    /// Every checklist with a checklist.json, by name: photos named, synced, pending,
+    /// failed, when it was published, or what publication waits for.
+    pub checklists: Vec<Progress>,
 }
 
 /// `database_rebuilt` of the snapshot.
@@ -181,7 +185,37 @@ pub fn snapshot_with(
             reason: r.reason,
             kept_as: r.kept_as,
         }),
+        checklists: checklists(store)?,
     })
+}
+
+/// The checklist progress the publisher stored, by name (a record that does not parse,
+/// written by another version, is left out).
+pub fn checklists(store: &Store) -> Result<Vec<Progress>, StoreError> {
+    Ok(store
+        .checklist_records()?
+        .into_iter()
+        .filter_map(|r| serde_json::from_str(&r.progress).ok())
+        .collect())
+}
+
+/// The `checklists:` lines of `fieldsync status`.
+pub fn render_checklists(list: &[Progress]) -> String {
+    if list.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("checklists:\n");
+    for c in list {
+        out.push_str(&format!(
+            "  {:<16}{}/{} synced, {} pending, {} failed; ",
+            c.checklist, c.synced, c.named, c.pending, c.failed
+        ));
+        match &c.published_at {
+            Some(t) => out.push_str(&format!("published {t}\n")),
+            None => out.push_str(&format!("waiting for {}\n", c.waiting_line())),
+        }
+    }
+    out
 }
 
 /// Human-readable bytes (`1.5 MB`, decimal units as file managers show them).
@@ -273,6 +307,7 @@ pub fn render(s: &Snapshot) -> String {
                 .unwrap_or_default()
         ));
     }
+    out.push_str(&render_checklists(&s.checklists));
     if let Some(c) = &s.conditions {
         out.push_str(&render_conditions(c));
     }

@@ -23,6 +23,7 @@ pub const WAKE_FILE: &str = "wake";
 const MIGRATIONS: &[(&str, &str)] = &[
     ("001_init", include_str!("migrations/001_init.sql")),
     ("002_ctime", include_str!("migrations/002_ctime.sql")),
+    ("004_deletes", include_str!("migrations/004_deletes.sql")),
 ];
 
 /// The event log is trimmed to this many rows so it never grows without bound on a
@@ -102,11 +103,15 @@ impl State {
         use State::*;
         matches!(
             (self, to),
-            (QueuedUpload, Synced | Failed | Archived)
+            (QueuedUpload, Synced | Failed | Archived | QueuedDelete)
                 | (Synced, Archived | QueuedDelete | QueuedUpload)
+                | (QueuedDelete, Archived | Failed)
                 | (QueuedDownload, Synced | Failed)
-                | (Archived, Synced | QueuedUpload)
-                | (Failed, QueuedUpload | QueuedDownload | Archived)
+                | (Archived, Synced | QueuedUpload | QueuedDelete)
+                | (
+                    Failed,
+                    QueuedUpload | QueuedDownload | Archived | QueuedDelete
+                )
         )
     }
 }
@@ -275,6 +280,13 @@ pub enum EventKind {
     /// outcome `skipped`, reason `not_regular_file: <path>: <what>; not read`. Once per
     /// path and daemon run.
     FileSkipped,
+    /// `fieldsync delete` / MQTT `cmd/delete` (reason: the source, `cli`, `mqtt`, or
+    /// `checklist` for a photo a revised checklist no longer names): the photo is
+    /// `queued_delete`. The delete ends with an `archived` event, reason `deleted`.
+    DeleteRequested,
+    /// A checklist waited longer than `upload.checklist_alarm_after` for its photos;
+    /// once per wait (reason: what it waits for).
+    ChecklistStalled,
     /// A kind this version does not know (written by a newer one): kept verbatim, so
     /// reading the log never fails on it.
     Other(String),
@@ -282,7 +294,7 @@ pub enum EventKind {
 
 impl EventKind {
     /// Every kind this version writes.
-    pub const KNOWN: [EventKind; 25] = [
+    pub const KNOWN: [EventKind; 27] = [
         EventKind::Enqueued,
         EventKind::Uploaded,
         EventKind::RetryScheduled,
@@ -308,6 +320,8 @@ impl EventKind {
         EventKind::Alarm,
         EventKind::AlarmCleared,
         EventKind::FileSkipped,
+        EventKind::DeleteRequested,
+        EventKind::ChecklistStalled,
     ];
 
     /// The kinds status reports as `last_success`.
@@ -342,6 +356,8 @@ impl EventKind {
             EventKind::Alarm => "alarm",
             EventKind::AlarmCleared => "alarm_cleared",
             EventKind::FileSkipped => "file_skipped",
+            EventKind::DeleteRequested => "delete_requested",
+            EventKind::ChecklistStalled => "checklist_stalled",
             EventKind::Other(s) => s,
         }
     }
@@ -1250,6 +1266,11 @@ impl Store {
             }
         };
         for id in &ids {
+            // A delete the remote refused for good is retried as a delete, not an upload.
+            if let Some(d) = self.pending_delete(id)? {
+                self.request_delete(id, "operator", d.keep_local)?;
+                continue;
+            }
             self.transition(
                 id,
                 State::QueuedUpload,
@@ -1822,6 +1843,375 @@ impl Store {
     }
 }
 
+// ----- deletes and checklist progress (migration 004) ---------------------------------
+
+/// What [`Store::request_delete`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeleteRequest {
+    /// The attachment, now `queued_delete`.
+    pub attachment: Attachment,
+    /// The state it was in: `queued_upload` means its upload is cancelled.
+    pub from: State,
+}
+
+/// A pending delete: what the delete worker needs besides the row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingDelete {
+    pub source: String,
+    pub from_state: String,
+    pub keep_local: bool,
+}
+
+/// The stored progress of one checklist (the publisher writes it, status reads it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChecklistRecord {
+    pub name: String,
+    /// The status `checklists[]` object as JSON.
+    pub progress: String,
+    pub waiting_since: Option<i64>,
+    pub stalled_at: Option<i64>,
+    pub published_at: Option<i64>,
+}
+
+impl Store {
+    /// Asks for `id` to be removed everywhere (`source`: `cli`, `mqtt`, `checklist`): the
+    /// row becomes `queued_delete` and the delete worker removes the remote object (or
+    /// aborts an open multipart upload), then the local copy unless `keep_local`. One
+    /// transaction with its `delete_requested` event. A photo already deleted, or in
+    /// `queued_download`, is refused ([`StoreError::BadTransition`]).
+    pub fn request_delete(
+        &mut self,
+        id: &str,
+        source: &str,
+        keep_local: bool,
+    ) -> Result<DeleteRequest> {
+        let now = now_ms();
+        let tx = self.write_tx()?;
+        let cur = match tx
+            .prepare_cached(&format!(
+                "SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE id=?1"
+            ))?
+            .query_row([id], Attachment::from_row)
+            .optional()?
+        {
+            Some(a) => a,
+            None => return Err(StoreError::NotFound(id.to_string())),
+        };
+        let tombstone: bool = tx
+            .prepare_cached(
+                "SELECT COUNT(*) FROM deletes WHERE attachment_id=?1 AND done_at IS NOT NULL
+                 AND keep_local=0",
+            )?
+            .query_row([id], |r| r.get::<_, i64>(0))?
+            > 0;
+        if tombstone || !cur.state.can_become(State::QueuedDelete) {
+            return Err(StoreError::BadTransition {
+                id: id.to_string(),
+                from: cur.state,
+                to: State::QueuedDelete,
+            });
+        }
+        tx.execute(
+            "INSERT INTO deletes (attachment_id, requested_at, source, from_state, keep_local)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(attachment_id) DO UPDATE SET requested_at=excluded.requested_at,
+                source=excluded.source, from_state=excluded.from_state,
+                keep_local=excluded.keep_local, done_at=NULL",
+            params![id, now, source, cur.state.as_str(), keep_local],
+        )?;
+        tx.execute(
+            "UPDATE attachments SET state='queued_delete', timestamp=?2, attempts=0,
+                next_attempt_at=0, last_error=NULL, last_error_code=NULL
+             WHERE id=?1",
+            params![id, now],
+        )?;
+        let after = get_tx(&tx, id)?;
+        event_conn(
+            &tx,
+            now,
+            &EventKind::DeleteRequested,
+            EventOutcome::Applied,
+            Some(&after),
+            Some(cur.state),
+            Some(State::QueuedDelete),
+            Some(source),
+        )?;
+        tx.commit()?;
+        Ok(DeleteRequest {
+            attachment: after,
+            from: cur.state,
+        })
+    }
+
+    /// The pending delete of `id`, if one was asked and is not done.
+    pub fn pending_delete(&self, id: &str) -> Result<Option<PendingDelete>> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT source, from_state, keep_local FROM deletes
+                 WHERE attachment_id=?1 AND done_at IS NULL",
+            )?
+            .query_row([id], |r| {
+                Ok(PendingDelete {
+                    source: r.get(0)?,
+                    from_state: r.get(1)?,
+                    keep_local: r.get::<_, i64>(2)? != 0,
+                })
+            })
+            .optional()?)
+    }
+
+    /// Whether `id` was deleted by an operator (its tombstone: rescans never take the
+    /// same bytes at its path again).
+    pub fn is_tombstone(&self, id: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT COUNT(*) FROM deletes WHERE attachment_id=?1 AND done_at IS NOT NULL
+                 AND keep_local=0",
+            )?
+            .query_row([id], |r| r.get::<_, i64>(0))?
+            > 0)
+    }
+
+    /// Ids of `checklist`'s operator-deleted photos.
+    pub fn tombstones_in(&self, checklist: &str) -> Result<std::collections::HashSet<String>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT d.attachment_id FROM deletes d JOIN attachments a ON a.id=d.attachment_id
+             WHERE a.checklist=?1 AND d.done_at IS NOT NULL AND d.keep_local=0",
+        )?;
+        let rows = stmt.query_map([checklist], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Deletes ready to run now, oldest request first, skipping `exclude`.
+    pub fn due_deletes(
+        &self,
+        now: i64,
+        limit: usize,
+        exclude: &[String],
+    ) -> Result<Vec<Attachment>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {ATTACHMENT_COLUMNS} FROM attachments
+             WHERE state='queued_delete' AND next_attempt_at <= ?1
+             ORDER BY timestamp, rowid LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(
+            params![now, (limit + exclude.len()) as i64],
+            Attachment::from_row,
+        )?;
+        let mut out = Vec::new();
+        for r in rows {
+            let a = r?;
+            if !exclude.contains(&a.id) {
+                out.push(a);
+                if out.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// When the next queued delete falls due (unix ms).
+    pub fn next_delete_due_at(&self) -> Result<Option<i64>> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT MIN(next_attempt_at) FROM attachments WHERE state='queued_delete'",
+            )?
+            .query_row([], |r| r.get(0))?)
+    }
+
+    /// Which of `ids` are `queued_delete` now (uploads in flight that were cancelled).
+    pub fn queued_for_delete(&self, ids: &[String]) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT state FROM attachments WHERE id=?1")?;
+        for id in ids {
+            let st: Option<String> = stmt.query_row([id], |r| r.get(0)).optional()?;
+            if st.as_deref() == Some("queued_delete") {
+                out.push(id.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// The remote object of `id` is gone (and its local copy, unless the delete keeps
+    /// it): the row becomes `archived` with `has_synced` cleared (nothing is in the
+    /// remote any more), the delete is done, and one `archived` event (`reason`) is
+    /// logged; one transaction.
+    pub fn finish_delete(&mut self, id: &str, reason: &str) -> Result<Attachment> {
+        let now = now_ms();
+        let tx = self.write_tx()?;
+        let cur = get_tx(&tx, id)?;
+        if cur.state != State::QueuedDelete {
+            return Err(StoreError::BadTransition {
+                id: id.to_string(),
+                from: cur.state,
+                to: State::Archived,
+            });
+        }
+        tx.execute(
+            "UPDATE attachments SET state='archived', has_synced=0, timestamp=?2, bytes_sent=0,
+                uploading_since=NULL, upload_id=NULL, part_size=NULL, synced_at=NULL,
+                remote_etag=NULL, last_error=NULL, last_error_code=NULL
+             WHERE id=?1",
+            params![id, now],
+        )?;
+        tx.execute("DELETE FROM upload_parts WHERE attachment_id=?1", [id])?;
+        tx.execute(
+            "UPDATE deletes SET done_at=?2 WHERE attachment_id=?1",
+            params![id, now],
+        )?;
+        let after = get_tx(&tx, id)?;
+        event_conn(
+            &tx,
+            now,
+            &EventKind::Archived,
+            EventOutcome::Applied,
+            Some(&after),
+            Some(State::QueuedDelete),
+            Some(State::Archived),
+            Some(reason),
+        )?;
+        tx.commit()?;
+        Ok(after)
+    }
+
+    /// `fieldsync verify --remote` found `id`'s object missing or wrong while its local
+    /// copy is intact: back to `queued_upload` as never uploaded, with a `repaired` event
+    /// (`reason`); one transaction.
+    pub fn requeue_lost_object(&mut self, id: &str, reason: &str) -> Result<Attachment> {
+        let now = now_ms();
+        let tx = self.write_tx()?;
+        let cur = get_tx(&tx, id)?;
+        if !cur.state.can_become(State::QueuedUpload) {
+            return Err(StoreError::BadTransition {
+                id: id.to_string(),
+                from: cur.state,
+                to: State::QueuedUpload,
+            });
+        }
+        tx.execute(
+            "UPDATE attachments SET state='queued_upload', has_synced=0, timestamp=?2,
+                bytes_sent=0, attempts=0, next_attempt_at=0, synced_at=NULL, remote_etag=NULL,
+                uploading_since=NULL
+             WHERE id=?1",
+            params![id, now],
+        )?;
+        let after = get_tx(&tx, id)?;
+        event_conn(
+            &tx,
+            now,
+            &EventKind::Repaired,
+            EventOutcome::Applied,
+            Some(&after),
+            Some(cur.state),
+            Some(State::QueuedUpload),
+            Some(reason),
+        )?;
+        tx.commit()?;
+        Ok(after)
+    }
+
+    /// Up to `limit` records whose object should be in the remote (`has_synced`, synced
+    /// or archived) with a rowid above `after`, with their rowids: `verify --remote`
+    /// pages through them and resumes from the last rowid it checked.
+    pub fn page_uploaded(&self, after: i64, limit: i64) -> Result<Vec<(i64, Attachment)>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {ATTACHMENT_COLUMNS}, rowid FROM attachments
+             WHERE has_synced=1 AND state IN ('synced','archived') AND rowid > ?1
+             ORDER BY rowid LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![after, limit], |r| {
+            Ok((r.get::<_, i64>(26)?, Attachment::from_row(r)?))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Where an interrupted `verify --remote` goes on (the last rowid checked); 0 when
+    /// the last run finished.
+    pub fn verify_remote_cursor(&self) -> Result<i64> {
+        Ok(self.control_parse(key::VERIFY_REMOTE_AFTER)?.unwrap_or(0))
+    }
+
+    pub fn set_verify_remote_cursor(&self, after: i64) -> Result<()> {
+        self.control_set(key::VERIFY_REMOTE_AFTER, &after.to_string())
+    }
+
+    /// Every stored checklist progress, by name.
+    pub fn checklist_records(&self) -> Result<Vec<ChecklistRecord>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT name, progress, waiting_since, stalled_at, published_at FROM checklists
+             ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ChecklistRecord {
+                name: r.get(0)?,
+                progress: r.get(1)?,
+                waiting_since: r.get(2)?,
+                stalled_at: r.get(3)?,
+                published_at: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn checklist_record(&self, name: &str) -> Result<Option<ChecklistRecord>> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT name, progress, waiting_since, stalled_at, published_at FROM checklists
+                 WHERE name=?1",
+            )?
+            .query_row([name], |r| {
+                Ok(ChecklistRecord {
+                    name: r.get(0)?,
+                    progress: r.get(1)?,
+                    waiting_since: r.get(2)?,
+                    stalled_at: r.get(3)?,
+                    published_at: r.get(4)?,
+                })
+            })
+            .optional()?)
+    }
+
+    /// Writes a checklist's progress (only when something in it changed: the publisher
+    /// looks often).
+    pub fn set_checklist_record(&self, rec: &ChecklistRecord) -> Result<()> {
+        if self.checklist_record(&rec.name)?.as_ref() == Some(rec) {
+            return Ok(());
+        }
+        self.conn
+            .prepare_cached(
+                "INSERT INTO checklists (name, progress, waiting_since, stalled_at, published_at,
+                    updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(name) DO UPDATE SET progress=excluded.progress,
+                    waiting_since=excluded.waiting_since, stalled_at=excluded.stalled_at,
+                    published_at=excluded.published_at, updated_at=excluded.updated_at",
+            )?
+            .execute(params![
+                rec.name,
+                rec.progress,
+                rec.waiting_since,
+                rec.stalled_at,
+                rec.published_at,
+                now_ms()
+            ])?;
+        Ok(())
+    }
+
+    /// A checklist.json that is gone (or no longer valid) has no progress to show.
+    pub fn remove_checklist_record(&self, name: &str) -> Result<()> {
+        self.conn
+            .prepare_cached("DELETE FROM checklists WHERE name=?1")?
+            .execute([name])?;
+        Ok(())
+    }
+}
+
 /// Keys of the control table. The strings are the stored form: databases written by
 /// earlier versions keep working only while they stay the same.
 mod key {
@@ -1846,6 +2236,8 @@ mod key {
     /// The alarm episodes in progress (`alarms::Active`), so a restart does not raise
     /// them again.
     pub const ALARMS: &str = "alarms.active";
+    /// The last rowid an interrupted `fieldsync verify --remote` checked.
+    pub const VERIFY_REMOTE_AFTER: &str = "verify_remote.after";
 
     /// The content hash of the manifest published for a checklist.
     pub fn published(checklist: &str) -> String {
@@ -2095,6 +2487,62 @@ mod tests {
     }
 
     #[test]
+    fn a_delete_ends_as_a_tombstone_and_a_refused_one_retries_as_a_delete() {
+        let mut s = Store::open_in_memory().unwrap();
+        s.insert(&new("a", "/x/a.jpg"), None).unwrap();
+        s.transition("a", State::Synced, Change::of(EventKind::Uploaded))
+            .unwrap();
+        let r = s.request_delete("a", "cli", false).unwrap();
+        assert_eq!(
+            (r.from, r.attachment.state),
+            (State::Synced, State::QueuedDelete)
+        );
+        assert_eq!(s.due_deletes(now_ms(), 5, &[]).unwrap().len(), 1);
+        assert_eq!(
+            s.queued_for_delete(&["a".into(), "zz".into()]).unwrap(),
+            ["a"]
+        );
+        // Refused for good, then retried: a delete again, not an upload.
+        s.transition(
+            "a",
+            State::Failed,
+            Change {
+                error: Some(("http_403", "denied")),
+                ..Change::of(EventKind::Failed)
+            },
+        )
+        .unwrap();
+        assert_eq!(s.retry_failed(Some("a")).unwrap(), ["a"]);
+        assert_eq!(s.get("a").unwrap().unwrap().state, State::QueuedDelete);
+        assert!(!s.is_tombstone("a").unwrap());
+        let a = s.finish_delete("a", "deleted").unwrap();
+        assert_eq!(a.state, State::Archived);
+        assert!(!a.has_synced);
+        assert!(s.is_tombstone("a").unwrap());
+        assert_eq!(s.tombstones_in("c1").unwrap().len(), 1);
+        // Deleted once is deleted: a second request is refused.
+        assert!(matches!(
+            s.request_delete("a", "cli", false),
+            Err(StoreError::BadTransition { .. })
+        ));
+        assert!(matches!(
+            s.request_delete("nope", "cli", false),
+            Err(StoreError::NotFound(_))
+        ));
+        let kinds: Vec<String> = s
+            .events_after(0, 100)
+            .unwrap()
+            .iter()
+            .map(|e| format!("{}:{}", e.kind, e.reason.clone().unwrap_or_default()))
+            .collect();
+        assert!(
+            kinds.contains(&"delete_requested:cli".to_string()),
+            "{kinds:?}"
+        );
+        assert_eq!(kinds.last().unwrap(), "archived:deleted");
+    }
+
+    #[test]
     fn retry_requeues_failed_and_resets_attempts() {
         let mut s = Store::open_in_memory().unwrap();
         s.insert(&new("a", "/x/a.jpg"), None).unwrap();
@@ -2273,6 +2721,8 @@ mod wire_tests {
                 "alarm",
                 "alarm_cleared",
                 "file_skipped",
+                "delete_requested",
+                "checklist_stalled",
             ]
         );
         for k in EventKind::KNOWN {

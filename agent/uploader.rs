@@ -155,6 +155,16 @@ impl Worker {
     }
 
     fn process(&self, mut att: Attachment, ticket: &Ticket) -> Result<Done, StoreError> {
+        if att.state == State::QueuedDelete {
+            return crate::deletes::perform(
+                &mut self.store.borrow_mut(),
+                &*self.remote,
+                &self.cfg,
+                &self.gov,
+                self.ingestor.capture(),
+                &att,
+            );
+        }
         // Every read is of the real path below the capture folder, never through a link
         // (`crate::localfs`); a vanished folder shows up as the file missing.
         let stored = text_path(&att.local_uri);
@@ -239,7 +249,9 @@ impl Worker {
             }
         };
         let shared = self.shared.clone();
-        let keep_going = move || shared.keep_going() && ticket.may_continue();
+        let id = att.id.clone();
+        let keep_going =
+            move || shared.keep_going() && ticket.may_continue() && !shared.is_cancelled(&id);
         let mut resume = StoreResume {
             store: &self.store,
             id: &att.id,
@@ -293,6 +305,16 @@ impl Worker {
     }
 
     fn failed_attempt(&self, att: &Attachment, e: RemoteError) -> Result<Done, StoreError> {
+        // Deleted while it was sent: the delete decides what happens now, not this error.
+        if !matches!(e.class, ErrorClass::Interrupted)
+            && self
+                .store
+                .borrow()
+                .get(&att.id)?
+                .is_some_and(|a| a.state == State::QueuedDelete)
+        {
+            return Ok(Done::Interrupted);
+        }
         match &e.class {
             ErrorClass::Interrupted => {
                 debug!(id = %att.id, "upload stopped at a safe point");
@@ -389,7 +411,7 @@ impl Worker {
         reason: &str,
     ) -> Result<(), StoreError> {
         // The bytes are in the remote: record it even on a full disk.
-        self.store.borrow_mut().with_room(|s| {
+        let r = self.store.borrow_mut().with_room(|s| {
             s.transition(
                 &att.id,
                 State::Synced,
@@ -399,8 +421,15 @@ impl Worker {
                     ..Change::of(EventKind::Uploaded)
                 },
             )
-        })?;
-        Ok(())
+        });
+        match r {
+            // Deleted while the last part was on its way: the delete removes the object.
+            Err(StoreError::BadTransition {
+                from: State::QueuedDelete,
+                ..
+            }) => Ok(()),
+            r => r.map(|_| ()),
+        }
     }
 
     fn archive_deleted(&self, att: &Attachment) -> Result<(), StoreError> {

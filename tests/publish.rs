@@ -81,7 +81,10 @@ fn manifest_waits_for_every_photo_then_names_them_all() {
         m["rows"][0]["attachments"][0]["meta_data"]["inspector"],
         "ana"
     );
-    assert_eq!(published(&env), 1);
+    // The event is written just after the manifest lands: wait for it.
+    env.wait(Some(&d), 5, "one checklist_published", || {
+        published(&env) == 1
+    });
 }
 
 #[test]
@@ -168,8 +171,8 @@ fn checklists_written_while_stopped_publish_at_start() {
     env.wait(Some(&d), 10, "published at start", || {
         manifest(&env).is_some()
     });
-    // The manifest is uploaded first, then its publication recorded.
-    env.wait(Some(&d), 5, "checklist_published", || published(&env) >= 1);
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(published(&env), 1);
+    // The event is written just after the manifest lands: wait for it.
+    env.wait(Some(&d), 5, "one checklist_published", || {
+        published(&env) == 1
+    });
 }

@@ -98,6 +98,9 @@ pub enum Command {
         #[arg(long)]
         failed: bool,
     },
+    /// Delete an attachment everywhere: the remote object (or its unfinished upload), then
+    /// the local copy; it stays as an `archived` record (reason `deleted`)
+    Delete { id: String },
     /// Enqueue a file against a checklist row (it does not need to be in the capture folder)
     Enqueue {
         file: PathBuf,
@@ -106,10 +109,18 @@ pub enum Command {
         #[arg(long, default_value = "")]
         row: String,
     },
-    /// Check every record against the file system and repair what is not true
+    /// Check every record against the file system and repair what is not true; with
+    /// --remote, also every uploaded object in the remote
     Verify {
         #[arg(long)]
         json: bool,
+        /// Check every uploaded object's existence, size and sha256 in the remote, and
+        /// requeue a photo whose object is missing or wrong while its local copy is intact
+        #[arg(long)]
+        remote: bool,
+        /// Remote requests per second at most (with --remote)
+        #[arg(long, default_value_t = 10.0, requires = "remote")]
+        rate: f64,
     },
     /// Pause uploads (the daemon keeps ingesting)
     Pause,
@@ -282,12 +293,13 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             json,
         ),
         Command::Retry { id, failed: _ } => queue::retry(&cfg, id.as_deref()),
+        Command::Delete { id } => queue::delete(&cfg, &id),
         Command::Enqueue {
             file,
             checklist,
             row,
         } => queue::enqueue(&cfg, &file, checklist, row),
-        Command::Verify { json } => queue::verify(&cfg, json),
+        Command::Verify { json, remote, rate } => queue::verify(&cfg, json, remote, rate),
         Command::Pause => queue::pause(&cfg),
         Command::Resume => queue::resume(&cfg),
         Command::Sync => queue::sync(&cfg),

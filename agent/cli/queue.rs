@@ -19,6 +19,24 @@ pub fn retry(cfg: &Config, id: Option<&str>) -> Result<i32, CliError> {
     Ok(exit::OK)
 }
 
+/// `delete ID`: the daemon removes the remote object and the local copy.
+pub fn delete(cfg: &Config, id: &str) -> Result<i32, CliError> {
+    let mut store = open_store(cfg)?;
+    let r = commands::delete(&mut store, id, "cli").map_err(|e| match e {
+        crate::store::StoreError::BadTransition { from, .. } => CliError::new(
+            exit::NOT_FOUND,
+            if store.is_tombstone(id).unwrap_or(false) {
+                format!("attachment {id} is already deleted")
+            } else {
+                format!("attachment {id} is {from}: it cannot be deleted")
+            },
+        ),
+        e => e.into(),
+    })?;
+    println!("{}", commands::describe_delete(&r));
+    Ok(exit::OK)
+}
+
 pub fn enqueue(cfg: &Config, file: &Path, checklist: String, row: String) -> Result<i32, CliError> {
     let mut store = open_store(cfg)?;
     let ingestor = cfg.ingestor();
@@ -64,21 +82,81 @@ pub fn enqueue(cfg: &Config, file: &Path, checklist: String, row: String) -> Res
     Ok(exit::OK)
 }
 
-pub fn verify(cfg: &Config, json: bool) -> Result<i32, CliError> {
+pub fn verify(cfg: &Config, json: bool, remote: bool, rate: f64) -> Result<i32, CliError> {
     let mut store = open_store(cfg)?;
     let ingestor = cfg.ingestor();
     let repairs = verify::repair(&mut store, &ingestor)?;
+    if !remote {
+        if json {
+            print_json(&repairs);
+        } else {
+            print_repairs(&repairs);
+        }
+        return Ok(exit::OK);
+    }
+    if !(rate > 0.0 && rate.is_finite()) {
+        return Err(CliError::new(
+            exit::USAGE,
+            format!("--rate {rate}: expected a number of requests per second above 0"),
+        ));
+    }
+    let r = crate::remote::build(&cfg.remote, &cfg.device_id)
+        .map_err(|e| CliError::new(exit::USAGE, e))?;
+    let state_dir = absolute(&cfg.paths.state_dir);
+    // The conditions the daemon decides uploads by hold for this run too: it stops (and
+    // goes on next time) while uploads are paused. Without a daemon only the operator's
+    // pause is known.
+    let hold = |s: &crate::store::Store| -> Option<String> {
+        if crate::daemon::running_pid(&state_dir).is_some() {
+            s.pause_reason()
+                .ok()
+                .flatten()
+                .map(|r| format!("uploads paused ({r})"))
+        } else if s.operator_paused().unwrap_or(false) {
+            Some("uploads paused (paused_by_operator)".into())
+        } else {
+            None
+        }
+    };
+    let check = verify::verify_remote(&mut store, &*r, rate, &hold)?;
+    if check.requeued > 0 {
+        commands::wake(&store)?;
+    }
     if json {
-        print_json(&repairs);
-    } else if repairs.is_empty() {
+        print_json(&serde_json::json!({ "local": repairs, "remote": check }));
+    } else {
+        print_repairs(&repairs);
+        for f in &check.findings {
+            println!("{}  {}  {}  {}", f.problem, f.id, f.key, f.action);
+        }
+        println!(
+            "remote: checked {} object(s): {} ok, {} problem(s), {} requeued{}",
+            check.checked,
+            check.ok,
+            check.findings.len(),
+            check.requeued,
+            match &check.stopped {
+                Some(why) => format!("; stopped: {why}; run again to go on from there"),
+                None => String::new(),
+            }
+        );
+    }
+    Ok(if check.complete {
+        exit::OK
+    } else {
+        exit::FAILURE
+    })
+}
+
+fn print_repairs(repairs: &[verify::Repair]) {
+    if repairs.is_empty() {
         println!("verified: nothing to repair");
     } else {
-        for r in &repairs {
+        for r in repairs {
             println!("{}  {} -> {}  {}  {}", r.id, r.from, r.to, r.reason, r.path);
         }
         println!("repaired {} record(s)", repairs.len());
     }
-    Ok(exit::OK)
 }
 
 pub fn pause(cfg: &Config) -> Result<i32, CliError> {

@@ -270,6 +270,11 @@ impl Governor {
         lock(&self.published).summary = None;
     }
 
+    /// `retention.delete_unreferenced_remote` as in force now.
+    pub fn delete_unreferenced_remote(&self) -> bool {
+        self.live().retention.delete_unreferenced_remote
+    }
+
     /// How often the monitor reads the probes.
     pub fn probe_interval(&self) -> Duration {
         self.live().conditions.probe_interval.0

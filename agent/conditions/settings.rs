@@ -136,6 +136,9 @@ pub struct Retention {
     /// When disk space is low, evict uploaded local copies (oldest first) even inside the
     /// limits above, so the inspection app can go on capturing.
     pub evict_on_disk_low: bool,
+    /// Photos a revised checklist.json no longer names are deleted from the remote (the
+    /// local copy stays, archived) instead of only archived.
+    pub delete_unreferenced_remote: bool,
 }
 
 impl Default for Retention {
@@ -145,6 +148,7 @@ impl Default for Retention {
             keep_synced_files: None,
             keep_synced_bytes: None,
             evict_on_disk_low: true,
+            delete_unreferenced_remote: false,
         }
     }
 }
