@@ -5,6 +5,7 @@
 //! workers when the `conditions` allow → a `remote` moves the bytes → `status` reports.
 
 pub mod alarms;
+pub mod assignments;
 pub mod bus;
 pub mod cli;
 pub mod commands;
@@ -12,6 +13,7 @@ pub mod conditions;
 pub mod config;
 pub mod daemon;
 pub mod device;
+pub mod downloader;
 pub mod ingest;
 pub mod publisher;
 pub mod reload;

@@ -23,6 +23,10 @@ pub const WAKE_FILE: &str = "wake";
 const MIGRATIONS: &[(&str, &str)] = &[
     ("001_init", include_str!("migrations/001_init.sql")),
     ("002_ctime", include_str!("migrations/002_ctime.sql")),
+    (
+        "003_assignments",
+        include_str!("migrations/003_assignments.sql"),
+    ),
 ];
 
 /// The event log is trimmed to this many rows so it never grows without bound on a
@@ -104,8 +108,9 @@ impl State {
             (self, to),
             (QueuedUpload, Synced | Failed | Archived)
                 | (Synced, Archived | QueuedDelete | QueuedUpload)
-                | (QueuedDownload, Synced | Failed)
-                | (Archived, Synced | QueuedUpload)
+                | (Synced, QueuedDownload)
+                | (QueuedDownload, Synced | Failed | Archived)
+                | (Archived, Synced | QueuedUpload | QueuedDownload)
                 | (Failed, QueuedUpload | QueuedDownload | Archived)
         )
     }
@@ -271,6 +276,11 @@ pub enum EventKind {
     Alarm,
     /// The episode of an earlier `alarm` ended; same reason code.
     AlarmCleared,
+    /// A file an assignment names was downloaded into the inbox (sha256 verified).
+    Downloaded,
+    /// An archived record beyond `retention.archived_cache_limit` was removed (with its
+    /// local inbox copy).
+    Expired,
     /// A kind this version does not know (written by a newer one): kept verbatim, so
     /// reading the log never fails on it.
     Other(String),
@@ -278,7 +288,7 @@ pub enum EventKind {
 
 impl EventKind {
     /// Every kind this version writes.
-    pub const KNOWN: [EventKind; 24] = [
+    pub const KNOWN: [EventKind; 26] = [
         EventKind::Enqueued,
         EventKind::Uploaded,
         EventKind::RetryScheduled,
@@ -303,6 +313,8 @@ impl EventKind {
         EventKind::ConfigReloaded,
         EventKind::Alarm,
         EventKind::AlarmCleared,
+        EventKind::Downloaded,
+        EventKind::Expired,
     ];
 
     /// The kinds status reports as `last_success`.
@@ -336,6 +348,8 @@ impl EventKind {
             EventKind::ConfigReloaded => "config_reloaded",
             EventKind::Alarm => "alarm",
             EventKind::AlarmCleared => "alarm_cleared",
+            EventKind::Downloaded => "downloaded",
+            EventKind::Expired => "expired",
             EventKind::Other(s) => s,
         }
     }
@@ -1013,7 +1027,7 @@ impl Store {
         let order = if newest_first { "DESC" } else { "ASC" };
         let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT {ATTACHMENT_COLUMNS} FROM attachments
-             WHERE state='queued_upload' AND next_attempt_at <= ?1
+             WHERE state IN ('queued_upload','queued_download') AND next_attempt_at <= ?1
              ORDER BY created_at {order}, rowid {order} LIMIT ?2"
         ))?;
         let rows = stmt.query_map(
@@ -1039,7 +1053,7 @@ impl Store {
             .conn
             .prepare_cached(
                 "SELECT MIN(next_attempt_at) FROM attachments
-             WHERE state='queued_upload' AND uploading_since IS NULL",
+             WHERE state IN ('queued_upload','queued_download') AND uploading_since IS NULL",
             )?
             .query_row([], |r| r.get(0))?)
     }
@@ -1083,6 +1097,16 @@ impl Store {
                 tx.execute(
                     "UPDATE attachments SET state='queued_upload', timestamp=?2, attempts=0,
                         next_attempt_at=0, uploading_since=NULL
+                     WHERE id=?1",
+                    params![id, now],
+                )?;
+            }
+            State::QueuedDownload => {
+                // (Re)queued for download: a fresh attempt budget; the partial file on
+                // disk, not a column, says where to resume.
+                tx.execute(
+                    "UPDATE attachments SET state='queued_download', timestamp=?2, attempts=0,
+                        next_attempt_at=0, uploading_since=NULL, bytes_sent=0
                      WHERE id=?1",
                     params![id, now],
                 )?;
@@ -1244,9 +1268,15 @@ impl Store {
             }
         };
         for id in &ids {
+            // A failed download is retried as a download.
+            let to = if self.is_assignment(id)? {
+                State::QueuedDownload
+            } else {
+                State::QueuedUpload
+            };
             self.transition(
                 id,
-                State::QueuedUpload,
+                to,
                 Change {
                     reason: Some("operator"),
                     ..Change::of(EventKind::Retried)
@@ -1816,6 +1846,198 @@ impl Store {
     }
 }
 
+/// A file an assignment names, as the store records it (`origin = 'assignment'`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDownload {
+    pub id: String,
+    /// Base name of the inbox path.
+    pub filename: String,
+    /// Absolute path in the inbox.
+    pub local_uri: String,
+    pub size: i64,
+    pub sha256: String,
+    /// The remote key it is fetched from.
+    pub object_key: String,
+    pub media_type: String,
+}
+
+/// Assignments and downloads: rows with `origin = 'assignment'`, the per-channel
+/// assignment documents, and the expiry of archived records.
+impl Store {
+    /// Whether `id` is a file an assignment named (downloaded, not captured).
+    pub fn is_assignment(&self, id: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT origin='assignment' FROM attachments WHERE id=?1")?
+            .query_row([id], |r| r.get::<_, bool>(0))
+            .optional()?
+            .unwrap_or(false))
+    }
+
+    /// Every row an assignment ever named, in any state.
+    pub fn assignment_rows(&self) -> Result<Vec<Attachment>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE origin='assignment'
+             ORDER BY created_at, rowid"
+        ))?;
+        let rows = stmt.query_map([], Attachment::from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Records a newly assigned file: `queued_download`, or `synced` when its local copy
+    /// is already there with the right hash (reason `already_local`). One transaction
+    /// with its event.
+    pub fn insert_download(&mut self, d: &NewDownload, state: State) -> Result<Attachment> {
+        let now = now_ms();
+        let synced = state == State::Synced;
+        let tx = self.write_tx()?;
+        tx.execute(
+            "INSERT INTO attachments (id, filename, local_uri, timestamp, size, media_type, state,
+                has_synced, checklist, row, sha256, mtime_ns, object_key, created_at,
+                bytes_sent, synced_at, origin)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, '', '', ?9, 0, ?10, ?4, ?11, ?12,
+                'assignment')",
+            params![
+                d.id,
+                d.filename,
+                d.local_uri,
+                now,
+                d.size,
+                d.media_type,
+                state.as_str(),
+                synced as i64,
+                d.sha256,
+                d.object_key,
+                if synced { d.size } else { 0 },
+                synced.then_some(now),
+            ],
+        )?;
+        let att = get_tx(&tx, &d.id)?;
+        event_conn(
+            &tx,
+            now,
+            &EventKind::Enqueued,
+            EventOutcome::Applied,
+            Some(&att),
+            None,
+            Some(state),
+            synced.then_some("already_local"),
+        )?;
+        tx.commit()?;
+        Ok(att)
+    }
+
+    /// Downloads held by a worker right now (status `downloading[]`).
+    pub fn downloading(&self) -> Result<Vec<Attachment>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {ATTACHMENT_COLUMNS} FROM attachments
+             WHERE uploading_since IS NOT NULL AND state='queued_download'
+             ORDER BY uploading_since"
+        ))?;
+        let rows = stmt.query_map([], Attachment::from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Whether any download is still queued.
+    pub fn downloads_pending(&self) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM attachments WHERE state='queued_download')",
+            )?
+            .query_row([], |r| r.get(0))?)
+    }
+
+    /// Whether a row other than `id` that is not archived uses `local_uri` (a newer
+    /// version of the same inbox file): then `id`'s local copy is not its own to delete.
+    pub fn path_in_use_by_other(&self, local_uri: &str, id: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM attachments
+                 WHERE local_uri=?1 AND id<>?2 AND state<>'archived')",
+            )?
+            .query_row(params![local_uri, id], |r| r.get(0))?)
+    }
+
+    /// Archived records, oldest first, each with whether an assignment named it.
+    pub fn archived_oldest_first(&self) -> Result<Vec<(Attachment, bool)>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {ATTACHMENT_COLUMNS}, origin='assignment' FROM attachments
+             WHERE state='archived' ORDER BY timestamp, rowid"
+        ))?;
+        let rows = stmt.query_map([], |r| {
+            Ok((Attachment::from_row(r)?, r.get::<_, bool>(26)?))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Removes an archived record past the cache limit and logs its `expired` event
+    /// (reason: what happened to the local copy), in one transaction.
+    pub fn remove_expired(&mut self, id: &str, reason: &str) -> Result<Attachment> {
+        let now = now_ms();
+        let tx = self.write_tx()?;
+        let cur = get_tx(&tx, id)?;
+        if cur.state != State::Archived {
+            return Err(StoreError::BadTransition {
+                id: id.to_string(),
+                from: cur.state,
+                to: State::Archived,
+            });
+        }
+        tx.execute("DELETE FROM attachments WHERE id=?1", [id])?;
+        event_conn(
+            &tx,
+            now,
+            &EventKind::Expired,
+            EventOutcome::Applied,
+            Some(&cur),
+            Some(State::Archived),
+            None,
+            Some(reason),
+        )?;
+        tx.commit()?;
+        Ok(cur)
+    }
+
+    /// A download finished: the file is in place. Records its mtime (so a later check
+    /// can tell it unchanged) and marks it `synced` with a `downloaded` event.
+    pub fn download_done(&mut self, id: &str, mtime_ns: i64, reason: &str) -> Result<Attachment> {
+        self.conn.execute(
+            "UPDATE attachments SET mtime_ns=?2 WHERE id=?1",
+            params![id, mtime_ns],
+        )?;
+        self.transition(
+            id,
+            State::Synced,
+            Change {
+                reason: Some(reason),
+                ..Change::of(EventKind::Downloaded)
+            },
+        )
+    }
+
+    /// The last assignment document a channel (`mqtt`, `remote`) delivered, as JSON.
+    pub fn assignments_doc(&self, channel: &str) -> Result<Option<String>> {
+        self.control_get(&key::assignments(channel))
+    }
+
+    pub fn set_assignments_doc(&self, channel: &str, json: &str) -> Result<()> {
+        self.control_set(&key::assignments(channel), json)
+    }
+
+    /// The ETag (or size-mtime) of the remote assignments file last read.
+    pub fn assignments_tag(&self) -> Result<Option<String>> {
+        Ok(self
+            .control_get(key::ASSIGNMENTS_TAG)?
+            .filter(|t| !t.is_empty()))
+    }
+
+    pub fn set_assignments_tag(&self, tag: Option<&str>) -> Result<()> {
+        self.control_set(key::ASSIGNMENTS_TAG, tag.unwrap_or(""))
+    }
+}
+
 /// Keys of the control table. The strings are the stored form: databases written by
 /// earlier versions keep working only while they stay the same.
 mod key {
@@ -1840,6 +2062,14 @@ mod key {
     /// The alarm episodes in progress (`alarms::Active`), so a restart does not raise
     /// them again.
     pub const ALARMS: &str = "alarms.active";
+
+    /// The ETag (or size-mtime) of the remote assignments file last read.
+    pub const ASSIGNMENTS_TAG: &str = "assignments.remote_tag";
+
+    /// The last assignment document of a channel (`mqtt`, `remote`), as JSON.
+    pub fn assignments(channel: &str) -> String {
+        format!("assignments:{channel}")
+    }
 
     /// The content hash of the manifest published for a checklist.
     pub fn published(checklist: &str) -> String {

@@ -155,6 +155,16 @@ impl Worker {
     }
 
     fn process(&self, mut att: Attachment, ticket: &Ticket) -> Result<Done, StoreError> {
+        if att.state == State::QueuedDownload {
+            return crate::downloader::Downloader {
+                cfg: &self.cfg,
+                store: &self.store,
+                remote: &*self.remote,
+                shared: &self.shared,
+                gov: &self.gov,
+            }
+            .process(&att, ticket);
+        }
         let path = Path::new(&att.local_uri);
         if att.sha256.is_empty() {
             // Unreadable at ingest and requeued by an operator: hash it now.

@@ -12,6 +12,7 @@
 mod common;
 mod config;
 mod error;
+mod expire;
 mod list;
 mod queue;
 mod run;
@@ -108,6 +109,15 @@ pub enum Command {
     },
     /// Check every record against the file system and repair what is not true
     Verify {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the oldest archived records beyond retention.archived_cache_limit (and
+    /// their downloaded inbox copies) now; prints what was removed
+    Expire {
+        /// Keep at most this many archived records instead of the configured limit
+        #[arg(long)]
+        limit: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -257,6 +267,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             row,
         } => queue::enqueue(&cfg, &file, checklist, row),
         Command::Verify { json } => queue::verify(&cfg, json),
+        Command::Expire { limit, json } => expire::run(&cfg, limit, json),
         Command::Pause => queue::pause(&cfg),
         Command::Resume => queue::resume(&cfg),
         Command::Sync => queue::sync(&cfg),

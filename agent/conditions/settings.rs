@@ -136,6 +136,9 @@ pub struct Retention {
     /// When disk space is low, evict uploaded local copies (oldest first) even inside the
     /// limits above, so the inspection app can go on capturing.
     pub evict_on_disk_low: bool,
+    /// Archived records kept (newest kept); beyond it the oldest are expired: the record
+    /// removed and, for a downloaded file, its local inbox copy deleted.
+    pub archived_cache_limit: u64,
 }
 
 impl Default for Retention {
@@ -145,6 +148,7 @@ impl Default for Retention {
             keep_synced_files: None,
             keep_synced_bytes: None,
             evict_on_disk_low: true,
+            archived_cache_limit: 100,
         }
     }
 }
