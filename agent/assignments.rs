@@ -582,4 +582,45 @@ mod tests {
         assert_eq!(gone.len(), 1);
         assert_eq!(s.archived_oldest_first().unwrap().len(), 1);
     }
+
+    #[test]
+    fn expiry_never_deletes_a_capture_photo_and_keeps_its_record_while_the_file_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open_in_memory().unwrap();
+        for (id, exists) in [("kept", true), ("gone", false)] {
+            let path = dir.path().join(format!("{id}.jpg"));
+            if exists {
+                fs::write(&path, b"photo").unwrap();
+            }
+            s.insert(
+                &crate::store::NewAttachment {
+                    id: id.into(),
+                    filename: format!("{id}.jpg"),
+                    local_uri: path.display().to_string(),
+                    size: 5,
+                    media_type: "image/jpeg".into(),
+                    meta_data: None,
+                    checklist: "c".into(),
+                    row: "r".into(),
+                    sha256: "00".into(),
+                    mtime_ns: 0,
+                    object_key: format!("k/{id}"),
+                    ctime_ns: None,
+                    state: State::QueuedUpload,
+                    error: None,
+                },
+                None,
+            )
+            .unwrap();
+            s.transition(id, State::Archived, Change::of(EventKind::Archived))
+                .unwrap();
+        }
+        let gone = expire(&mut s, 0).unwrap();
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].id, "gone");
+        assert!(!gone[0].local_deleted);
+        // The photo whose file exists stays, record and file: a rescan must not find it new.
+        assert!(dir.path().join("kept.jpg").exists());
+        assert_eq!(s.get("kept").unwrap().unwrap().state, State::Archived);
+    }
 }

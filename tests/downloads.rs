@@ -461,3 +461,42 @@ fn inbox_inside_capture_is_a_config_error() {
     assert!(err.contains("paths.inbox"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+#[test]
+fn http_remote_downloads_through_presigned_gets_and_resumes_a_partial_file_with_range() {
+    const TOKEN: &str = "device-token-dl-4Kq9";
+    let server = S3Server::start();
+    let proxy = FaultProxy::start(server.addr());
+    let presign = PresignService::start_via(&server.endpoint(), &proxy.endpoint(), TOKEN);
+    let env = Env::new(&format!(
+        "[remote]\nkind = \"http\"\nprefix = \"fs\"\n\n[remote.http]\nendpoint = \"{}\"\ntoken = \"{TOKEN}\"\nconnect_timeout = \"2s\"\nread_timeout = \"5s\"\n",
+        presign.endpoint()
+    ));
+    let env = with_inbox(env, "");
+    let client = server.client();
+    let body = bytes(60, 20 * MIB);
+    client.put("refs/plan.pdf", &body);
+    client.put(
+        "fs/dev1/assignments.json",
+        &doc(&[entry("refs/plan.pdf", "site/plan.pdf", &body)]),
+    );
+    // What an interrupted earlier run left: the first 12 MiB.
+    let part = inbox(&env).join("site/.plan.pdf.fieldsync-part");
+    fs::create_dir_all(part.parent().unwrap()).unwrap();
+    fs::write(&part, &body[..12 * MIB]).unwrap();
+    let mut d = env.spawn();
+    env.wait(Some(&d), 30, "downloaded", || {
+        state_of(&env, "site/plan.pdf").as_deref() == Some("synced")
+    });
+    d.terminate();
+    proxy.wait_closed(Duration::from_secs(20));
+    assert_placed(&env, "site/plan.pdf", &body);
+    assert!(!part.exists());
+    let fetched = proxy.down_bytes();
+    assert!(
+        fetched <= (8 * MIB) as u64 + OVERHEAD,
+        "only the missing 8 MiB fetched, not {fetched} bytes"
+    );
+    assert!(presign.count("GET", "refs/plan.pdf") >= 1);
+    assert!(presign.count("GET", "fs/dev1/assignments.json") >= 1);
+}
