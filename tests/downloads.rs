@@ -226,7 +226,7 @@ fn retained_mqtt_assignment_downloads_archives_when_removed_and_restores_without
     let env = with_inbox(env, "");
     let client = server.client();
     let a = bytes(11, 2 * MIB);
-    let b = bytes(12, 1 * MIB);
+    let b = bytes(12, MIB);
     client.put("refs/a.jpg", &a);
     client.put("refs/b.jpg", &b);
     let back_office = Sub::new(broker.port, "fieldsync/dev1/#");
@@ -418,8 +418,8 @@ fn cache_limit_keeps_the_newest_archived_and_expire_prints_what_it_removed() {
         );
         assert_eq!(state_of(&env, &format!("f{i}.bin")), None);
     }
-    for i in 2..5 {
-        assert_placed(&env, &format!("f{i}.bin"), &files[i]);
+    for (i, f) in files.iter().enumerate().skip(2) {
+        assert_placed(&env, &format!("f{i}.bin"), f);
         assert_eq!(
             state_of(&env, &format!("f{i}.bin")).as_deref(),
             Some("archived")
