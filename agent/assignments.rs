@@ -185,14 +185,22 @@ pub fn receive(
     channel: &str,
     doc: &Document,
 ) -> Result<Summary, StoreError> {
-    let stored = Stored {
-        received_at: now_ms(),
-        files: doc.files.clone(),
-    };
-    store.set_assignments_doc(
-        channel,
-        &serde_json::to_string(&stored).expect("serialisable"),
-    )?;
+    let same = store
+        .assignments_doc(channel)?
+        .and_then(|j| serde_json::from_str::<Stored>(&j).ok())
+        .is_some_and(|old| old.files == doc.files);
+    // The same document again (a retained message on every reconnect) keeps its place in
+    // the order of the channels.
+    if !same {
+        let stored = Stored {
+            received_at: now_ms(),
+            files: doc.files.clone(),
+        };
+        store.set_assignments_doc(
+            channel,
+            &serde_json::to_string(&stored).expect("serialisable"),
+        )?;
+    }
     reconcile(store, inbox, device)
 }
 

@@ -159,6 +159,13 @@ fn remote_assignments_file_lands_byte_identical_and_a_corrupted_object_is_never_
         proxy.down_bytes() - before < 64 * 1024,
         "unchanged assignments cost only small conditional requests"
     );
+    let log = d.log_text();
+    assert_eq!(
+        log.matches("remote assignments changed").count(),
+        1,
+        "the unchanged file is not read again (If-None-Match): {}",
+        tail(&log, 20)
+    );
     // Nothing downloaded was uploaded back.
     assert!(client
         .list("fs/dev1/")

@@ -839,9 +839,14 @@ impl Remote for HttpRemote {
             304 => Ok(Fetched::Unchanged),
             404 => Ok(Fetched::Missing),
             s if (200..300).contains(&s) => {
-                let tag = net::header(&resp, "etag");
+                let new_tag = net::header(&resp, "etag");
+                // A server that ignores If-None-Match sends the body again: the ETag
+                // still tells that nothing changed.
+                if new_tag.is_some() && new_tag.as_deref() == tag {
+                    return Ok(Fetched::Unchanged);
+                }
                 let body = net::small_body(&mut resp, "get object")?;
-                Ok(Fetched::Changed { body, tag })
+                Ok(Fetched::Changed { body, tag: new_tag })
             }
             _ => Err(self.storage_error(resp, "get object")),
         }
