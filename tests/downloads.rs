@@ -110,19 +110,27 @@ fn remote_assignments_file_lands_byte_identical_and_a_corrupted_object_is_never_
             entry("refs/a.pdf", "a.pdf", &small),
             entry("refs/site/b.jpg", "site/b.jpg", &big),
             wrong,
+            entry("refs/missing.bin", "missing.bin", b"never uploaded"),
         ]),
     );
-    let d = env.spawn();
+    let mut d = env.spawn();
     env.wait(
         Some(&d),
         30,
-        "two downloaded, the corrupt one failed",
+        "two downloaded, the corrupt and the missing one failed",
         || {
             state_of(&env, "a.pdf").as_deref() == Some("synced")
                 && state_of(&env, "site/b.jpg").as_deref() == Some("synced")
                 && state_of(&env, "bad.bin").as_deref() == Some("failed")
+                && state_of(&env, "missing.bin").as_deref() == Some("failed")
         },
     );
+    let missing = downloads(&env)
+        .into_iter()
+        .find(|a| a["filename"] == "missing.bin")
+        .unwrap();
+    assert_eq!(missing["last_error_code"], "s3_NoSuchKey", "{missing}");
+    assert!(!inbox(&env).join("missing.bin").exists());
     assert_placed(&env, "a.pdf", &small);
     assert_placed(&env, "site/b.jpg", &big);
     assert!(
@@ -132,7 +140,7 @@ fn remote_assignments_file_lands_byte_identical_and_a_corrupted_object_is_never_
     assert!(no_part_files(&inbox(&env)), "no temp file is left");
     let failed = downloads(&env)
         .into_iter()
-        .find(|a| a["state"] == "failed")
+        .find(|a| a["filename"] == "bad.bin")
         .unwrap();
     assert_eq!(failed["last_error_code"], "checksum_mismatch", "{failed}");
     assert_eq!(
@@ -151,6 +159,7 @@ fn remote_assignments_file_lands_byte_identical_and_a_corrupted_object_is_never_
         "{listed}"
     );
     assert_eq!(env.status()["counts"]["synced"]["count"], 2);
+    assert_eq!(env.status()["counts"]["failed"]["count"], 2);
 
     // The file is polled conditionally: nothing changes, nothing is downloaded again.
     let before = proxy.down_bytes();
@@ -166,6 +175,18 @@ fn remote_assignments_file_lands_byte_identical_and_a_corrupted_object_is_never_
         "the unchanged file is not read again (If-None-Match): {}",
         tail(&log, 20)
     );
+    // Start-up repair: a downloaded file whose copy vanished is fetched again.
+    d.terminate();
+    fs::remove_file(inbox(&env).join("a.pdf")).unwrap();
+    let d = env.spawn();
+    env.wait(Some(&d), 30, "a.pdf downloaded again", || {
+        state_of(&env, "a.pdf").as_deref() == Some("synced") && inbox(&env).join("a.pdf").exists()
+    });
+    assert_placed(&env, "a.pdf", &small);
+    assert!(env
+        .events()
+        .iter()
+        .any(|e| e["kind"] == "enqueued" && e["reason"] == "local_copy_missing"));
     // Nothing downloaded was uploaded back.
     assert!(client
         .list("fs/dev1/")
