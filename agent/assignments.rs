@@ -511,6 +511,12 @@ mod tests {
         }
     }
 
+    fn doc_of(files: &[Entry]) -> Document {
+        Document {
+            files: files.to_vec(),
+        }
+    }
+
     #[test]
     fn bad_entries_are_refused_one_by_one() {
         let ok = entry("a/b.pdf", b"x");
@@ -542,8 +548,12 @@ mod tests {
             serde_json::to_string(&ok).unwrap()
         );
         let doc = parse(json.as_bytes(), "test").unwrap();
-        assert_eq!(doc.files, vec![ok]);
+        assert_eq!(doc.files, vec![ok.clone()]);
         assert_eq!(parse(b"", "test").unwrap(), Document::default());
+        // CBOR, like every MQTT payload: the same schema.
+        let mut cbor = Vec::new();
+        ciborium::into_writer(&doc_of(&[ok.clone()]), &mut cbor).unwrap();
+        assert_eq!(parse(&cbor, "test").unwrap().files, vec![ok]);
     }
 
     #[test]

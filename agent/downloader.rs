@@ -258,14 +258,18 @@ impl Downloader<'_> {
                 warn!(id = %att.id, attempts, error = %e, "download failed; giving up");
                 let mut s = self.store.borrow_mut();
                 s.schedule_retry(&att.id, 0, &e.code, &e.message)?;
-                s.transition(
+                match s.transition(
                     &att.id,
                     State::Failed,
                     Change {
                         error: Some((&e.code, &e.message)),
                         ..Change::of(EventKind::Failed)
                     },
-                )?;
+                ) {
+                    // Unassigned (archived) meanwhile: nothing left to fail.
+                    Ok(_) | Err(StoreError::BadTransition { .. }) => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(Done::Finished)

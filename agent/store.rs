@@ -2003,6 +2003,13 @@ impl Store {
     /// A download finished: the file is in place. Records its mtime (so a later check
     /// can tell it unchanged) and marks it `synced` with a `downloaded` event.
     pub fn download_done(&mut self, id: &str, mtime_ns: i64, reason: &str) -> Result<Attachment> {
+        let cur = self
+            .get(id)?
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+        if cur.state != State::QueuedDownload {
+            // Unassigned while it downloaded: it stays archived (the copy is cache).
+            return Ok(cur);
+        }
         self.conn.execute(
             "UPDATE attachments SET mtime_ns=?2 WHERE id=?1",
             params![id, mtime_ns],
