@@ -182,7 +182,18 @@ impl Downloader<'_> {
                 ),
             ));
         }
-        let got = result?;
+        let got = match result {
+            Ok(n) => n,
+            Err(e) => {
+                if w.written == 0 {
+                    // Nothing arrived (a 404, a refused connection): leave no empty file.
+                    let _ = fs::remove_file(&part);
+                } else {
+                    let _ = w.file.sync_data();
+                }
+                return Err(e);
+            }
+        };
         // Keep what arrived for the next attempt's resume, even when it fails below.
         w.file.sync_all().map_err(|e| local("fsync", &part, e))?;
         if w.written != size {
