@@ -528,3 +528,39 @@ fn http_remote_downloads_through_presigned_gets_and_resumes_a_partial_file_with_
     assert!(presign.count("GET", "refs/plan.pdf") >= 1);
     assert!(presign.count("GET", "fs/dev1/assignments.json") >= 1);
 }
+
+#[test]
+fn transient_errors_retry_with_backoff_and_resume_until_the_file_is_placed() {
+    let (mut server, proxy, env) = s3_env("permanent_attempts = 1");
+    let client = server.client();
+    // Large enough that the socket buffers cannot hold what is left when the server dies.
+    let body = bytes(70, 30 * MIB);
+    client.put("refs/t.bin", &body);
+    client.put(
+        "fs/dev1/assignments.json",
+        &doc(&[entry("refs/t.bin", "t.bin", &body)]),
+    );
+    proxy.set_down_throttle(2 * MIB as u64);
+    let part = inbox(&env).join(".t.bin.fieldsync-part");
+    let d = env.spawn();
+    env.wait(Some(&d), 20, "download under way", || {
+        fs::metadata(&part).is_ok_and(|m| m.len() > MIB as u64)
+    });
+    // The server goes away mid-download: more failures than permanent_attempts, but
+    // transient ones never make it `failed`.
+    server.stop();
+    // (The failed request makes the daemon probe the remote; it then waits as `offline`.)
+    env.wait(Some(&d), 20, "a retry scheduled, paused offline", || {
+        env.events().iter().any(|e| e["kind"] == "retry_scheduled")
+            && reason(&env).as_deref() == Some("offline")
+    });
+    assert_eq!(state_of(&env, "t.bin").as_deref(), Some("queued_download"));
+    proxy.set_down_throttle(0);
+    server.resume();
+    env.wait(Some(&d), 40, "placed once the server is back", || {
+        state_of(&env, "t.bin").as_deref() == Some("synced")
+    });
+    assert_placed(&env, "t.bin", &body);
+    assert!(env.events().iter().all(|e| e["kind"] != "failed"));
+    assert!(d.log_text().contains("download resumes"));
+}
