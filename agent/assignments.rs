@@ -248,9 +248,12 @@ pub fn reconcile(store: &mut Store, inbox: &Path, device: &str) -> Result<Summar
             sum.archived += 1;
         }
     }
+    let by_id: std::collections::HashMap<&str, &crate::store::Attachment> =
+        rows.iter().map(|r| (r.id.as_str(), r)).collect();
+    let mut new = Vec::new();
     for (id, e) in ids {
         let dest = inbox.join(&e.path);
-        match rows.iter().find(|r| r.id == id) {
+        match by_id.get(id.as_str()) {
             None => {
                 let here = local_matches(&dest, e.size, &e.sha256);
                 let state = if here {
@@ -258,8 +261,8 @@ pub fn reconcile(store: &mut Store, inbox: &Path, device: &str) -> Result<Summar
                 } else {
                     State::QueuedDownload
                 };
-                store.insert_download(
-                    &NewDownload {
+                new.push((
+                    NewDownload {
                         id: id.clone(),
                         filename: dest
                             .file_name()
@@ -275,7 +278,7 @@ pub fn reconcile(store: &mut Store, inbox: &Path, device: &str) -> Result<Summar
                         }),
                     },
                     state,
-                )?;
+                ));
                 if here {
                     sum.already_local += 1;
                 } else {
@@ -303,6 +306,8 @@ pub fn reconcile(store: &mut Store, inbox: &Path, device: &str) -> Result<Summar
             Some(_) => {}
         }
     }
+    // One transaction for every new file (one fsync for a large assignment).
+    store.insert_downloads(&new)?;
     Ok(sum)
 }
 

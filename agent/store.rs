@@ -1888,43 +1888,24 @@ impl Store {
     /// is already there with the right hash (reason `already_local`). One transaction
     /// with its event.
     pub fn insert_download(&mut self, d: &NewDownload, state: State) -> Result<Attachment> {
+        Ok(self
+            .insert_downloads(&[(d.clone(), state)])?
+            .pop()
+            .expect("one row"))
+    }
+
+    /// [`Store::insert_download`] for many files in one transaction: an assignment of a
+    /// few hundred files costs one fsync, not hundreds.
+    pub fn insert_downloads(&mut self, rows: &[(NewDownload, State)]) -> Result<Vec<Attachment>> {
         let now = now_ms();
-        let synced = state == State::Synced;
         let tx = self.write_tx()?;
-        tx.execute(
-            "INSERT INTO attachments (id, filename, local_uri, timestamp, size, media_type, state,
-                has_synced, checklist, row, sha256, mtime_ns, object_key, created_at,
-                bytes_sent, synced_at, origin)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, '', '', ?9, 0, ?10, ?4, ?11, ?12,
-                'assignment')",
-            params![
-                d.id,
-                d.filename,
-                d.local_uri,
-                now,
-                d.size,
-                d.media_type,
-                state.as_str(),
-                synced as i64,
-                d.sha256,
-                d.object_key,
-                if synced { d.size } else { 0 },
-                synced.then_some(now),
-            ],
-        )?;
-        let att = get_tx(&tx, &d.id)?;
-        event_conn(
-            &tx,
-            now,
-            &EventKind::Enqueued,
-            EventOutcome::Applied,
-            Some(&att),
-            None,
-            Some(state),
-            synced.then_some("already_local"),
-        )?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (d, state) in rows {
+            let state = *state;
+            out.push(insert_download_tx(&tx, d, state, now)?);
+        }
         tx.commit()?;
-        Ok(att)
+        Ok(out)
     }
 
     /// Downloads held by a worker right now (status `downloading[]`).
@@ -2010,7 +1991,8 @@ impl Store {
             // Unassigned while it downloaded: it stays archived (the copy is cache).
             return Ok(cur);
         }
-        self.conn.execute(
+        // Committed with the transition's fsync just below.
+        self.advisory_write(
             "UPDATE attachments SET mtime_ns=?2 WHERE id=?1",
             params![id, mtime_ns],
         )?;
@@ -2114,6 +2096,49 @@ fn event_from_row(r: &Row<'_>) -> rusqlite::Result<Event> {
         to_state: state(8)?,
         reason: r.get(9)?,
     })
+}
+
+/// One assigned file's row and its `enqueued` event, inside `tx`.
+fn insert_download_tx(
+    tx: &Connection,
+    d: &NewDownload,
+    state: State,
+    now: i64,
+) -> Result<Attachment> {
+    let synced = state == State::Synced;
+    tx.execute(
+        "INSERT INTO attachments (id, filename, local_uri, timestamp, size, media_type, state,
+            has_synced, checklist, row, sha256, mtime_ns, object_key, created_at,
+            bytes_sent, synced_at, origin)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, '', '', ?9, 0, ?10, ?4, ?11, ?12,
+            'assignment')",
+        params![
+            d.id,
+            d.filename,
+            d.local_uri,
+            now,
+            d.size,
+            d.media_type,
+            state.as_str(),
+            synced as i64,
+            d.sha256,
+            d.object_key,
+            if synced { d.size } else { 0 },
+            synced.then_some(now),
+        ],
+    )?;
+    let att = get_tx(tx, &d.id)?;
+    event_conn(
+        tx,
+        now,
+        &EventKind::Enqueued,
+        EventOutcome::Applied,
+        Some(&att),
+        None,
+        Some(state),
+        synced.then_some("already_local"),
+    )?;
+    Ok(att)
 }
 
 fn get_tx(conn: &Connection, id: &str) -> Result<Attachment> {
