@@ -2528,6 +2528,8 @@ mod wire_tests {
                 "config_reloaded",
                 "alarm",
                 "alarm_cleared",
+                "downloaded",
+                "expired",
             ]
         );
         for k in EventKind::KNOWN {
@@ -2550,16 +2552,16 @@ mod wire_tests {
         let s = Store::open_in_memory().unwrap();
         s.conn
             .execute_batch(
-                "INSERT INTO events (time, kind, outcome) VALUES (5, 'downloaded', 'applied');",
+                "INSERT INTO events (time, kind, outcome) VALUES (5, 'teleported', 'applied');",
             )
             .unwrap();
         let e = s.events_after(0, 1).unwrap().remove(0);
-        assert_eq!(e.kind, EventKind::Other("downloaded".into()));
+        assert_eq!(e.kind, EventKind::Other("teleported".into()));
         assert_eq!(
             serde_json::to_string(&e.form(EventForm::Summary)).unwrap(),
-            r#"{"time":"1970-01-01T00:00:00.005Z","kind":"downloaded","attachment_id":null,"checklist":null,"row":null,"reason":null}"#
+            r#"{"time":"1970-01-01T00:00:00.005Z","kind":"teleported","attachment_id":null,"checklist":null,"row":null,"reason":null}"#
         );
-        let other = EventKind::Other("downloaded".into());
+        let other = EventKind::Other("teleported".into());
         assert_eq!(s.last_event(&[other]).unwrap().unwrap().seq, e.seq);
     }
 
