@@ -557,7 +557,7 @@ mod tests {
         assert_eq!(parse(b"", "test").unwrap(), Document::default());
         // CBOR, like every MQTT payload: the same schema.
         let mut cbor = Vec::new();
-        ciborium::into_writer(&doc_of(&[ok.clone()]), &mut cbor).unwrap();
+        ciborium::into_writer(&doc_of(std::slice::from_ref(&ok)), &mut cbor).unwrap();
         assert_eq!(parse(&cbor, "test").unwrap().files, vec![ok]);
     }
 
