@@ -88,6 +88,9 @@ pub struct Paths {
     pub capture: PathBuf,
     /// Where the queue database lives; must survive reboots.
     pub state_dir: PathBuf,
+    /// Where files that assignments name are downloaded to; never inside `capture`, so
+    /// nothing downloaded is uploaded back.
+    pub inbox: PathBuf,
 }
 
 impl Default for Paths {
@@ -95,6 +98,7 @@ impl Default for Paths {
         Paths {
             capture: "/var/lib/fieldsync/capture".into(),
             state_dir: "/var/lib/fieldsync".into(),
+            inbox: "/var/lib/fieldsync/inbox".into(),
         }
     }
 }
@@ -285,6 +289,12 @@ impl Config {
                 "expected a value not above upload.max_backoff".into(),
             ));
         }
+        if overlaps(&self.paths.inbox, &self.paths.capture) {
+            return Err((
+                "paths.inbox",
+                "expected a folder outside paths.capture (and not containing it): downloaded files must not be uploaded back".into(),
+            ));
+        }
         if self.upload.permanent_attempts == 0 {
             return Err(("upload.permanent_attempts", "expected at least 1".into()));
         }
@@ -393,6 +403,26 @@ fn syntax_subject(
         return (format!("key `{at}`"), "defined twice".into());
     }
     ("syntax error".into(), message)
+}
+
+/// Whether one path is inside the other (or both are the same), compared component by
+/// component after resolving `.` and `..` lexically (the folders may not exist yet).
+fn overlaps(a: &Path, b: &Path) -> bool {
+    fn norm(p: &Path) -> PathBuf {
+        let mut out = PathBuf::new();
+        for c in p.components() {
+            match c {
+                std::path::Component::CurDir => {}
+                std::path::Component::ParentDir => {
+                    out.pop();
+                }
+                other => out.push(other),
+            }
+        }
+        out
+    }
+    let (a, b) = (norm(a), norm(b));
+    a.starts_with(&b) || b.starts_with(&a)
 }
 
 fn line_of(text: &str, offset: usize) -> usize {

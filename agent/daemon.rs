@@ -162,6 +162,11 @@ struct Parts {
     reload_tx: UnboundedSender<ReloadMsg>,
     reload_rx: UnboundedReceiver<ReloadMsg>,
     alarms: crate::alarms::AlarmLoop,
+    /// The assignments loop and the MQTT documents the reporter hands it.
+    assignments: (
+        crate::assignments::AssignmentLoop,
+        UnboundedReceiver<Vec<u8>>,
+    ),
     /// Kept alive for as long as the daemon runs (inotify on capture and the wake file).
     _watchers: (notify::RecommendedWatcher, notify::RecommendedWatcher),
 }
@@ -252,8 +257,10 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         )?),
         None => None,
     };
+    let (assign_tx, assign_rx) = unbounded_channel::<Vec<u8>>();
     if let Some(r) = reporter.as_mut() {
         r.set_reloader(reload_tx.clone());
+        r.set_assignments(assign_tx);
     }
 
     let (sched_tx, sched_rx) = unbounded_channel::<SchedMsg>();
@@ -334,6 +341,16 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         Store::open(&db_path)?,
         cfg.upload.sync_interval.0,
     );
+    let assignments = crate::assignments::AssignmentLoop {
+        store: Store::open(&db_path)?,
+        remote: remote.clone(),
+        inbox: absolute(&cfg.paths.inbox),
+        device: cfg.device_id.clone(),
+        key: crate::assignments::remote_key(&cfg.remote.prefix, &cfg.device_id),
+        interval: cfg.upload.sync_interval.0,
+        cache_limit: cfg.retention.archived_cache_limit,
+        sched: sched_tx.clone(),
+    };
     let reload_store = Store::open(&db_path)?;
     let reloader = Reloader {
         path: opts.config_path.clone(),
@@ -370,6 +387,7 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
             cfg.upload.pending_alarm_after.map(|d| d.0),
             cfg.upload.sync_interval.0,
         )?,
+        assignments: (assignments, assign_rx),
         _watchers: (capture_watch, wake_watch),
     };
 
@@ -463,6 +481,12 @@ async fn supervise(p: Parts, signals: Signals) -> Result<(), DaemonError> {
         token.clone(),
         liveness.handle(Loop::Alarms),
     ));
+    let (assign_loop, assign_rx) = p.assignments;
+    let assignments = tokio::spawn(crate::assignments::run(
+        assign_loop,
+        assign_rx,
+        token.clone(),
+    ));
     let sched = tokio::spawn(scheduler::run(
         p.scheduler,
         p.workers,
@@ -483,6 +507,7 @@ async fn supervise(p: Parts, signals: Signals) -> Result<(), DaemonError> {
     join(ingest).await;
     join(monitor).await;
     join(alarms).await;
+    join(assignments).await;
     let mut publish = join(publish).await;
     if p.until_idle {
         // Publish what the last uploads completed before exiting.

@@ -5,6 +5,7 @@
 //! workers when the `conditions` allow → a `remote` moves the bytes → `status` reports.
 
 pub mod alarms;
+pub mod assignments;
 pub mod bus;
 pub mod checklists;
 pub mod cli;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod daemon;
 pub mod deletes;
 pub mod device;
+pub mod downloader;
 pub mod ingest;
 pub mod localfs;
 pub mod publisher;

@@ -231,6 +231,10 @@ impl Topics {
         format!("{}/events", self.prefix)
     }
     /// The filter the reporter subscribes to.
+    /// Retained, from the back office: the files this device must hold.
+    pub fn assignments(&self) -> String {
+        format!("{}/assignments", self.prefix)
+    }
     pub fn commands(&self) -> String {
         format!("{}/cmd/+", self.prefix)
     }

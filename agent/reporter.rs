@@ -375,6 +375,7 @@ impl Reporter {
             last_status: None,
             closed: false,
             reload: None,
+            assignments: None,
         };
         Ok(Reporter {
             core,
@@ -387,6 +388,11 @@ impl Reporter {
     /// Where a reload puts new broker credentials.
     pub fn login_slot(&self) -> LoginSlot {
         self.login.clone()
+    }
+
+    /// Where messages on `<prefix>/assignments` go (the assignments loop).
+    pub fn set_assignments(&mut self, tx: tokio::sync::mpsc::UnboundedSender<Vec<u8>>) {
+        self.core.assignments = Some(tx);
     }
 
     /// Where `cmd/reload` sends its request.
@@ -671,6 +677,8 @@ struct Core {
     closed: bool,
     /// Where `cmd/reload` goes (the daemon's reloader).
     reload: Option<tokio::sync::mpsc::UnboundedSender<ReloadMsg>>,
+    /// Where assignment documents go (`crate::assignments`); `None`: not subscribed.
+    assignments: Option<tokio::sync::mpsc::UnboundedSender<Vec<u8>>>,
 }
 
 impl Core {
@@ -714,6 +722,11 @@ impl Core {
                 self.outstanding.clear();
                 self.sent_seq = self.acked_seq;
             }
+            Net::Command { topic, payload, .. } if topic == self.topics.assignments() => {
+                if let Some(tx) = &self.assignments {
+                    let _ = tx.send(payload);
+                }
+            }
             Net::Command {
                 topic,
                 payload,
@@ -752,6 +765,14 @@ impl Core {
             .try_subscribe(self.topics.commands(), QoS::AtLeastOnce)
         {
             warn!(error = %e, "mqtt: cannot subscribe to commands");
+        }
+        if self.assignments.is_some() {
+            if let Err(e) = self
+                .client
+                .try_subscribe(self.topics.assignments(), QoS::AtLeastOnce)
+            {
+                warn!(error = %e, "mqtt: cannot subscribe to assignments");
+            }
         }
         self.publish(
             self.topics.state(),
@@ -1079,6 +1100,7 @@ mod tests {
             last_status: None,
             closed: false,
             reload: None,
+            assignments: None,
         };
         (core, eventloop)
     }

@@ -475,6 +475,7 @@ impl Core {
             && self.state.inflight() == 0
             && self.shared.ingest_idle.load(Ordering::Relaxed)
             && self.store.oldest_pending()?.is_none()
+            && !self.store.downloads_pending()?
         {
             return Ok(Step::Exit);
         }

@@ -32,6 +32,8 @@ pub struct Snapshot {
     pub pending: Pending,
     /// Attachments being uploaded right now.
     pub uploading: Vec<Uploading>,
+    /// Assigned files being downloaded right now.
+    pub downloading: Vec<Downloading>,
     /// True when uploads are not running; `pause_reason` says why.
     pub paused: bool,
     pub pause_reason: Option<String>,
@@ -78,6 +80,34 @@ pub struct Pending {
     pub bytes: i64,
     /// Age in seconds of the oldest attachment waiting to upload.
     pub oldest_age_s: Option<i64>,
+}
+
+/// One entry of `downloading[]`: mirrors `uploading[]` for downloads.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Downloading {
+    pub id: String,
+    pub filename: String,
+    pub size: i64,
+    pub bytes_received: i64,
+    pub percent: f64,
+}
+
+fn downloading(store: &Store) -> Result<Vec<Downloading>, StoreError> {
+    Ok(store
+        .downloading()?
+        .into_iter()
+        .map(|a| Downloading {
+            percent: if a.size > 0 {
+                (a.bytes_sent as f64 * 1000.0 / a.size as f64).round() / 10.0
+            } else {
+                0.0
+            },
+            id: a.id,
+            filename: a.filename,
+            size: a.size,
+            bytes_received: a.bytes_sent,
+        })
+        .collect())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -152,6 +182,11 @@ pub fn snapshot_with(
     } else {
         Vec::new()
     };
+    let downloading = if daemon_running {
+        downloading(store)?
+    } else {
+        Vec::new()
+    };
     let pause_reason = if daemon_running {
         store.pause_reason()?
     } else if store.operator_paused()? {
@@ -174,6 +209,7 @@ pub fn snapshot_with(
         },
         counts,
         uploading,
+        downloading,
         paused: pause_reason.is_some(),
         pause_reason,
         conditions,
@@ -278,6 +314,15 @@ pub fn render(s: &Snapshot) -> String {
             u.percent,
             human_bytes(u.bytes_sent),
             human_bytes(u.size)
+        ));
+    }
+    for d in &s.downloading {
+        out.push_str(&format!(
+            "downloading: {} {:.1}% ({} of {})\n",
+            d.filename,
+            d.percent,
+            human_bytes(d.bytes_received),
+            human_bytes(d.size)
         ));
     }
     if let Some(e) = &s.last_success {

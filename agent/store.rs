@@ -23,6 +23,10 @@ pub const WAKE_FILE: &str = "wake";
 const MIGRATIONS: &[(&str, &str)] = &[
     ("001_init", include_str!("migrations/001_init.sql")),
     ("002_ctime", include_str!("migrations/002_ctime.sql")),
+    (
+        "003_assignments",
+        include_str!("migrations/003_assignments.sql"),
+    ),
     ("004_deletes", include_str!("migrations/004_deletes.sql")),
 ];
 
@@ -106,8 +110,9 @@ impl State {
             (QueuedUpload, Synced | Failed | Archived | QueuedDelete)
                 | (Synced, Archived | QueuedDelete | QueuedUpload)
                 | (QueuedDelete, Archived | Failed)
-                | (QueuedDownload, Synced | Failed)
-                | (Archived, Synced | QueuedUpload | QueuedDelete)
+                | (Synced, QueuedDownload)
+                | (QueuedDownload, Synced | Failed | Archived)
+                | (Archived, Synced | QueuedUpload | QueuedDelete | QueuedDownload)
                 | (
                     Failed,
                     QueuedUpload | QueuedDownload | Archived | QueuedDelete
@@ -287,6 +292,11 @@ pub enum EventKind {
     /// A checklist waited longer than `upload.checklist_alarm_after` for its photos;
     /// once per wait (reason: what it waits for).
     ChecklistStalled,
+    /// A file an assignment names was downloaded into the inbox (sha256 verified).
+    Downloaded,
+    /// An archived record beyond `retention.archived_cache_limit` was removed (with its
+    /// local inbox copy).
+    Expired,
     /// A kind this version does not know (written by a newer one): kept verbatim, so
     /// reading the log never fails on it.
     Other(String),
@@ -294,7 +304,7 @@ pub enum EventKind {
 
 impl EventKind {
     /// Every kind this version writes.
-    pub const KNOWN: [EventKind; 27] = [
+    pub const KNOWN: [EventKind; 29] = [
         EventKind::Enqueued,
         EventKind::Uploaded,
         EventKind::RetryScheduled,
@@ -322,6 +332,8 @@ impl EventKind {
         EventKind::FileSkipped,
         EventKind::DeleteRequested,
         EventKind::ChecklistStalled,
+        EventKind::Downloaded,
+        EventKind::Expired,
     ];
 
     /// The kinds status reports as `last_success`.
@@ -358,6 +370,8 @@ impl EventKind {
             EventKind::FileSkipped => "file_skipped",
             EventKind::DeleteRequested => "delete_requested",
             EventKind::ChecklistStalled => "checklist_stalled",
+            EventKind::Downloaded => "downloaded",
+            EventKind::Expired => "expired",
             EventKind::Other(s) => s,
         }
     }
@@ -1035,7 +1049,7 @@ impl Store {
         let order = if newest_first { "DESC" } else { "ASC" };
         let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT {ATTACHMENT_COLUMNS} FROM attachments
-             WHERE state='queued_upload' AND next_attempt_at <= ?1
+             WHERE state IN ('queued_upload','queued_download') AND next_attempt_at <= ?1
              ORDER BY created_at {order}, rowid {order} LIMIT ?2"
         ))?;
         let rows = stmt.query_map(
@@ -1061,7 +1075,7 @@ impl Store {
             .conn
             .prepare_cached(
                 "SELECT MIN(next_attempt_at) FROM attachments
-             WHERE state='queued_upload' AND uploading_since IS NULL",
+             WHERE state IN ('queued_upload','queued_download') AND uploading_since IS NULL",
             )?
             .query_row([], |r| r.get(0))?)
     }
@@ -1105,6 +1119,16 @@ impl Store {
                 tx.execute(
                     "UPDATE attachments SET state='queued_upload', timestamp=?2, attempts=0,
                         next_attempt_at=0, uploading_since=NULL
+                     WHERE id=?1",
+                    params![id, now],
+                )?;
+            }
+            State::QueuedDownload => {
+                // (Re)queued for download: a fresh attempt budget; the partial file on
+                // disk, not a column, says where to resume.
+                tx.execute(
+                    "UPDATE attachments SET state='queued_download', timestamp=?2, attempts=0,
+                        next_attempt_at=0, uploading_since=NULL, bytes_sent=0
                      WHERE id=?1",
                     params![id, now],
                 )?;
@@ -1271,9 +1295,15 @@ impl Store {
                 self.request_delete(id, "operator", d.keep_local)?;
                 continue;
             }
+            // A failed download is retried as a download.
+            let to = if self.is_assignment(id)? {
+                State::QueuedDownload
+            } else {
+                State::QueuedUpload
+            };
             self.transition(
                 id,
-                State::QueuedUpload,
+                to,
                 Change {
                     reason: Some("operator"),
                     ..Change::of(EventKind::Retried)
@@ -1904,7 +1934,13 @@ impl Store {
             )?
             .query_row([id], |r| r.get::<_, i64>(0))?
             > 0;
-        if tombstone || !cur.state.can_become(State::QueuedDelete) {
+        // A file an assignment names is the back office's (a reference photo, a drawing):
+        // deleting it would remove their object from the remote. It leaves the device
+        // when no assignment names it any more.
+        let assigned: bool = tx
+            .prepare_cached("SELECT origin='assignment' FROM attachments WHERE id=?1")?
+            .query_row([id], |r| r.get(0))?;
+        if tombstone || assigned || !cur.state.can_become(State::QueuedDelete) {
             return Err(StoreError::BadTransition {
                 id: id.to_string(),
                 from: cur.state,
@@ -2212,6 +2248,187 @@ impl Store {
     }
 }
 
+/// A file an assignment names, as the store records it (`origin = 'assignment'`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDownload {
+    pub id: String,
+    /// Base name of the inbox path.
+    pub filename: String,
+    /// Absolute path in the inbox.
+    pub local_uri: String,
+    pub size: i64,
+    pub sha256: String,
+    /// The remote key it is fetched from.
+    pub object_key: String,
+    pub media_type: String,
+}
+
+/// Assignments and downloads: rows with `origin = 'assignment'`, the per-channel
+/// assignment documents, and the expiry of archived records.
+impl Store {
+    /// Whether `id` is a file an assignment named (downloaded, not captured).
+    pub fn is_assignment(&self, id: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT origin='assignment' FROM attachments WHERE id=?1")?
+            .query_row([id], |r| r.get::<_, bool>(0))
+            .optional()?
+            .unwrap_or(false))
+    }
+
+    /// Every row an assignment ever named, in any state.
+    pub fn assignment_rows(&self) -> Result<Vec<Attachment>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE origin='assignment'
+             ORDER BY created_at, rowid"
+        ))?;
+        let rows = stmt.query_map([], Attachment::from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Records a newly assigned file: `queued_download`, or `synced` when its local copy
+    /// is already there with the right hash (reason `already_local`). One transaction
+    /// with its event.
+    pub fn insert_download(&mut self, d: &NewDownload, state: State) -> Result<Attachment> {
+        Ok(self
+            .insert_downloads(&[(d.clone(), state)])?
+            .pop()
+            .expect("one row"))
+    }
+
+    /// [`Store::insert_download`] for many files in one transaction: an assignment of a
+    /// few hundred files costs one fsync, not hundreds.
+    pub fn insert_downloads(&mut self, rows: &[(NewDownload, State)]) -> Result<Vec<Attachment>> {
+        let now = now_ms();
+        let tx = self.write_tx()?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (d, state) in rows {
+            let state = *state;
+            out.push(insert_download_tx(&tx, d, state, now)?);
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Downloads held by a worker right now (status `downloading[]`).
+    pub fn downloading(&self) -> Result<Vec<Attachment>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {ATTACHMENT_COLUMNS} FROM attachments
+             WHERE uploading_since IS NOT NULL AND state='queued_download'
+             ORDER BY uploading_since"
+        ))?;
+        let rows = stmt.query_map([], Attachment::from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Whether any download is still queued.
+    pub fn downloads_pending(&self) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM attachments WHERE state='queued_download')",
+            )?
+            .query_row([], |r| r.get(0))?)
+    }
+
+    /// Whether a row other than `id` that is not archived uses `local_uri` (a newer
+    /// version of the same inbox file): then `id`'s local copy is not its own to delete.
+    pub fn path_in_use_by_other(&self, local_uri: &str, id: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM attachments
+                 WHERE local_uri=?1 AND id<>?2 AND state<>'archived')",
+            )?
+            .query_row(params![local_uri, id], |r| r.get(0))?)
+    }
+
+    /// Archived records, oldest first, each with whether an assignment named it.
+    pub fn archived_oldest_first(&self) -> Result<Vec<(Attachment, bool)>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {ATTACHMENT_COLUMNS}, origin='assignment' FROM attachments
+             WHERE state='archived' ORDER BY timestamp, rowid"
+        ))?;
+        let rows = stmt.query_map([], |r| {
+            Ok((Attachment::from_row(r)?, r.get::<_, bool>(26)?))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Removes an archived record past the cache limit and logs its `expired` event
+    /// (reason: what happened to the local copy), in one transaction.
+    pub fn remove_expired(&mut self, id: &str, reason: &str) -> Result<Attachment> {
+        let now = now_ms();
+        let tx = self.write_tx()?;
+        let cur = get_tx(&tx, id)?;
+        if cur.state != State::Archived {
+            return Err(StoreError::BadTransition {
+                id: id.to_string(),
+                from: cur.state,
+                to: State::Archived,
+            });
+        }
+        tx.execute("DELETE FROM attachments WHERE id=?1", [id])?;
+        event_conn(
+            &tx,
+            now,
+            &EventKind::Expired,
+            EventOutcome::Applied,
+            Some(&cur),
+            Some(State::Archived),
+            None,
+            Some(reason),
+        )?;
+        tx.commit()?;
+        Ok(cur)
+    }
+
+    /// A download finished: the file is in place. Records its mtime (so a later check
+    /// can tell it unchanged) and marks it `synced` with a `downloaded` event.
+    pub fn download_done(&mut self, id: &str, mtime_ns: i64, reason: &str) -> Result<Attachment> {
+        let cur = self
+            .get(id)?
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+        if cur.state != State::QueuedDownload {
+            // Unassigned while it downloaded: it stays archived (the copy is cache).
+            return Ok(cur);
+        }
+        // Committed with the transition's fsync just below.
+        self.advisory_write(
+            "UPDATE attachments SET mtime_ns=?2 WHERE id=?1",
+            params![id, mtime_ns],
+        )?;
+        self.transition(
+            id,
+            State::Synced,
+            Change {
+                reason: Some(reason),
+                ..Change::of(EventKind::Downloaded)
+            },
+        )
+    }
+
+    /// The last assignment document a channel (`mqtt`, `remote`) delivered, as JSON.
+    pub fn assignments_doc(&self, channel: &str) -> Result<Option<String>> {
+        self.control_get(&key::assignments(channel))
+    }
+
+    pub fn set_assignments_doc(&self, channel: &str, json: &str) -> Result<()> {
+        self.control_set(&key::assignments(channel), json)
+    }
+
+    /// The ETag (or size-mtime) of the remote assignments file last read.
+    pub fn assignments_tag(&self) -> Result<Option<String>> {
+        Ok(self
+            .control_get(key::ASSIGNMENTS_TAG)?
+            .filter(|t| !t.is_empty()))
+    }
+
+    pub fn set_assignments_tag(&self, tag: Option<&str>) -> Result<()> {
+        self.control_set(key::ASSIGNMENTS_TAG, tag.unwrap_or(""))
+    }
+}
+
 /// Keys of the control table. The strings are the stored form: databases written by
 /// earlier versions keep working only while they stay the same.
 mod key {
@@ -2238,6 +2455,14 @@ mod key {
     pub const ALARMS: &str = "alarms.active";
     /// The last rowid an interrupted `fieldsync verify --remote` checked.
     pub const VERIFY_REMOTE_AFTER: &str = "verify_remote.after";
+
+    /// The ETag (or size-mtime) of the remote assignments file last read.
+    pub const ASSIGNMENTS_TAG: &str = "assignments.remote_tag";
+
+    /// The last assignment document of a channel (`mqtt`, `remote`), as JSON.
+    pub fn assignments(channel: &str) -> String {
+        format!("assignments:{channel}")
+    }
 
     /// The content hash of the manifest published for a checklist.
     pub fn published(checklist: &str) -> String {
@@ -2275,6 +2500,49 @@ fn event_from_row(r: &Row<'_>) -> rusqlite::Result<Event> {
         to_state: state(8)?,
         reason: r.get(9)?,
     })
+}
+
+/// One assigned file's row and its `enqueued` event, inside `tx`.
+fn insert_download_tx(
+    tx: &Connection,
+    d: &NewDownload,
+    state: State,
+    now: i64,
+) -> Result<Attachment> {
+    let synced = state == State::Synced;
+    tx.execute(
+        "INSERT INTO attachments (id, filename, local_uri, timestamp, size, media_type, state,
+            has_synced, checklist, row, sha256, mtime_ns, object_key, created_at,
+            bytes_sent, synced_at, origin)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, '', '', ?9, 0, ?10, ?4, ?11, ?12,
+            'assignment')",
+        params![
+            d.id,
+            d.filename,
+            d.local_uri,
+            now,
+            d.size,
+            d.media_type,
+            state.as_str(),
+            synced as i64,
+            d.sha256,
+            d.object_key,
+            if synced { d.size } else { 0 },
+            synced.then_some(now),
+        ],
+    )?;
+    let att = get_tx(tx, &d.id)?;
+    event_conn(
+        tx,
+        now,
+        &EventKind::Enqueued,
+        EventOutcome::Applied,
+        Some(&att),
+        None,
+        Some(state),
+        synced.then_some("already_local"),
+    )?;
+    Ok(att)
 }
 
 fn get_tx(conn: &Connection, id: &str) -> Result<Attachment> {
@@ -2723,6 +2991,8 @@ mod wire_tests {
                 "file_skipped",
                 "delete_requested",
                 "checklist_stalled",
+                "downloaded",
+                "expired",
             ]
         );
         for k in EventKind::KNOWN {
@@ -2745,16 +3015,16 @@ mod wire_tests {
         let s = Store::open_in_memory().unwrap();
         s.conn
             .execute_batch(
-                "INSERT INTO events (time, kind, outcome) VALUES (5, 'downloaded', 'applied');",
+                "INSERT INTO events (time, kind, outcome) VALUES (5, 'teleported', 'applied');",
             )
             .unwrap();
         let e = s.events_after(0, 1).unwrap().remove(0);
-        assert_eq!(e.kind, EventKind::Other("downloaded".into()));
+        assert_eq!(e.kind, EventKind::Other("teleported".into()));
         assert_eq!(
             serde_json::to_string(&e.form(EventForm::Summary)).unwrap(),
-            r#"{"time":"1970-01-01T00:00:00.005Z","kind":"downloaded","attachment_id":null,"checklist":null,"row":null,"reason":null}"#
+            r#"{"time":"1970-01-01T00:00:00.005Z","kind":"teleported","attachment_id":null,"checklist":null,"row":null,"reason":null}"#
         );
-        let other = EventKind::Other("downloaded".into());
+        let other = EventKind::Other("teleported".into());
         assert_eq!(s.last_event(&[other]).unwrap().unwrap().seq, e.seq);
     }
 

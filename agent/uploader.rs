@@ -155,6 +155,16 @@ impl Worker {
     }
 
     fn process(&self, mut att: Attachment, ticket: &Ticket) -> Result<Done, StoreError> {
+        if att.state == State::QueuedDownload {
+            return crate::downloader::Downloader {
+                cfg: &self.cfg,
+                store: &self.store,
+                remote: &*self.remote,
+                shared: &self.shared,
+                gov: &self.gov,
+            }
+            .process(&att, ticket);
+        }
         if att.state == State::QueuedDelete {
             return crate::deletes::perform(
                 &mut self.store.borrow_mut(),

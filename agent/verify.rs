@@ -54,7 +54,11 @@ pub fn repair(store: &mut Store, ingestor: &Ingestor) -> Result<Vec<Repair>, Sto
                 // Unreadable metadata is not proof of absence; the uploader reports it.
                 Err(_) => continue,
             };
+            // A downloaded file whose copy vanished: the device must hold it, fetch again.
+            let assigned =
+                meta.is_none() && a.state == State::Synced && store.is_assignment(&a.id)?;
             let (to, reason) = match (&meta, a.state) {
+                (None, State::Synced) if assigned => (State::QueuedDownload, "local_copy_missing"),
                 (None, State::Synced) => (State::Archived, "file_missing"),
                 (None, _) => (State::Failed, "file_missing"),
                 (Some(m), State::QueuedUpload)
@@ -87,6 +91,8 @@ pub fn repair(store: &mut Store, ingestor: &Ingestor) -> Result<Vec<Repair>, Sto
                     error: (to == State::Failed).then_some((reason, msg.as_str())),
                     ..Change::of(if to == State::Failed {
                         EventKind::Failed
+                    } else if to == State::QueuedDownload {
+                        EventKind::Enqueued
                     } else {
                         EventKind::Archived
                     })

@@ -12,6 +12,7 @@
 mod common;
 mod config;
 mod error;
+mod expire;
 mod list;
 mod queue;
 mod run;
@@ -121,6 +122,15 @@ pub enum Command {
         /// Remote requests per second at most (with --remote)
         #[arg(long, default_value_t = 10.0, requires = "remote")]
         rate: f64,
+    },
+    /// Remove the oldest archived records beyond retention.archived_cache_limit (and
+    /// their downloaded inbox copies) now; prints what was removed
+    Expire {
+        /// Keep at most this many archived records instead of the configured limit
+        #[arg(long)]
+        limit: Option<u64>,
+        #[arg(long)]
+        json: bool,
     },
     /// Pause uploads (the daemon keeps ingesting)
     Pause,
@@ -300,6 +310,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             row,
         } => queue::enqueue(&cfg, &file, checklist, row),
         Command::Verify { json, remote, rate } => queue::verify(&cfg, json, remote, rate),
+        Command::Expire { limit, json } => expire::run(&cfg, limit, json),
         Command::Pause => queue::pause(&cfg),
         Command::Resume => queue::resume(&cfg),
         Command::Sync => queue::sync(&cfg),

@@ -27,6 +27,10 @@ pub fn delete(cfg: &Config, id: &str) -> Result<i32, CliError> {
             exit::NOT_FOUND,
             if store.is_tombstone(id).unwrap_or(false) {
                 format!("attachment {id} is already deleted")
+            } else if store.is_assignment(id).unwrap_or(false) {
+                format!(
+                    "attachment {id} is a file an assignment names: it leaves the device when no assignment names it"
+                )
             } else {
                 format!("attachment {id} is {from}: it cannot be deleted")
             },

@@ -139,6 +139,9 @@ pub struct Retention {
     /// Photos a revised checklist.json no longer names are deleted from the remote (the
     /// local copy stays, archived) instead of only archived.
     pub delete_unreferenced_remote: bool,
+    /// Archived records kept (newest kept); beyond it the oldest are expired: the record
+    /// removed and, for a downloaded file, its local inbox copy deleted.
+    pub archived_cache_limit: u64,
 }
 
 impl Default for Retention {
@@ -149,6 +152,7 @@ impl Default for Retention {
             keep_synced_bytes: None,
             evict_on_disk_low: true,
             delete_unreferenced_remote: false,
+            archived_cache_limit: 100,
         }
     }
 }

@@ -6,12 +6,15 @@
 //! of filling the device's own disk.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::{ErrorClass, Remote, RemoteError, RemoteObject, UploadCtx, UploadJob, Uploaded};
+use super::{
+    DownloadCtx, ErrorClass, Fetched, Remote, RemoteError, RemoteObject, UploadCtx, UploadJob,
+    Uploaded,
+};
 use crate::util::hex;
 
 /// `[remote.file]`.
@@ -203,18 +206,67 @@ impl Remote for FileRemote {
         }))
     }
 
-    fn download(&self, key: &str, dest: &Path) -> Result<u64, RemoteError> {
+    fn download(
+        &self,
+        key: &str,
+        offset: u64,
+        out: &mut dyn Write,
+        ctx: &DownloadCtx<'_>,
+    ) -> Result<u64, RemoteError> {
+        self.check_root()?;
         let p = self.path_of(key);
         let mut src = File::open(&p).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => RemoteError::permanent("not_found", p.display().to_string()),
+            io::ErrorKind::NotFound => {
+                RemoteError::permanent("not_found", format!("no object {key}"))
+            }
             _ => remote_io("open", &p, e),
         })?;
-        let tmp = dest.with_extension("fieldsync-download");
-        let mut out = File::create(&tmp).map_err(|e| remote_io("create", &tmp, e))?;
-        let n = io::copy(&mut src, &mut out).map_err(|e| remote_io("copy", &p, e))?;
-        out.sync_all().map_err(|e| remote_io("fsync", &tmp, e))?;
-        fs::rename(&tmp, dest).map_err(|e| remote_io("rename", dest, e))?;
-        Ok(n)
+        src.seek(SeekFrom::Start(offset))
+            .map_err(|e| remote_io("seek", &p, e))?;
+        let mut buf = vec![0u8; CHUNK];
+        let mut total = 0u64;
+        loop {
+            if !(ctx.keep_going)() {
+                return Err(RemoteError::interrupted());
+            }
+            let n = match src.read(&mut buf) {
+                Ok(0) => return Ok(total),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(remote_io("read", &p, e)),
+            };
+            (ctx.throttle)(n as u64);
+            out.write_all(&buf[..n]).map_err(|e| {
+                RemoteError::transient("local_io", format!("download {key}: write: {e}"))
+            })?;
+            total += n as u64;
+        }
+    }
+
+    fn fetch_if_changed(&self, key: &str, tag: Option<&str>) -> Result<Fetched, RemoteError> {
+        self.check_root()?;
+        let p = self.path_of(key);
+        let m = match fs::metadata(&p) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Fetched::Missing),
+            Err(e) => return Err(remote_io("stat", &p, e)),
+        };
+        // A share has no ETag: size and mtime stand in for it.
+        let now = format!("{}-{}", m.len(), crate::util::mtime_ns(&m));
+        if tag == Some(now.as_str()) {
+            return Ok(Fetched::Unchanged);
+        }
+        if m.len() > super::MAX_SMALL_OBJECT {
+            return Err(RemoteError::permanent(
+                "too_large",
+                format!("{key}: {} bytes is too large", m.len()),
+            ));
+        }
+        let body = fs::read(&p).map_err(|e| remote_io("read", &p, e))?;
+        Ok(Fetched::Changed {
+            body,
+            tag: Some(now),
+        })
     }
 
     fn delete(&self, key: &str) -> Result<(), RemoteError> {

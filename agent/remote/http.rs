@@ -22,7 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 
@@ -33,7 +33,10 @@ use tracing::{debug, info};
 
 use super::net::{self, b64, HttpClient, Secret, WithHttpClient, MIB};
 use super::s3::{part_size_for, same_etag, MAX_PART, MAX_PARTS, MAX_SINGLE_PUT, MIN_PART};
-use super::{ErrorClass, Remote, RemoteError, RemoteObject, UploadCtx, UploadJob, Uploaded};
+use super::{
+    DownloadCtx, ErrorClass, Fetched, Remote, RemoteError, RemoteObject, UploadCtx, UploadJob,
+    Uploaded,
+};
 use crate::store::PartRecord;
 use crate::units::Size;
 use crate::util::hex;
@@ -381,6 +384,17 @@ impl HttpRemote {
         method: &'static str,
         key: &str,
     ) -> Result<(PresignResponse, Resp), RemoteError> {
+        self.simple_with(method, key, &[])
+    }
+
+    /// [`Self::simple`] with extra request headers (Range, If-None-Match) that the
+    /// presigned URL does not sign.
+    fn simple_with(
+        &self,
+        method: &'static str,
+        key: &str,
+        extra: &[(&str, String)],
+    ) -> Result<(PresignResponse, Resp), RemoteError> {
         let what = format!("{} object", method.to_ascii_lowercase());
         let mut last = None;
         for _ in 0..2 {
@@ -399,6 +413,9 @@ impl HttpRemote {
                 .uri(p.url.as_str());
             for (k, v) in &p.headers {
                 req = req.header(k.as_str(), v.as_str());
+            }
+            for (k, v) in extra {
+                req = req.header(*k, v.as_str());
             }
             let req = req.body(()).map_err(|_| {
                 RemoteError::transient(
@@ -797,12 +814,42 @@ impl Remote for HttpRemote {
         }
     }
 
-    fn download(&self, key: &str, dest: &Path) -> Result<u64, RemoteError> {
-        let (_, mut resp) = self.simple("GET", key)?;
-        if !resp.status().is_success() {
-            return Err(self.storage_error(resp, "get object"));
+    fn download(
+        &self,
+        key: &str,
+        offset: u64,
+        out: &mut dyn std::io::Write,
+        ctx: &DownloadCtx<'_>,
+    ) -> Result<u64, RemoteError> {
+        let range = [("range", format!("bytes={offset}-"))];
+        let extra: &[(&str, String)] = if offset > 0 { &range } else { &[] };
+        let (_, mut resp) = self.simple_with("GET", key, extra)?;
+        match net::range_skip(resp.status().as_u16(), offset) {
+            Some(skip) => net::copy_body(&mut resp, skip, out, ctx, "get object"),
+            None => Err(self.storage_error(resp, "get object")),
         }
-        net::save_body(&mut resp, dest, "get object")
+    }
+
+    fn fetch_if_changed(&self, key: &str, tag: Option<&str>) -> Result<Fetched, RemoteError> {
+        let cond: Vec<(&str, String)> = tag
+            .map(|t| vec![("if-none-match", t.to_string())])
+            .unwrap_or_default();
+        let (_, mut resp) = self.simple_with("GET", key, &cond)?;
+        match resp.status().as_u16() {
+            304 => Ok(Fetched::Unchanged),
+            404 => Ok(Fetched::Missing),
+            s if (200..300).contains(&s) => {
+                let new_tag = net::header(&resp, "etag");
+                // A server that ignores If-None-Match sends the body again: the ETag
+                // still tells that nothing changed.
+                if new_tag.is_some() && new_tag.as_deref() == tag {
+                    return Ok(Fetched::Unchanged);
+                }
+                let body = net::small_body(&mut resp, "get object")?;
+                Ok(Fetched::Changed { body, tag: new_tag })
+            }
+            _ => Err(self.storage_error(resp, "get object")),
+        }
     }
 
     fn delete(&self, key: &str) -> Result<(), RemoteError> {

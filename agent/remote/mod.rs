@@ -4,7 +4,8 @@
 //! multipart upload id and the acknowledged parts) it reads and writes through the
 //! [`ResumeLog`] the uploader hands it, which commits to the store as each part finishes.
 
-use std::path::{Path, PathBuf};
+use std::io::Write;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -184,6 +185,30 @@ pub struct UploadCtx<'a> {
     pub resume: &'a mut dyn ResumeLog,
 }
 
+/// What a download needs from the caller.
+pub struct DownloadCtx<'a> {
+    /// Checked at safe points (between chunks); false means stop now.
+    pub keep_going: &'a (dyn Fn() -> bool + Sync),
+    /// Called with the size of each chunk received; blocks as the rate limit requires and
+    /// accounts the bytes (data budget).
+    pub throttle: &'a (dyn Fn(u64) + Sync),
+}
+
+/// The answer of [`Remote::fetch_if_changed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fetched {
+    /// The object still has the tag given.
+    Unchanged,
+    /// No such object.
+    Missing,
+    /// The object's bytes and the tag to send next time.
+    Changed { body: Vec<u8>, tag: Option<String> },
+}
+
+/// Bodies of [`Remote::fetch_if_changed`] above this are refused: an assignments file is
+/// a list of keys, not a payload.
+pub const MAX_SMALL_OBJECT: u64 = 4 * 1024 * 1024;
+
 /// What the remote confirmed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Uploaded {
@@ -216,8 +241,21 @@ pub trait Remote: Send + Sync {
     /// idempotent.
     fn head(&self, key: &str) -> Result<Option<RemoteObject>, RemoteError>;
 
-    /// Writes the object at `key` to `dest`, returning its size.
-    fn download(&self, key: &str, dest: &Path) -> Result<u64, RemoteError>;
+    /// Writes the object at `key` from byte `offset` on to `out` (a Range request, so an
+    /// interrupted download resumes from what is on disk), returning the bytes written.
+    /// A server that ignores the range is handled here: the bytes before `offset` are
+    /// read and dropped, so `out` always receives the object from `offset`.
+    fn download(
+        &self,
+        key: &str,
+        offset: u64,
+        out: &mut dyn Write,
+        ctx: &DownloadCtx<'_>,
+    ) -> Result<u64, RemoteError>;
+
+    /// A small object (the assignments file) unless it is unchanged since `tag`: ETag and
+    /// If-None-Match for `s3`/`http`, size and mtime for `file`.
+    fn fetch_if_changed(&self, key: &str, tag: Option<&str>) -> Result<Fetched, RemoteError>;
 
     /// Removes the object at `key`; absent is success.
     fn delete(&self, key: &str) -> Result<(), RemoteError>;

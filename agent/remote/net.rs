@@ -588,26 +588,60 @@ pub fn digest_range(
     })
 }
 
-/// Writes a GET answer's body to `dest` through a temporary file, fsynced and renamed
-/// into place, so `dest` is either absent or complete. Returns the bytes written.
-pub fn save_body(
+/// Copies a GET answer's body to `out`, chunk by chunk through the rate limit and the
+/// stop check. `skip` bytes at the start are read and dropped (a server that answered a
+/// Range request with the whole object). Returns the bytes written to `out`.
+pub fn copy_body(
     resp: &mut ureq::http::Response<ureq::Body>,
-    dest: &std::path::Path,
+    mut skip: u64,
+    out: &mut dyn io::Write,
+    ctx: &super::DownloadCtx<'_>,
     what: &str,
 ) -> Result<u64, RemoteError> {
-    let tmp = dest.with_extension("fieldsync-download");
-    let io_err = |step: &str, e: std::io::Error| {
-        RemoteError::transient("local_io", format!("{step} {}: {e}", tmp.display()))
-    };
-    let mut out = std::fs::File::create(&tmp).map_err(|e| io_err("create", e))?;
     let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
-    let n = std::io::copy(&mut reader, &mut out).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        RemoteError::transient("connection", format!("{what}: {e}"))
-    })?;
-    out.sync_all().map_err(|e| io_err("fsync", e))?;
-    std::fs::rename(&tmp, dest).map_err(|e| io_err("rename", e))?;
-    Ok(n)
+    let mut buf = vec![0u8; CHUNK];
+    let mut written = 0u64;
+    loop {
+        if !(ctx.keep_going)() {
+            return Err(RemoteError::interrupted());
+        }
+        let n = match reader.read(&mut buf) {
+            Ok(0) => return Ok(written),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(RemoteError::transient("connection", format!("{what}: {e}"))),
+        };
+        (ctx.throttle)(n as u64);
+        let start = skip.min(n as u64) as usize;
+        skip -= start as u64;
+        if start < n {
+            out.write_all(&buf[start..n])
+                .map_err(|e| RemoteError::transient("local_io", format!("{what}: write: {e}")))?;
+            written += (n - start) as u64;
+        }
+    }
+}
+
+/// Whether a GET with `Range: bytes=offset-` was answered with the range (206), else the
+/// bytes to skip (a 200 with the whole object). `None`: not a success.
+pub fn range_skip(status: u16, offset: u64) -> Option<u64> {
+    match status {
+        206 => Some(0),
+        200 => Some(offset),
+        _ => None,
+    }
+}
+
+/// Reads a small body whole, refusing one above [`super::MAX_SMALL_OBJECT`].
+pub fn small_body(
+    resp: &mut ureq::http::Response<ureq::Body>,
+    what: &str,
+) -> Result<Vec<u8>, RemoteError> {
+    resp.body_mut()
+        .with_config()
+        .limit(super::MAX_SMALL_OBJECT)
+        .read_to_vec()
+        .map_err(|e| RemoteError::transient("connection", format!("{what}: {e}")))
 }
 
 pub fn b64(bytes: &[u8]) -> String {

@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -33,7 +33,10 @@ use sha2::{Digest, Sha256};
 use tracing::{debug, info};
 
 use super::net::{self, b64, HttpClient, Secret, WithHttpClient, MIB};
-use super::{ErrorClass, Remote, RemoteError, RemoteObject, UploadCtx, UploadJob, Uploaded};
+use super::{
+    DownloadCtx, ErrorClass, Fetched, Remote, RemoteError, RemoteObject, UploadCtx, UploadJob,
+    Uploaded,
+};
 use crate::store::PartRecord;
 use crate::units::Size;
 use crate::util::hex;
@@ -1102,18 +1105,53 @@ impl Remote for S3Remote {
         }
     }
 
-    fn download(&self, key: &str, dest: &Path) -> Result<u64, RemoteError> {
+    fn download(
+        &self,
+        key: &str,
+        offset: u64,
+        out: &mut dyn std::io::Write,
+        ctx: &DownloadCtx<'_>,
+    ) -> Result<u64, RemoteError> {
         let creds = self.creds();
         let url = GetObject::new(&self.bucket, Some(&*creds), key).sign(SIGN_EXPIRY);
-        let mut resp = self
-            .agent
-            .get(url.as_str())
+        let mut req = self.agent.get(url.as_str());
+        if offset > 0 {
+            req = req.header("range", format!("bytes={offset}-"));
+        }
+        let mut resp = req
             .call()
             .map_err(|e| net::transport_error(e, "get object"))?;
-        if !resp.status().is_success() {
-            return Err(self.answer_error(resp, "get object"));
+        match net::range_skip(resp.status().as_u16(), offset) {
+            Some(skip) => net::copy_body(&mut resp, skip, out, ctx, "get object"),
+            None => Err(self.answer_error(resp, "get object")),
         }
-        net::save_body(&mut resp, dest, "get object")
+    }
+
+    fn fetch_if_changed(&self, key: &str, tag: Option<&str>) -> Result<Fetched, RemoteError> {
+        let creds = self.creds();
+        let url = GetObject::new(&self.bucket, Some(&*creds), key).sign(SIGN_EXPIRY);
+        let mut req = self.agent.get(url.as_str());
+        if let Some(t) = tag {
+            req = req.header("if-none-match", t);
+        }
+        let mut resp = req
+            .call()
+            .map_err(|e| net::transport_error(e, "get object"))?;
+        match resp.status().as_u16() {
+            304 => Ok(Fetched::Unchanged),
+            404 => Ok(Fetched::Missing),
+            s if (200..300).contains(&s) => {
+                let new_tag = net::header(&resp, "etag");
+                // A server that ignores If-None-Match sends the body again: the ETag
+                // still tells that nothing changed.
+                if new_tag.is_some() && new_tag.as_deref() == tag {
+                    return Ok(Fetched::Unchanged);
+                }
+                let body = net::small_body(&mut resp, "get object")?;
+                Ok(Fetched::Changed { body, tag: new_tag })
+            }
+            _ => Err(self.answer_error(resp, "get object")),
+        }
     }
 
     fn delete(&self, key: &str) -> Result<(), RemoteError> {

@@ -316,6 +316,13 @@ impl Sub {
             .unwrap();
     }
 
+    /// A retained message (what a back office leaves for a device).
+    pub fn publish_retained(&self, topic: &str, payload: &[u8]) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, true, payload.to_vec())
+            .unwrap();
+    }
+
     /// Everything received, for failure messages (payloads cut short).
     pub fn dump(&self) -> String {
         self.all()

@@ -302,6 +302,10 @@ pub struct Faults {
     pub delay_ms: AtomicU64,
     /// Bytes forwarded client → server (request lines, headers and bodies).
     pub up_bytes: AtomicU64,
+    /// Download bandwidth (server → client) in bytes per second; 0 is unlimited.
+    pub down_throttle_bps: AtomicU64,
+    /// Bytes forwarded server → client (status lines, headers and bodies).
+    pub down_bytes: AtomicU64,
     pub served_503: AtomicU32,
     pub resets: AtomicU32,
     pub connections: AtomicU32,
@@ -369,6 +373,14 @@ impl FaultProxy {
             );
             thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    pub fn down_bytes(&self) -> u64 {
+        self.faults.down_bytes.load(Ordering::SeqCst)
+    }
+
+    pub fn set_down_throttle(&self, bps: u64) {
+        self.faults.down_throttle_bps.store(bps, Ordering::SeqCst);
     }
 
     pub fn set_throttle(&self, bps: u64) {
@@ -453,6 +465,11 @@ fn handle(client: TcpStream, upstream: SocketAddr, f: Arc<Faults>) {
                 }
                 if c.write_all(&buf[..n]).is_err() {
                     break;
+                }
+                f.down_bytes.fetch_add(n as u64, Ordering::SeqCst);
+                let bps = f.down_throttle_bps.load(Ordering::SeqCst);
+                if bps > 0 {
+                    thread::sleep(Duration::from_secs_f64(n as f64 / bps as f64));
                 }
             }
             let _ = c.shutdown(Shutdown::Write);
