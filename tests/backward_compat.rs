@@ -25,7 +25,7 @@ const RELEASED: [u32; 2] = [1, 2];
 const FIXTURE_CAPTURE: &str = "/var/spool/fieldsync/capture";
 
 /// The schema version this build migrates to.
-const CURRENT: i64 = 3;
+const CURRENT: i64 = 4;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
