@@ -427,7 +427,13 @@ impl Ingestor {
             .as_ref()
             .filter(|l| matches!(l.state, State::QueuedUpload | State::Failed))
             .map(|l| l.id.clone());
-        let att = store.insert(&new, supersedes.as_deref())?;
+        // Inside the capture folder the start-up rescan finds the file again if a power
+        // cut loses its record; a file enqueued from elsewhere has only its record.
+        let att = if path.starts_with(&self.capture) {
+            store.insert_rediscoverable(&new, supersedes.as_deref())?
+        } else {
+            store.insert(&new, supersedes.as_deref())?
+        };
         info!(id = %att.id, path = %path.display(), checklist = %att.checklist, row = %att.row,
               size = att.size, "enqueued");
         Ok(Outcome::Enqueued(att))
