@@ -155,6 +155,12 @@ fn check_and_clear(server: &S3Server, w: &Workload, prefix: &str) {
     let _ = fs::remove_dir_all(server.dir.path().join("data").join(BUCKET).join(prefix));
 }
 
+/// One tool's run of a workload.
+type Tool<'a> = dyn FnMut(&mut Bench) -> Sample + 'a;
+
+/// A workload: its name in `FIELDSYNC_BENCH_WORKLOADS` and what runs it.
+type WorkloadFn = (&'static str, fn(&mut Bench));
+
 struct Bench {
     bin: PathBuf,
     server: S3Server,
@@ -183,8 +189,9 @@ impl Bench {
                 "device_id = \"bench\"\n[paths]\ncapture = \"{}\"\nstate_dir = \"{}\"\n[ingest]\nsettle = \"200ms\"\nclose_settle = \"100ms\"\n[upload]\nconcurrency = {concurrency}\n[log]\nlevel = \"warn\"\n{}",
                 w.src().display(),
                 state.display(),
-                S3Server::remote_toml(endpoint, SECRET_KEY, "read_timeout = \"60s\"")
+                S3Server::remote_toml(endpoint, SECRET_KEY, "")
                     .replace("prefix = \"fs\"", &format!("prefix = \"{prefix}\""))
+                    .replace("read_timeout = \"5s\"", "read_timeout = \"60s\"")
             ),
         )
         .unwrap();
@@ -293,11 +300,7 @@ impl Bench {
 
     /// Runs every tool of `tools` for `rounds` rounds (tools interleaved within a round,
     /// so a change in the machine's load hits all of them) and reports medians and ranges.
-    fn compare(
-        &mut self,
-        w: &Workload,
-        tools: &mut [(&str, &mut dyn FnMut(&mut Bench) -> Sample)],
-    ) {
+    fn compare(&mut self, w: &Workload, tools: &mut [(&str, &mut Tool<'_>)]) {
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); tools.len()];
         for _ in 0..self.rounds {
             for (i, (_, run)) in tools.iter_mut().enumerate() {
@@ -450,7 +453,7 @@ fn bench_s3_against_rclone() {
         rounds,
         run: 0,
     };
-    let workloads: [(&str, fn(&mut Bench)); 3] = [
+    let workloads: [WorkloadFn; 3] = [
         ("photos", workload_photos),
         ("videos", workload_videos),
         ("shaped", workload_shaped),
