@@ -507,7 +507,13 @@ impl Ingestor {
             .as_ref()
             .filter(|l| matches!(l.state, State::QueuedUpload | State::Failed))
             .map(|l| l.id.clone());
-        let att = store.insert(&new, supersedes.as_deref())?;
+        // Inside the capture folder the start-up rescan finds the file again if a power
+        // cut loses its record; a file enqueued from elsewhere has only its record.
+        let att = if path.starts_with(&self.capture) {
+            store.insert_rediscoverable(&new, supersedes.as_deref())?
+        } else {
+            store.insert(&new, supersedes.as_deref())?
+        };
         self.reported
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -89,3 +89,17 @@ fn mqtt_suite_starts_its_own_broker() {
         ],
     );
 }
+
+#[test]
+fn queue_suite_times_status_and_list_on_a_large_queue() {
+    let out = bench(&["queue", "--records", "2000"]);
+    expect_lines(
+        &out,
+        &[
+            "queue: 2000 records (95 % synced, 4 % queued, 1 % failed) built in ",
+            "queue: status --json ",
+            "queue: list --json --state synced ",
+            "target <= 100 ms ",
+        ],
+    );
+}

@@ -37,5 +37,16 @@ pub fn remote_name(cfg: &Config) -> String {
 }
 
 pub fn print_json<T: serde::Serialize>(v: &T) {
-    println!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
+    let _ = write_json(v);
+}
+
+/// `v` as pretty JSON and a newline on stdout, through one buffer: a large list is
+/// written in 64 KiB writes, not a write per line, and never held as one string. A
+/// closed pipe (`| head`) ends the output quietly.
+pub fn write_json<T: serde::Serialize>(v: &T) -> Result<(), serde_json::Error> {
+    use std::io::Write;
+    let mut w = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
+    serde_json::to_writer_pretty(&mut w, v)?;
+    writeln!(w).map_err(serde_json::Error::io)?;
+    w.flush().map_err(serde_json::Error::io)
 }

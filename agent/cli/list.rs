@@ -4,22 +4,56 @@
 use crate::config::Config;
 use crate::localfs::{readable, readable_line};
 use crate::status;
-use crate::store::ListFilter;
+use crate::store::{ListFilter, Store};
 
-use super::common::{open_store, print_json};
+use super::common::{open_store, print_json, write_json};
 use super::error::{exit, CliError};
+
+/// The records of a filter as a JSON array, serialised as they are read.
+struct Listed<'a> {
+    store: &'a Store,
+    filter: &'a ListFilter,
+}
+
+impl serde::Serialize for Listed<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeSeq};
+        let mut seq = s.serialize_seq(None)?;
+        let mut failed = None;
+        self.store
+            .list_each(self.filter, &mut |mut a| {
+                // Names are shown readably: a byte that is not UTF-8 as `\xff` (README).
+                a.filename = readable(&a.filename);
+                a.local_uri = readable(&a.local_uri);
+                match seq.serialize_element(&a) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        failed = Some(e);
+                        false
+                    }
+                }
+            })
+            .map_err(S::Error::custom)?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        seq.end()
+    }
+}
 
 pub fn list(cfg: &Config, filter: &ListFilter, json: bool) -> Result<i32, CliError> {
     let store = open_store(cfg)?;
-    let mut list = store.list(filter)?;
     if json {
-        // Names are shown readably: a byte that is not UTF-8 as `\xff` (README).
-        for a in &mut list {
-            a.filename = readable(&a.filename);
-            a.local_uri = readable(&a.local_uri);
-        }
-        print_json(&list);
+        write_json(&Listed {
+            store: &store,
+            filter,
+        })
+        .or_else(|e| match e.io_error_kind() {
+            Some(std::io::ErrorKind::BrokenPipe) => Ok(()),
+            _ => Err(CliError::new(exit::FAILURE, format!("list: {e}"))),
+        })?;
     } else {
+        let list = store.list(filter)?;
         for a in &list {
             println!(
                 "{}  {:<14} {:>10}  {}/{}/{}{}",

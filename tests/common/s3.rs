@@ -53,10 +53,18 @@ pub struct S3Server {
     pub port: u16,
     child: Option<Child>,
     log: PathBuf,
+    /// CPUs the server is pinned to (`taskset -c`), for benchmarks.
+    cpus: Option<String>,
 }
 
 impl S3Server {
     pub fn start() -> S3Server {
+        Self::start_pinned(None)
+    }
+
+    /// Starts the server pinned to `cpus` (a `taskset -c` list) when given, so a
+    /// benchmark's clients do not compete with it for a core.
+    pub fn start_pinned(cpus: Option<&str>) -> S3Server {
         let dir = tempfile::Builder::new()
             .prefix("fieldsync-s3-")
             .tempdir()
@@ -68,6 +76,7 @@ impl S3Server {
             dir,
             port: free_port(),
             child: None,
+            cpus: cpus.map(str::to_string),
         };
         s.resume();
         s
@@ -97,7 +106,15 @@ impl S3Server {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(s3s_fs_bin())
+        let mut cmd = match &self.cpus {
+            Some(c) => {
+                let mut t = Command::new("taskset");
+                t.args(["-c", c]).arg(s3s_fs_bin());
+                t
+            }
+            None => Command::new(s3s_fs_bin()),
+        };
+        let child = cmd
             .args([
                 "--host",
                 "127.0.0.1",
@@ -512,6 +529,107 @@ fn handle(client: TcpStream, upstream: SocketAddr, f: Arc<Faults>) {
         }
     }
     let _ = s.shutdown(Shutdown::Write);
+}
+
+/// A slow, distant link between a client and `upstream`, as a TCP proxy on 127.0.0.1:
+/// every byte waits for its turn on a link of `rate` bytes/s that all connections share
+/// (one budget per direction, as on a real uplink), then arrives `delay` later. What is
+/// in flight is bounded (about the bandwidth-delay product), so a sender feels the link
+/// through TCP's back-pressure as it would on the real one.
+pub struct ShapedLink {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+}
+
+/// When the link in one direction is free again.
+type LinkClock = Arc<Mutex<Instant>>;
+
+impl ShapedLink {
+    pub fn start(upstream: SocketAddr, rate: u64, delay: Duration) -> ShapedLink {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let up: LinkClock = Arc::new(Mutex::new(Instant::now()));
+        let down: LinkClock = Arc::new(Mutex::new(Instant::now()));
+        {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                for conn in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(client) = conn else { continue };
+                    let Ok(server) = TcpStream::connect(upstream) else {
+                        continue;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    let (up, down) = (up.clone(), down.clone());
+                    thread::spawn(move || shaped_pump(client, server, up, rate, delay));
+                    thread::spawn(move || shaped_pump(s2, c2, down, rate, delay));
+                }
+            });
+        }
+        ShapedLink { port, stop }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for ShapedLink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// One direction of a [`ShapedLink`] connection: a reader that takes each chunk onto
+/// the link when the link is free (shared `clock`), and a writer that delivers it
+/// `delay` after it left.
+fn shaped_pump(mut from: TcpStream, to: TcpStream, clock: LinkClock, rate: u64, delay: Duration) {
+    const CHUNK: usize = 16 * 1024;
+    // In flight: the bandwidth-delay product, in chunks, and a little more.
+    let bdp = (rate as f64 * delay.as_secs_f64()) as usize / CHUNK + 4;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(Instant, Vec<u8>)>(bdp);
+    let writer = thread::spawn(move || {
+        let mut to = to;
+        for (at, bytes) in rx {
+            let now = Instant::now();
+            if at > now {
+                thread::sleep(at - now);
+            }
+            if to.write_all(&bytes).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    });
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let left = {
+            let mut free = clock.lock().unwrap();
+            let start = (*free).max(Instant::now());
+            *free = start + Duration::from_secs_f64(n as f64 / rate as f64);
+            *free
+        };
+        // The sender waits while its bytes are being clocked onto the link.
+        let now = Instant::now();
+        if left > now {
+            thread::sleep(left - now);
+        }
+        if tx.send((left + delay, buf[..n].to_vec())).is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.join();
 }
 
 /// A minimal presign backend for the `http` remote, in the test process: it checks the
