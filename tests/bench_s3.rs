@@ -394,22 +394,26 @@ fn workload_videos(b: &mut Bench) {
     workload_files(b, &w);
 }
 
-/// The slow field link: the device's default of 2 uploads at once, next to rclone's
-/// defaults, both through the same [`ShapedLink`]; the share of the link each used.
+/// The slow field link: 4 uploads at once (as rclone's 4 transfers) and the device's
+/// default of 2, next to rclone's defaults, all through the same [`ShapedLink`].
 fn workload_shaped(b: &mut Bench) {
     let w = Workload::new("shaped link 2 MB/s, 100 ms each way", 50, 2 * MB, 3000);
     let link = ShapedLink::start(b.server.addr(), LINK_RATE, LINK_DELAY);
     let ep = link.endpoint();
-    let (e1, e2) = (ep.clone(), ep);
+    let (e1, e2, e3) = (ep.clone(), ep.clone(), ep);
     b.compare(
         &w,
         &mut [
             ("rclone defaults", &mut |b: &mut Bench| {
                 b.rclone(&w, &e1, &[])
             }),
-            ("fieldsync drain (2 at once)", &mut |b: &mut Bench| {
-                b.fieldsync(&w, &e2, true, 2)
+            ("fieldsync drain (4 at once)", &mut |b: &mut Bench| {
+                b.fieldsync(&w, &e2, true, 4)
             }),
+            (
+                "fieldsync drain (2, device default)",
+                &mut |b: &mut Bench| b.fieldsync(&w, &e3, true, 2),
+            ),
         ],
     );
     let ideal = w.bytes() as f64 / LINK_RATE as f64;
