@@ -3,7 +3,7 @@
 //!
 //! The bytes go to a temp file beside the final path in the inbox (`.<name>.fieldsync-part`),
 //! hashed as they arrive and fsynced every [`SYNC_EVERY`]; once the size and sha256 match
-//! the file is fsynced, renamed into place and the directory fsynced, then the row becomes
+//! the file is fsynced and renamed into place, then the row becomes
 //! `synced` with a `downloaded` event. A mismatch is never placed: the temp file is deleted
 //! and the download retried (a permanent error: `failed` after `upload.permanent_attempts`).
 //! An interrupted download (kill -9, reboot, dropped link) resumes with a Range request from
@@ -195,7 +195,7 @@ impl Downloader<'_> {
             }
         };
         // Keep what arrived for the next attempt's resume, even when it fails below.
-        w.file.sync_all().map_err(|e| local("fsync", &part, e))?;
+        w.file.sync_data().map_err(|e| local("fsync", &part, e))?;
         if w.written != size {
             // The object is shorter than assigned (a complete answer, not a broken one).
             return Err(mismatch(
@@ -217,10 +217,11 @@ impl Downloader<'_> {
             ));
         }
         drop(w.file);
+        // The bytes are on disk (fsynced above) before the name points at them. The
+        // rename itself is not fsynced: should a power cut lose it, start-up repair finds
+        // the file missing, queues it again, and the complete temp file is renamed then
+        // without a byte fetched. That saves a directory fsync per file.
         fs::rename(&part, dest).map_err(|e| local("rename", dest, e))?;
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
         let secs = started.elapsed().as_secs_f64();
         info!(id = %att.id, key = %att.object_key, path = %att.local_uri, bytes = size,
               fetched = got, mb_per_s = format!("{:.1}", got as f64 / 1e6 / secs.max(1e-6)),

@@ -147,6 +147,15 @@ fn remote_assignments_file_lands_byte_identical_and_a_corrupted_object_is_never_
         failed["attempts"], 2,
         "retried up to permanent_attempts: {failed}"
     );
+    // `retry` queues a failed download for download again (not for upload).
+    env.cli_ok(&["retry", failed["id"].as_str().unwrap()]);
+    assert!(env.events().iter().any(|e| e["kind"] == "retried"
+        && e["attachment_id"] == failed["id"]
+        && e["to_state"] == "queued_download"));
+    env.wait(Some(&d), 20, "failed again", || {
+        state_of(&env, "bad.bin").as_deref() == Some("failed")
+    });
+    assert!(!inbox(&env).join("bad.bin").exists());
     let events = env.events();
     assert_eq!(
         events.iter().filter(|e| e["kind"] == "downloaded").count(),
