@@ -394,6 +394,20 @@ pub struct AssignmentLoop {
 impl AssignmentLoop {
     /// One poll of the remote file (conditional) plus expiry; blocking.
     fn poll(&mut self) {
+        // While transfers are held (offline, battery, schedule, budget, an operator's
+        // pause) nothing is sent, not even this small request; the next poll after the
+        // pause ends reads the file.
+        // (Per-file reasons and `disk_low` hold no transfer as a whole: read it then.)
+        if let Ok(Some(reason)) = self.store.pause_reason() {
+            if !matches!(
+                reason.as_str(),
+                "metered_file_too_large" | "charging_required" | "disk_low"
+            ) {
+                debug!(key = %self.key, %reason, "remote assignments not read while paused");
+                self.expire();
+                return;
+            }
+        }
         let tag = self.store.assignments_tag().ok().flatten();
         match self.remote.fetch_if_changed(&self.key, tag.as_deref()) {
             Ok(Fetched::Unchanged) => {}

@@ -112,7 +112,10 @@ impl State {
                 | (QueuedDelete, Archived | Failed)
                 | (Synced, QueuedDownload)
                 | (QueuedDownload, Synced | Failed | Archived)
-                | (Archived, Synced | QueuedUpload | QueuedDelete | QueuedDownload)
+                | (
+                    Archived,
+                    Synced | QueuedUpload | QueuedDelete | QueuedDownload
+                )
                 | (
                     Failed,
                     QueuedUpload | QueuedDownload | Archived | QueuedDelete
