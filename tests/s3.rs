@@ -470,7 +470,13 @@ fn both_checksums_are_sent_and_verified() {
 fn object_stored_but_answer_lost_is_not_sent_again() {
     let server = S3Server::start();
     let proxy = FaultProxy::start(server.addr());
-    let env = s3_env(&proxy.endpoint(), SECRET_KEY, "");
+    let mut env = s3_env(&proxy.endpoint(), SECRET_KEY, "");
+    // The remote assignments file is polled every sync_interval: keep its poll from
+    // taking the answer that is to be lost.
+    let t = env
+        .toml
+        .replace("sync_interval = \"1s\"", "sync_interval = \"60s\"");
+    env.write_config(&t);
     let d = env.spawn();
     // Let the start-up probe finish, then lose the answer to the next request: the server
     // stores the photo, the daemon never hears back (an unknown outcome).
