@@ -389,25 +389,19 @@ pub struct AssignmentLoop {
     pub interval: Duration,
     pub cache_limit: u64,
     pub sched: UnboundedSender<SchedMsg>,
+    /// The transfer gate: the remote file is read only while transfers may run (online,
+    /// battery, schedule, not paused), like any download.
+    pub shared: Arc<crate::bus::Shared>,
 }
 
 impl AssignmentLoop {
     /// One poll of the remote file (conditional) plus expiry; blocking.
     fn poll(&mut self) {
-        // While transfers are held (offline, battery, schedule, budget, an operator's
-        // pause) nothing is sent, not even this small request; the next poll after the
-        // pause ends reads the file.
-        // (Per-file reasons and `disk_low` hold no transfer as a whole: read it then.)
-        if let Ok(Some(reason)) = self.store.pause_reason() {
-            if !matches!(
-                reason.as_str(),
-                "metered_file_too_large" | "charging_required" | "disk_low"
-            ) {
-                debug!(key = %self.key, %reason, "remote assignments not read while paused");
-                self.expire();
-                return;
-            }
-        }
+        self.poll_remote();
+        self.expire();
+    }
+
+    fn poll_remote(&mut self) {
         let tag = self.store.assignments_tag().ok().flatten();
         match self.remote.fetch_if_changed(&self.key, tag.as_deref()) {
             Ok(Fetched::Unchanged) => {}
@@ -434,7 +428,6 @@ impl AssignmentLoop {
             },
             Err(e) => debug!(key = %self.key, error = %e, "cannot read the remote assignments"),
         }
-        self.expire();
     }
 
     fn apply(&mut self, channel: &str, doc: &Document) -> bool {
@@ -468,6 +461,9 @@ impl AssignmentLoop {
     }
 }
 
+/// While transfers may not run, how often the remote poll checks whether they may again.
+const GATE_RECHECK: Duration = Duration::from_secs(1);
+
 /// Drives the channels until shutdown: a poll of the remote file every `interval`, and
 /// every MQTT document as it arrives.
 pub async fn run(
@@ -477,6 +473,7 @@ pub async fn run(
 ) {
     let mut l = Some(l);
     let mut next_poll = tokio::time::Instant::now();
+    let mut mqtt_open = true;
     loop {
         enum Work {
             Poll,
@@ -485,11 +482,22 @@ pub async fn run(
         let work = tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep_until(next_poll) => Work::Poll,
-            m = mqtt.recv() => match m {
+            m = mqtt.recv(), if mqtt_open => match m {
                 Some(p) => Work::Mqtt(p),
-                None => { std::future::pending::<()>().await; continue; }
+                // No reporter (no `[mqtt]`): only the remote channel.
+                None => {
+                    mqtt_open = false;
+                    continue;
+                }
             },
         };
+        if matches!(work, Work::Poll) && !l.as_ref().is_some_and(|c| c.shared.keep_going()) {
+            // Transfers may not run now (offline, paused, battery, schedule): look again
+            // shortly rather than a whole interval later.
+            next_poll = tokio::time::Instant::now() + GATE_RECHECK;
+            continue;
+        }
+        let was_poll = matches!(work, Work::Poll);
         let mut c = l.take().expect("assignment loop");
         let r = tokio::task::spawn_blocking(move || {
             match work {
@@ -509,7 +517,7 @@ pub async fn run(
             Ok(c) => l = Some(c),
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
-        if tokio::time::Instant::now() >= next_poll {
+        if was_poll {
             next_poll = tokio::time::Instant::now() + l.as_ref().expect("loop").interval;
         }
     }

@@ -350,6 +350,7 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         interval: cfg.upload.sync_interval.0,
         cache_limit: cfg.retention.archived_cache_limit,
         sched: sched_tx.clone(),
+        shared: shared.clone(),
     };
     let reload_store = Store::open(&db_path)?;
     let reloader = Reloader {
