@@ -1,8 +1,9 @@
 //! `fieldsync fleet --serve` in a real browser: headless Chromium loads the page from the
 //! real server, which subscribes to a real mosquitto where two real daemons report. The
 //! page stays open while the fleet changes (a daemon killed with SIGKILL turns `lost`,
-//! a pause sent from the page reaches its daemon and the result shows), and the test
-//! reads the live DOM over the DevTools protocol.
+//! a pause sent from the page reaches its daemon and the result shows, a checklist a daemon
+//! waits for is published once its last photo is captured), and the test reads the live
+//! DOM over the DevTools protocol.
 
 mod common;
 
@@ -207,9 +208,26 @@ fn wait_page(
     );
 }
 
-/// A status with the `checklists` array (as the checklist branch of the daemon
-/// publishes it) and a download, from a third device that exists only as retained
-/// messages.
+/// The checklist.json the app writes for dev2's checklist `P-7`: three photos in two rows.
+fn dev2_checklist() -> Vec<u8> {
+    serde_json::to_vec(&json!({"title": "Pump 7", "rows": [
+        {"id": "r1", "photos": ["IMG_a.jpg"]},
+        {"id": "r2", "photos": ["IMG_b.jpg", "IMG_c.jpg"]}
+    ]}))
+    .unwrap()
+}
+
+/// The `P-7` entry of a status's `checklists[]`.
+fn p7(status: &Value) -> Option<&Value> {
+    status["checklists"]
+        .as_array()?
+        .iter()
+        .find(|c| c["checklist"] == "P-7")
+}
+
+/// A status with the `checklists` array (waits for a pending and a failed photo, which
+/// the real daemons do not show here) and a download, from a third device that exists
+/// only as retained messages.
 fn third_device_status() -> Vec<u8> {
     serde_json::to_vec(&json!({
         "schema": 1, "agent_version": "0.1.0", "device_id": "dev3",
@@ -249,24 +267,45 @@ fn the_page_shows_the_fleet_live_and_sends_a_pause_with_the_token() {
         &two.toml
             .replace("device_id = \"dev1\"", "device_id = \"dev2\""),
     );
-    // dev1 holds three photos (paused before it starts); dev2 has nothing to do.
+    // dev1 holds three photos (paused before it starts); dev2 uploads two of the three
+    // photos its checklist P-7 names, the third is not captured yet.
     one.cli_ok(&["pause"]);
     for i in 0..3u64 {
         one.drop_file(&format!("c1/r{i}/IMG_{i}.jpg"), &bytes(i, 5_000));
     }
+    two.drop_file("P-7/r1/IMG_a.jpg", &bytes(31, 6_000));
+    two.drop_file("P-7/r2/IMG_b.jpg", &bytes(32, 6_000));
+    two.drop_file("P-7/checklist.json", &dev2_checklist());
     let sub = Sub::new(broker.port, "fieldsync/+/status");
     let mut d1 = one.spawn();
     let d2 = two.spawn();
     wait_for(
         Duration::from_secs(60),
-        "dev1 reporting 3 pending, dev2 reporting",
+        "dev1 reporting 3 pending, dev2 reporting P-7 waiting for IMG_c.jpg only",
         || {
             let s = sub.on("/status");
             s.iter()
                 .any(|m| m.topic == "fieldsync/dev1/status" && m.json()["pending"]["count"] == 3)
-                && s.iter().any(|m| m.topic == "fieldsync/dev2/status")
+                && s.iter().any(|m| {
+                    let j = m.json();
+                    m.topic == "fieldsync/dev2/status"
+                        && j["pending"]["count"] == 0
+                        && p7(&j).is_some_and(|c| {
+                            c["synced"] == 2
+                                && c["waiting_for"]
+                                    == json!([{"file": "IMG_c.jpg", "reason": "not_captured",
+                                                "detail": null}])
+                        })
+                })
         },
-        || format!("{}\n{}", sub.dump(), one.dump(Some(&d1))),
+        || {
+            format!(
+                "{}\n{}\n{}",
+                sub.dump(),
+                one.dump(Some(&d1)),
+                two.dump(Some(&d2))
+            )
+        },
     );
     // A third device, only retained messages, carrying checklists and a download.
     sub.client
@@ -300,8 +339,11 @@ fn the_page_shows_the_fleet_live_and_sends_a_pause_with_the_token() {
         r.len() == 3
             && r.iter()
                 .any(|r| r["device"] == "dev1" && r["pending_text"] == "3")
-            && r.iter()
-                .any(|r| r["device"] == "dev2" && r["pending_text"] == "0")
+            && r.iter().any(|r| {
+                r["device"] == "dev2"
+                    && r["pending_text"] == "0"
+                    && r["checklists"].as_array().is_some_and(|c| c.len() == 1)
+            })
     });
     let page = load_id(&mut b);
     let r = rows(&mut b);
@@ -346,6 +388,23 @@ fn the_page_shows_the_fleet_live_and_sends_a_pause_with_the_token() {
     let t = r3["transfers"].as_array().unwrap();
     assert!(t[0].as_str().unwrap().contains("IMG_2.jpg 40%"), "{t:?}");
     assert!(t[1].as_str().unwrap().contains("drawing.pdf 12%"), "{t:?}");
+    // dev2's real checklist, as its daemon reports it: waiting for the photo not captured.
+    let c = r2["checklists"].as_array().unwrap();
+    assert_eq!(c.len(), 1, "{r2}");
+    assert_eq!(
+        (c[0]["name"].as_str(), c[0]["published"].as_bool()),
+        (Some("P-7"), Some(false)),
+        "{r2}"
+    );
+    let waits = c[0]["text"].as_str().unwrap();
+    assert!(
+        waits.contains("P-7 (2/3 synced) waits for: IMG_c.jpg (not captured)"),
+        "{waits}"
+    );
+    assert!(
+        !waits.contains("IMG_a.jpg") && !waits.contains("IMG_b.jpg"),
+        "{waits}"
+    );
     // The filter box.
     b.eval(
         r#"(() => { const f = document.getElementById('filter'); f.value = 'dev2';
@@ -361,6 +420,46 @@ fn the_page_shows_the_fleet_live_and_sends_a_pause_with_the_token() {
         f.dispatchEvent(new Event('input')); })()"#,
     );
     b.screenshot(&Browser::target_path("dashboard.png"));
+
+    // The app captures the missing photo: dev2 uploads it, publishes P-7's manifest, and
+    // the open page shows the checklist published.
+    two.drop_file("P-7/r2/IMG_c.jpg", &bytes(33, 6_000));
+    wait_page(
+        &mut b,
+        &dash,
+        30,
+        "P-7 shown published on the open page",
+        |b| {
+            row(b, "dev2").is_some_and(|r| {
+                r["checklists"]
+                    .as_array()
+                    .is_some_and(|c| c.len() == 1 && c[0]["published"] == true)
+            })
+        },
+    );
+    let r2 = row(&mut b, "dev2").unwrap();
+    let c = &r2["checklists"][0];
+    assert_eq!(c["name"], "P-7", "{r2}");
+    let text = c["text"].as_str().unwrap();
+    assert!(
+        text.starts_with("P-7 ✓ published ") && text.ends_with(" ago (3/3 synced)"),
+        "{text}"
+    );
+    assert!(!text.contains("waits for"), "{text}");
+    assert!(!r2["attention"].as_bool().unwrap(), "{r2}");
+    assert_eq!(
+        load_id(&mut b),
+        page,
+        "the page updated in place, not by a reload"
+    );
+    let manifest: Value =
+        serde_json::from_slice(&fs::read(two.remote.join("fs/dev2/P-7/manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["fieldsync"]["checklist"], "P-7", "{manifest}");
+    let published = two.status();
+    let p = p7(&published).unwrap();
+    assert!(p["published_at"].is_string(), "{p}");
+    assert_eq!(p["waiting_for"], json!([]), "{p}");
 
     // Commands without the token, or with a wrong one, are refused and reach nobody.
     let cmd = r#"{"device":"fieldsync/dev2","command":"pause"}"#;
