@@ -435,6 +435,9 @@ fn sigterm_during_large_upload_exits_zero_fast_and_resumes_without_resending_par
     let (code, took) = d.terminate();
     assert_eq!(code, Some(0), "clean exit\n{}", d.log_text());
     assert!(took < Duration::from_secs(10), "stopped in {took:?}");
+    // The stopped daemon's send buffers drain through the throttled proxy after it
+    // exits: count only what the restarted daemon sends.
+    proxy.wait_closed(Duration::from_secs(30));
     let (parts, committed) = committed_parts(&env);
     assert!(parts >= 2);
     assert_eq!(env.count("queued_upload"), 1, "still queued, not failed");
