@@ -40,8 +40,8 @@ use crate::bus::Done;
 use crate::conditions::governor::Governor;
 use crate::config::Upload;
 use crate::remote::{ErrorClass, Remote, RemoteError};
-use crate::scheduler::{verdict, Core, Verdict};
-use crate::store::{Attachment, Change, EventKind, State, Store, StoreError};
+use crate::scheduler::Core;
+use crate::store::{Attachment, Store, StoreError};
 use crate::util::{mtime_ns, now_ms};
 
 /// The reason of the `archived` event that ends an operator's delete.
@@ -198,31 +198,6 @@ fn failed_attempt(
         // credentials (uploads go on): counted like a permanent error.
         _ => ErrorClass::Permanent,
     };
-    let attempts = att.attempts as u32 + 1;
-    match verdict(cfg, &class, attempts, fastrand::f64()) {
-        Verdict::RetryIn(d) => {
-            warn!(id = %att.id, attempt = attempts, retry_in = ?d, error = %e, "delete failed; will retry");
-            store.with_room(|s| {
-                s.schedule_retry(
-                    &att.id,
-                    now_ms() + d.as_millis() as i64,
-                    &e.code,
-                    &e.message,
-                )
-            })?;
-        }
-        Verdict::GiveUp => {
-            warn!(id = %att.id, attempts, error = %e, "delete failed; giving up");
-            store.schedule_retry(&att.id, 0, &e.code, &e.message)?;
-            store.transition(
-                &att.id,
-                State::Failed,
-                Change {
-                    error: Some((&e.code, &e.message)),
-                    ..Change::of(EventKind::Failed)
-                },
-            )?;
-        }
-    }
+    crate::scheduler::record_failure(store, cfg, att, &class, &e, "delete")?;
     Ok(Done::Finished)
 }

@@ -25,9 +25,9 @@ use crate::bus::{Done, Shared};
 use crate::conditions::governor::{Governor, Ticket};
 use crate::config::Upload;
 use crate::remote::{DownloadCtx, ErrorClass, Remote, RemoteError};
-use crate::scheduler::{verdict, Verdict};
-use crate::store::{Attachment, Change, EventKind, State, Store, StoreError};
-use crate::util::{hex, mtime_ns, now_ms};
+
+use crate::store::{Attachment, Store, StoreError};
+use crate::util::{hex, mtime_ns};
 
 /// The temp file is fsynced this often: after a power cut at most this much is fetched
 /// again (after a kill -9, the page cache keeps everything written). Also the "chunk" of
@@ -253,36 +253,17 @@ impl Downloader<'_> {
                 t.clone()
             }
         };
-        let attempts = att.attempts as u32 + 1;
-        match verdict(self.cfg, &class, attempts, fastrand::f64()) {
-            Verdict::RetryIn(d) => {
-                warn!(id = %att.id, attempt = attempts, retry_in = ?d, error = %e, "download failed; will retry");
-                self.store.borrow_mut().with_room(|s| {
-                    s.schedule_retry(
-                        &att.id,
-                        now_ms() + d.as_millis() as i64,
-                        &e.code,
-                        &e.message,
-                    )
-                })?;
-            }
-            Verdict::GiveUp => {
-                warn!(id = %att.id, attempts, error = %e, "download failed; giving up");
-                let mut s = self.store.borrow_mut();
-                s.schedule_retry(&att.id, 0, &e.code, &e.message)?;
-                match s.transition(
-                    &att.id,
-                    State::Failed,
-                    Change {
-                        error: Some((&e.code, &e.message)),
-                        ..Change::of(EventKind::Failed)
-                    },
-                ) {
-                    // Unassigned (archived) meanwhile: nothing left to fail.
-                    Ok(_) | Err(StoreError::BadTransition { .. }) => {}
-                    Err(e) => return Err(e),
-                }
-            }
+        match crate::scheduler::record_failure(
+            &mut self.store.borrow_mut(),
+            self.cfg,
+            att,
+            &class,
+            &e,
+            "download",
+        ) {
+            // Unassigned (archived) meanwhile: nothing left to fail.
+            Ok(()) | Err(StoreError::BadTransition { .. }) => {}
+            Err(e) => return Err(e),
         }
         Ok(Done::Finished)
     }

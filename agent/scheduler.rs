@@ -94,6 +94,47 @@ pub fn verdict(cfg: &Upload, class: &ErrorClass, attempts: u32, jitter: f64) -> 
     }
 }
 
+/// Applies [`verdict`] to a transfer that failed (`what`: upload, download, delete): the
+/// row is scheduled for a retry, or, once the verdict gives up, marked `failed` with the
+/// error, with its event. One writer for every direction, so they count attempts alike.
+pub fn record_failure(
+    store: &mut Store,
+    cfg: &Upload,
+    att: &Attachment,
+    class: &ErrorClass,
+    e: &RemoteError,
+    what: &str,
+) -> Result<(), StoreError> {
+    use crate::store::{Change, EventKind, State};
+    let attempts = att.attempts as u32 + 1;
+    match verdict(cfg, class, attempts, fastrand::f64()) {
+        Verdict::RetryIn(d) => {
+            warn!(id = %att.id, attempt = attempts, retry_in = ?d, error = %e, "{what} failed; will retry");
+            store.with_room(|s| {
+                s.schedule_retry(
+                    &att.id,
+                    now_ms() + d.as_millis() as i64,
+                    &e.code,
+                    &e.message,
+                )
+            })?;
+        }
+        Verdict::GiveUp => {
+            warn!(id = %att.id, attempts, error = %e, "{what} failed; giving up");
+            store.schedule_retry(&att.id, 0, &e.code, &e.message)?;
+            store.transition(
+                &att.id,
+                State::Failed,
+                Change {
+                    error: Some((&e.code, &e.message)),
+                    ..Change::of(EventKind::Failed)
+                },
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// Routine work that falls due on the sync interval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Housekeeping {

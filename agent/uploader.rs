@@ -20,7 +20,7 @@ use crate::config::Upload;
 use crate::ingest::{Ingestor, Outcome};
 use crate::localfs::text_path;
 use crate::remote::{ErrorClass, Remote, RemoteError, ResumeLog, UploadCtx, UploadJob};
-use crate::scheduler::{verdict, Verdict};
+
 use crate::store::{
     Attachment, Change, EventKind, EventOutcome, PartRecord, State, Store, StoreError,
 };
@@ -366,33 +366,14 @@ impl Worker {
                     // Every failed request is evidence the link may be down.
                     self.gov.network_failed();
                 }
-                let attempts = att.attempts as u32 + 1;
-                match verdict(&self.cfg, class, attempts, fastrand::f64()) {
-                    Verdict::RetryIn(d) => {
-                        warn!(id = %att.id, attempt = attempts, retry_in = ?d, error = %e, "upload failed; will retry");
-                        self.store.borrow_mut().with_room(|s| {
-                            s.schedule_retry(
-                                &att.id,
-                                now_ms() + d.as_millis() as i64,
-                                &e.code,
-                                &e.message,
-                            )
-                        })?;
-                    }
-                    Verdict::GiveUp => {
-                        warn!(id = %att.id, attempts, error = %e, "upload failed; giving up");
-                        let mut s = self.store.borrow_mut();
-                        s.schedule_retry(&att.id, 0, &e.code, &e.message)?;
-                        s.transition(
-                            &att.id,
-                            State::Failed,
-                            Change {
-                                error: Some((&e.code, &e.message)),
-                                ..Change::of(EventKind::Failed)
-                            },
-                        )?;
-                    }
-                }
+                crate::scheduler::record_failure(
+                    &mut self.store.borrow_mut(),
+                    &self.cfg,
+                    att,
+                    class,
+                    &e,
+                    "upload",
+                )?;
                 Ok(Done::Finished)
             }
         }
