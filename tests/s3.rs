@@ -473,20 +473,14 @@ fn both_checksums_are_sent_and_verified() {
 fn object_stored_but_answer_lost_is_not_sent_again() {
     let server = S3Server::start();
     let proxy = FaultProxy::start(server.addr());
-    let mut env = s3_env(&proxy.endpoint(), SECRET_KEY, "");
-    // The remote assignments file is polled every sync_interval: keep its poll from
-    // taking the answer that is to be lost.
-    let t = env
-        .toml
-        .replace("sync_interval = \"1s\"", "sync_interval = \"60s\"");
-    env.write_config(&t);
+    let env = s3_env(&proxy.endpoint(), SECRET_KEY, "");
     let d = env.spawn();
-    // Let the start-up probe finish, then lose the answer to the next request: the server
-    // stores the photo, the daemon never hears back (an unknown outcome).
-    std::thread::sleep(Duration::from_millis(800));
+    // Lose the answer to the photo's PUT (no other request takes the fault: the start-up
+    // probe, the assignments poll): the server stores the photo, the daemon never hears
+    // back (an unknown outcome).
     proxy
         .faults
-        .swallow_responses
+        .swallow_put_responses
         .store(1, std::sync::atomic::Ordering::SeqCst);
     let before = proxy.up_bytes();
     env.drop_file("c/r/once.jpg", &bytes(8, 2_000_000));
@@ -499,6 +493,14 @@ fn object_stored_but_answer_lost_is_not_sent_again() {
         .find(|e| e["kind"] == "uploaded")
         .unwrap();
     assert_eq!(uploaded["reason"], "already_present", "{uploaded}");
+    assert_eq!(
+        proxy
+            .faults
+            .swallow_put_responses
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the PUT's answer was lost"
+    );
     assert!(
         proxy.up_bytes() - before < 2 * 2_000_000,
         "sent once, not twice"

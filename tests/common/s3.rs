@@ -315,6 +315,9 @@ pub struct Faults {
     /// Swallow this many more responses: the request reached the server, the client
     /// never hears back (an unknown outcome).
     pub swallow_responses: AtomicU32,
+    /// The same, only for answers to a `PUT` (a photo's upload), so that no other
+    /// request the daemon makes meanwhile (a probe, a poll) takes the fault.
+    pub swallow_put_responses: AtomicU32,
     /// Delay before each new connection is forwarded, in ms.
     pub delay_ms: AtomicU64,
     /// Bytes forwarded client → server (request lines, headers and bodies).
@@ -456,11 +459,14 @@ fn handle(client: TcpStream, upstream: SocketAddr, f: Arc<Faults>) {
     };
     let _ = server.set_nodelay(true);
     let _ = client.set_nodelay(true);
+    // Whether the request being answered on this connection is a PUT.
+    let put = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // server → client, unless a response is to be swallowed.
     {
         let mut s = server.try_clone().unwrap();
         let mut c = client.try_clone().unwrap();
         let f = f.clone();
+        let put = put.clone();
         thread::spawn(move || {
             let mut buf = vec![0u8; 16 * 1024];
             loop {
@@ -470,11 +476,14 @@ fn handle(client: TcpStream, upstream: SocketAddr, f: Arc<Faults>) {
                 };
                 // `100 Continue` is not the answer; the final status line is.
                 let interim = buf[..n].starts_with(b"HTTP/1.1 100");
+                let take = |knob: &AtomicU32| {
+                    knob.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok()
+                };
                 if !interim
                     && buf[..n].starts_with(b"HTTP/")
-                    && f.swallow_responses
-                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                        .is_ok()
+                    && (take(&f.swallow_responses)
+                        || (put.load(Ordering::SeqCst) && take(&f.swallow_put_responses)))
                 {
                     let _ = c.shutdown(Shutdown::Both);
                     let _ = s.shutdown(Shutdown::Both);
@@ -501,6 +510,12 @@ fn handle(client: TcpStream, upstream: SocketAddr, f: Arc<Faults>) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        // A request line starts a read (keep-alive: one request at a time).
+        for method in [&b"PUT "[..], b"GET ", b"HEAD ", b"POST ", b"DELETE "] {
+            if buf[..n].starts_with(method) {
+                put.store(method == b"PUT ", Ordering::SeqCst);
+            }
+        }
         let mut n = n;
         let mut drop_now = false;
         let armed = f.reset_after.load(Ordering::SeqCst);
