@@ -834,22 +834,8 @@ impl Remote for HttpRemote {
         let cond: Vec<(&str, String)> = tag
             .map(|t| vec![("if-none-match", t.to_string())])
             .unwrap_or_default();
-        let (_, mut resp) = self.simple_with("GET", key, &cond)?;
-        match resp.status().as_u16() {
-            304 => Ok(Fetched::Unchanged),
-            404 => Ok(Fetched::Missing),
-            s if (200..300).contains(&s) => {
-                let new_tag = net::header(&resp, "etag");
-                // A server that ignores If-None-Match sends the body again: the ETag
-                // still tells that nothing changed.
-                if new_tag.is_some() && new_tag.as_deref() == tag {
-                    return Ok(Fetched::Unchanged);
-                }
-                let body = net::small_body(&mut resp, "get object")?;
-                Ok(Fetched::Changed { body, tag: new_tag })
-            }
-            _ => Err(self.storage_error(resp, "get object")),
-        }
+        let (_, resp) = self.simple_with("GET", key, &cond)?;
+        net::fetched(resp, tag, |resp| self.storage_error(resp, "get object"))
     }
 
     fn delete(&self, key: &str) -> Result<(), RemoteError> {

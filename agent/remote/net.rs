@@ -722,6 +722,31 @@ pub fn read_body(resp: &mut ureq::http::Response<ureq::Body>) -> String {
         .unwrap_or_default()
 }
 
+/// The answer to a conditional GET (`If-None-Match: tag`) as a [`super::Fetched`], for
+/// every HTTP remote; `other` turns any other status into the remote's error.
+pub fn fetched(
+    mut resp: ureq::http::Response<ureq::Body>,
+    tag: Option<&str>,
+    other: impl FnOnce(ureq::http::Response<ureq::Body>) -> super::RemoteError,
+) -> Result<super::Fetched, super::RemoteError> {
+    use super::Fetched;
+    match resp.status().as_u16() {
+        304 => Ok(Fetched::Unchanged),
+        404 => Ok(Fetched::Missing),
+        s if (200..300).contains(&s) => {
+            let new_tag = header(&resp, "etag");
+            // A server that ignores If-None-Match sends the body again: the ETag still
+            // tells that nothing changed.
+            if new_tag.is_some() && new_tag.as_deref() == tag {
+                return Ok(Fetched::Unchanged);
+            }
+            let body = small_body(&mut resp, "get object")?;
+            Ok(Fetched::Changed { body, tag: new_tag })
+        }
+        _ => Err(other(resp)),
+    }
+}
+
 pub fn header(resp: &ureq::http::Response<ureq::Body>, name: &str) -> Option<String> {
     resp.headers()
         .get(name)

@@ -1187,24 +1187,10 @@ impl Remote for S3Remote {
         if let Some(t) = tag {
             req = req.header("if-none-match", t);
         }
-        let mut resp = req
+        let resp = req
             .call()
             .map_err(|e| net::transport_error(e, "get object"))?;
-        match resp.status().as_u16() {
-            304 => Ok(Fetched::Unchanged),
-            404 => Ok(Fetched::Missing),
-            s if (200..300).contains(&s) => {
-                let new_tag = net::header(&resp, "etag");
-                // A server that ignores If-None-Match sends the body again: the ETag
-                // still tells that nothing changed.
-                if new_tag.is_some() && new_tag.as_deref() == tag {
-                    return Ok(Fetched::Unchanged);
-                }
-                let body = net::small_body(&mut resp, "get object")?;
-                Ok(Fetched::Changed { body, tag: new_tag })
-            }
-            _ => Err(self.answer_error(resp, "get object")),
-        }
+        net::fetched(resp, tag, |resp| self.answer_error(resp, "get object"))
     }
 
     fn delete(&self, key: &str) -> Result<(), RemoteError> {
