@@ -1072,21 +1072,7 @@ impl Store {
              WHERE state IN ('queued_upload','queued_download') AND next_attempt_at <= ?1
              ORDER BY created_at {order}, rowid {order} LIMIT ?2"
         ))?;
-        let rows = stmt.query_map(
-            params![now, (limit + exclude.len()) as i64],
-            Attachment::from_row,
-        )?;
-        let mut out = Vec::new();
-        for r in rows {
-            let a = r?;
-            if !exclude.contains(&a.id) {
-                out.push(a);
-                if out.len() == limit {
-                    break;
-                }
-            }
-        }
-        Ok(out)
+        due_rows(&mut stmt, now, limit, exclude)
     }
 
     /// When the next queued upload not already held by a worker becomes due (unix ms).
@@ -2072,21 +2058,7 @@ impl Store {
              WHERE state='queued_delete' AND next_attempt_at <= ?1
              ORDER BY timestamp, rowid LIMIT ?2"
         ))?;
-        let rows = stmt.query_map(
-            params![now, (limit + exclude.len()) as i64],
-            Attachment::from_row,
-        )?;
-        let mut out = Vec::new();
-        for r in rows {
-            let a = r?;
-            if !exclude.contains(&a.id) {
-                out.push(a);
-                if out.len() == limit {
-                    break;
-                }
-            }
-        }
-        Ok(out)
+        due_rows(&mut stmt, now, limit, exclude)
     }
 
     /// When the next queued delete falls due (unix ms).
@@ -2467,6 +2439,31 @@ impl Store {
     pub fn set_assignments_tag(&self, tag: Option<&str>) -> Result<()> {
         self.control_set(key::ASSIGNMENTS_TAG, tag.unwrap_or(""))
     }
+}
+
+/// Up to `limit` due rows of a `(now, limit)` query that are not in `exclude` (rows a
+/// worker holds): the query asks for `limit + exclude.len()` so enough remain.
+fn due_rows(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    now: i64,
+    limit: usize,
+    exclude: &[String],
+) -> Result<Vec<Attachment>> {
+    let rows = stmt.query_map(
+        params![now, (limit + exclude.len()) as i64],
+        Attachment::from_row,
+    )?;
+    let mut out = Vec::new();
+    for r in rows {
+        let a = r?;
+        if !exclude.contains(&a.id) {
+            out.push(a);
+            if out.len() == limit {
+                break;
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Keys of the control table. The strings are the stored form: databases written by
