@@ -102,6 +102,12 @@ struct StoreResume<'a> {
     id: &'a str,
 }
 
+/// A resume record the queue database would not take (locked by another writer, disk
+/// full): the attempt stops and is retried with backoff like a network error.
+fn store_error(what: &str, e: &dyn std::fmt::Display) -> RemoteError {
+    RemoteError::transient("store_error", format!("{what}: {e}"))
+}
+
 impl ResumeLog for StoreResume<'_> {
     fn current(&self) -> Option<(String, u64)> {
         let a = self.store.borrow().get(self.id).ok().flatten()?;
@@ -110,19 +116,17 @@ impl ResumeLog for StoreResume<'_> {
     fn parts(&self) -> Vec<PartRecord> {
         self.store.borrow().parts(self.id).unwrap_or_default()
     }
-    fn begin(&mut self, upload_id: &str, part_size: u64) {
-        if let Err(e) = self
-            .store
+    fn begin(&mut self, upload_id: &str, part_size: u64) -> Result<(), RemoteError> {
+        self.store
             .borrow_mut()
             .begin_multipart(self.id, upload_id, part_size)
-        {
-            warn!(id = self.id, error = %e, "cannot record multipart upload id");
-        }
+            .map_err(|e| store_error("cannot record the multipart upload id", &e))
     }
-    fn part_done(&mut self, part: &PartRecord) {
-        if let Err(e) = self.store.borrow_mut().part_done(self.id, part) {
-            warn!(id = self.id, error = %e, "cannot record uploaded part");
-        }
+    fn part_done(&mut self, part: &PartRecord) -> Result<(), RemoteError> {
+        self.store
+            .borrow_mut()
+            .part_done(self.id, part)
+            .map_err(|e| store_error("cannot record an uploaded part", &e))
     }
     fn clear(&mut self) {
         let _ = self.store.borrow_mut().clear_multipart(self.id);

@@ -641,6 +641,59 @@ fn condition_lost_mid_multipart_resumes_without_resending_parts() {
 }
 
 #[test]
+fn a_locked_queue_database_stops_the_upload_before_another_part_is_sent() {
+    // Another writer (an operator's `sqlite3 queue.db`) holds the database longer than
+    // the daemon's busy timeout (10 s) while a part is acknowledged: that part cannot be
+    // committed, so no further part may be sent — a crash then would re-send them all.
+    let server = S3Server::start();
+    let proxy = FaultProxy::start(server.addr());
+    let part = 5 * MIB as u64;
+    let env = s3_env(
+        &proxy.endpoint(),
+        SECRET_KEY,
+        "multipart_threshold = \"5MiB\"\npart_size = \"5MiB\"",
+    );
+    let size = 40_000_000u64;
+    env.drop_file("c/r/VID_0004.mp4", &bytes(12, size as usize));
+    proxy.set_throttle(5_000_000);
+    let d = env.spawn();
+    env.wait(Some(&d), 60, "a part committed", || {
+        committed_parts(&env).0 >= 1
+    });
+    let db = rusqlite::Connection::open(env.state.join("queue.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(10)).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let (held_parts, _) = committed_parts(&env);
+    let at_lock = proxy.up_bytes();
+    // The part on the wire finishes (~1 s), its commit waits out the busy timeout and
+    // fails at ~11 s; the old uploader then went on sending parts it could not commit.
+    std::thread::sleep(Duration::from_secs(18));
+    let during = proxy.up_bytes() - at_lock;
+    db.execute_batch("COMMIT").unwrap();
+    drop(db);
+    assert!(
+        during <= part + OVERHEAD,
+        "{during} bytes sent while no part could be committed (part {part})"
+    );
+    assert!(
+        d.log_text().contains("cannot record an uploaded part"),
+        "the failed commit is reported"
+    );
+
+    env.wait(Some(&d), 90, "synced", || env.count("synced") == 1);
+    let client = server.client();
+    assert_bucket_matches(&env, &client);
+    assert_eq!(client.list("fs/").len(), 1, "one object");
+    assert!(held_parts >= 1);
+    assert!(
+        proxy.up_bytes() <= size + part + OVERHEAD,
+        "{} bytes forwarded for a {size} byte file",
+        proxy.up_bytes()
+    );
+    assert_eq!(env.count("failed"), 0);
+}
+
+#[test]
 fn parallel_parts_land_byte_identical_and_resume_after_kill9() {
     let server = S3Server::start();
     let proxy = FaultProxy::start(server.addr());

@@ -303,8 +303,12 @@ mod tests {
         fn parts(&self) -> Vec<PartRecord> {
             vec![]
         }
-        fn begin(&mut self, _: &str, _: u64) {}
-        fn part_done(&mut self, _: &PartRecord) {}
+        fn begin(&mut self, _: &str, _: u64) -> Result<(), RemoteError> {
+        Ok(())
+    }
+        fn part_done(&mut self, _: &PartRecord) -> Result<(), RemoteError> {
+        Ok(())
+    }
         fn clear(&mut self) {}
     }
 

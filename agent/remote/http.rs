@@ -576,7 +576,11 @@ impl HttpRemote {
                     part_size: Some(ps),
                     ..MultipartRequest::new(&self.device_id, "create", &job.key)
                 })?;
-                ctx.resume.begin(&created.upload_id, ps);
+                if let Err(e) = ctx.resume.begin(&created.upload_id, ps) {
+                    // Not remembered: no part may go into an upload a crash would orphan.
+                    let _ = self.abort_upload(&job.key, &created.upload_id);
+                    return Err(e.into());
+                }
                 (created.upload_id, ps, BTreeMap::new())
             }
         };
@@ -613,7 +617,7 @@ impl HttpRemote {
                 etag,
                 checksum: format!("md5:{md5}"),
             };
-            ctx.resume.part_done(&rec);
+            ctx.resume.part_done(&rec)?;
             confirmed += len;
             (ctx.progress)(confirmed);
             done.insert(pn, rec);

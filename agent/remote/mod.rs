@@ -164,10 +164,15 @@ pub trait ResumeLog {
     fn current(&self) -> Option<(String, u64)>;
     /// Parts already acknowledged by the server.
     fn parts(&self) -> Vec<PartRecord>;
-    /// A new multipart upload was created: forget old parts.
-    fn begin(&mut self, upload_id: &str, part_size: u64);
-    /// The server acknowledged a part: commit it now.
-    fn part_done(&mut self, part: &PartRecord);
+    /// A new multipart upload was created: forget old parts. An error means the id is not
+    /// remembered: the remote aborts that upload and the attempt fails (transient), so a
+    /// crash cannot leave an upload nobody knows of.
+    fn begin(&mut self, upload_id: &str, part_size: u64) -> Result<(), RemoteError>;
+    /// The server acknowledged a part: commit it now. An error (the queue database is
+    /// locked or full) stops the attempt before another part is sent, so the bound "a
+    /// crash re-sends at most the part in flight" holds; the retry resumes from the parts
+    /// that were committed.
+    fn part_done(&mut self, part: &PartRecord) -> Result<(), RemoteError>;
     /// The multipart upload is over (completed, aborted or unknown to the server).
     fn clear(&mut self);
 }

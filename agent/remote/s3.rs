@@ -663,7 +663,11 @@ impl S3Remote {
             _ => {
                 let ps = part_size_for(size, self.part_size);
                 let uid = self.create_multipart(job)?;
-                ctx.resume.begin(&uid, ps);
+                if let Err(e) = ctx.resume.begin(&uid, ps) {
+                    // Not remembered: no part may go into an upload a crash would orphan.
+                    let _ = self.abort_upload(&job.key, &uid);
+                    return Err(e.into());
+                }
                 (uid, ps, BTreeMap::new())
             }
         };
@@ -781,12 +785,21 @@ impl S3Remote {
                 match rrx.recv_timeout(PROGRESS_TICK) {
                     Ok((w, Ok((rec, sent)))) => {
                         sent_now += sent;
-                        ctx.resume.part_done(&rec);
-                        confirmed += rec.size;
                         in_flight[w].store(0, Ordering::Relaxed);
+                        if let Err(e) = ctx.resume.part_done(&rec) {
+                            // Not committed: no sender starts another part (each waits
+                            // for an acknowledgement that now never comes).
+                            stop.store(true, Ordering::Relaxed);
+                            first_error.get_or_insert(e.into());
+                            acks.clear();
+                            continue;
+                        }
+                        confirmed += rec.size;
                         (ctx.progress)(confirmed);
                         done.insert(rec.part_number, rec);
-                        let _ = acks[w].send(());
+                        if let Some(ack) = acks.get(w) {
+                            let _ = ack.send(());
+                        }
                     }
                     Ok((w, Err(e))) => {
                         in_flight[w].store(0, Ordering::Relaxed);

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use crate::conditions::governor::Bucket;
 use crate::conditions::probes::{self, Probes};
 use crate::remote::file::FileRemote;
-use crate::remote::{Remote, ResumeLog, UploadCtx, UploadJob};
+use crate::remote::{Remote, RemoteError, ResumeLog, UploadCtx, UploadJob};
 use crate::store::PartRecord;
 
 use super::procfs::cpu_ns_over;
@@ -131,8 +131,12 @@ impl ResumeLog for NoResume {
     fn parts(&self) -> Vec<PartRecord> {
         Vec::new()
     }
-    fn begin(&mut self, _: &str, _: u64) {}
-    fn part_done(&mut self, _: &PartRecord) {}
+    fn begin(&mut self, _: &str, _: u64) -> Result<(), RemoteError> {
+        Ok(())
+    }
+    fn part_done(&mut self, _: &PartRecord) -> Result<(), RemoteError> {
+        Ok(())
+    }
     fn clear(&mut self) {}
 }
 
