@@ -304,11 +304,11 @@ mod tests {
             vec![]
         }
         fn begin(&mut self, _: &str, _: u64) -> Result<(), RemoteError> {
-        Ok(())
-    }
+            Ok(())
+        }
         fn part_done(&mut self, _: &PartRecord) -> Result<(), RemoteError> {
-        Ok(())
-    }
+            Ok(())
+        }
         fn clear(&mut self) {}
     }
 
