@@ -311,8 +311,13 @@ impl Reloader {
             .remote
             .reload_credentials((!remote_moved).then_some(&new.remote))?;
         if plan.conditions {
-            self.gov
-                .reconfigure(new.conditions.clone(), new.retention.clone());
+            // In force (rate limit included) and in status before the reload is answered.
+            if let Err(e) =
+                self.gov
+                    .reconfigure(&self.store, new.conditions.clone(), new.retention.clone())
+            {
+                warn!(error = %e, "cannot show the reloaded conditions in status yet");
+            }
         }
         let mqtt_changed = match (&self.mqtt_login, login) {
             (Some(slot), Some(l)) if self.mqtt_current.as_ref() != Some(&l) => {

@@ -1,13 +1,15 @@
 //! Reload without restart, with the real binary: SIGHUP, `fieldsync reload` and MQTT
 //! `cmd/reload` re-read the config and its secret files; live settings change in the
 //! running daemon, a bad config is refused and the old one stays in force, restart-only
-//! changes are named in one log line, and fixed S3 credentials (a real `s3s-fs`) resume
-//! a queue paused for `auth` without a restart.
+//! changes are named in one log line, fixed S3 credentials (a real `s3s-fs`) resume
+//! a queue paused for `auth` without a restart, and a reloaded bandwidth limit is in
+//! status and in force for the next transfer as soon as the reload is answered.
 
 mod common;
 
 use std::fs;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use common::mqtt::{Broker, Msg, Sub};
 use common::s3::*;
@@ -338,4 +340,93 @@ fn a_rotated_device_token_file_is_picked_up_without_restart() {
     assert!(d.log_text().contains("device token re-read"));
     assert!(!d.log_text().contains(TOKEN));
     assert_eq!(d.log_text().matches("fieldsync started").count(), 1);
+}
+
+fn limit(env: &Env) -> Value {
+    env.status()["conditions"]["bandwidth"]["limit_bytes_per_s"].clone()
+}
+
+/// Rewrites the config with `bandwidth_limit` (`None`: no such key) and a probe interval
+/// long enough that only the reload can have put the new limit in force.
+fn with_limit(env: &mut Env, base: &str, rate: Option<&str>) {
+    let key = rate.map_or(String::new(), |r| format!("bandwidth_limit = \"{r}\"\n"));
+    env.write_config(&base.replace(
+        "[conditions]\n",
+        &format!("[conditions]\nprobe_interval = \"1m\"\n{key}"),
+    ));
+}
+
+fn reload_applies_conditions(env: &Env) {
+    let out = env.cli(&["reload"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(stdout.contains("applied: conditions"), "{stdout}");
+}
+
+/// Drops a photo of `len` bytes and returns how long it took to be synced.
+fn time_to_sync(env: &Env, d: &Daemon, name: &str, len: usize, synced: i64) -> Duration {
+    let t0 = Instant::now();
+    env.drop_file(&format!("c/r/{name}"), &bytes(len as u64, len));
+    env.wait(Some(d), 60, &format!("{name} synced"), || {
+        env.count("synced") == synced
+    });
+    t0.elapsed()
+}
+
+#[test]
+fn a_bandwidth_limit_added_by_reload_is_in_status_and_paces_the_next_photo_at_once() {
+    let mut env = Env::new("");
+    let base = env.toml.clone();
+    with_limit(&mut env, &base, None);
+    let d = env.spawn();
+    time_to_sync(&env, &d, "a.jpg", 1_000_000, 1);
+    assert_eq!(limit(&env), Value::Null);
+
+    with_limit(&mut env, &base, Some("200k"));
+    reload_applies_conditions(&env);
+    // At once: no probe round (a minute away) and no status heartbeat needed.
+    assert_eq!(limit(&env), 200_000);
+    let text = env.cli_ok(&["status"]);
+    assert!(text.contains("bandwidth 200.0 kB/s"), "{text}");
+    // 1 MB at 200 kB/s is 5 s; unthrottled it is a fraction of a second. A loaded machine
+    // only makes it slower, so only the lower bound is asserted (with slack for the
+    // limiter's burst and the last chunk).
+    let took = time_to_sync(&env, &d, "b.jpg", 1_000_000, 2);
+    eprintln!("1 MB photo dropped after the reload to 200k took {took:.2?}");
+    assert!(
+        took >= Duration::from_secs(3),
+        "took {took:?}: not paced by the reloaded limit\n{}",
+        env.dump(Some(&d))
+    );
+
+    // A changed limit is shown at once too.
+    with_limit(&mut env, &base, Some("1MB"));
+    reload_applies_conditions(&env);
+    assert_eq!(limit(&env), 1_000_000);
+    assert_eq!(d.log_text().matches("fieldsync started").count(), 1);
+}
+
+#[test]
+fn a_bandwidth_limit_removed_by_reload_is_gone_from_status_and_transfers_at_once() {
+    let mut env = Env::new("");
+    let base = env.toml.clone();
+    with_limit(&mut env, &base, Some("200k"));
+    let d = env.spawn();
+    env.wait(Some(&d), 20, "the limit in status", || {
+        limit(&env) == 200_000
+    });
+
+    with_limit(&mut env, &base, None);
+    reload_applies_conditions(&env);
+    assert_eq!(limit(&env), Value::Null);
+    let text = env.cli_ok(&["status"]);
+    assert!(text.contains("bandwidth unlimited"), "{text}");
+    // 4 MB at the old 200 kB/s would take 20 s; without a limit it is a local copy.
+    let took = time_to_sync(&env, &d, "big.jpg", 4_000_000, 1);
+    eprintln!("4 MB photo dropped after removing the limit took {took:.2?}");
+    assert!(
+        took < Duration::from_secs(12),
+        "took {took:?}: still paced by the removed limit\n{}",
+        env.dump(Some(&d))
+    );
 }

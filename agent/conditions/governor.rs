@@ -29,7 +29,7 @@ use tracing::{info, warn};
 use super::probes::{self, Probes};
 use super::report::{self, ConditionsReport, Counters};
 use super::settings::{Conditions, MeteredPolicy, Retention};
-use super::{admit, failing, is_metered, Facts, Link, Policy, Reason};
+use super::{admit, evaluate, failing, is_metered, Facts, Link, Policy, Reason};
 use crate::bus::{MonitorMsg, Shared};
 use crate::remote::{ErrorClass, Remote, RemoteError};
 use crate::store::{Attachment, EventKind, EventOutcome, Store, StoreError};
@@ -151,6 +151,10 @@ struct Published {
     failing: Vec<Reason>,
     deferred: BTreeMap<Reason, usize>,
     budget_version: u64,
+    /// The rate limit the written report shows.
+    rate: Option<u64>,
+    /// The facts the written report was built from (a reload rebuilds it from them).
+    facts: Facts,
 }
 
 /// What the governor needs from the configuration.
@@ -259,15 +263,44 @@ impl Governor {
     }
 
     /// Puts reloaded `[conditions]` and `[retention]` in force (everything but
-    /// `probe_interval`, which the monitor reads at start): admission and the gate use
-    /// them from the next decision, the probes from the next round, and files deferred
-    /// under the old ones are looked at again.
-    pub fn reconfigure(&self, conditions: Conditions, retention: Retention) {
-        *self.live.write().unwrap_or_else(|e| e.into_inner()) =
-            Arc::new(Live::new(conditions, retention));
-        lock(&self.inner).generation += 1;
-        // Status shows the new limits at the next publish.
-        lock(&self.published).summary = None;
+    /// `probe_interval`, which the monitor reads at start): the rate limit at once, for
+    /// the next chunk of every transfer (running or not); admission and the gate from the
+    /// next decision, the probes from the next round; files deferred under the old ones
+    /// are looked at again. The conditions report in the store is rewritten before this
+    /// returns, so status shows the new limits as soon as the reload is answered.
+    pub fn reconfigure(
+        &self,
+        store: &Store,
+        conditions: Conditions,
+        retention: Retention,
+    ) -> Result<(), StoreError> {
+        let live = Arc::new(Live::new(conditions, retention));
+        let minute = probes::local_now().minute_of_day;
+        let rate = live.conditions.bandwidth_limit.rate_at(minute);
+        *self.live.write().unwrap_or_else(|e| e.into_inner()) = live.clone();
+        {
+            let mut i = lock(&self.inner);
+            i.bucket.set_rate(rate, Instant::now());
+            i.generation += 1;
+        }
+        let mut p = lock(&self.published);
+        if p.summary.is_none() {
+            // Nothing written yet: the scheduler's first publish writes it all.
+            return Ok(());
+        }
+        // The scheduler's own facts (operator, auth, clock) as last published, the probed
+        // ones as observed now, judged by the new settings.
+        let mut facts = p.facts.clone();
+        self.observe(&mut facts);
+        let per_file = p.shown.flatten().filter(|r| p.deferred.contains_key(r));
+        let shown = evaluate(&facts, &live.policy).or(per_file);
+        let deferred = p.deferred.clone();
+        let written = self.write(&mut p, store, &facts, shown, &deferred, true);
+        if written.is_err() {
+            // Status lags until the scheduler's next step writes it.
+            p.summary = None;
+        }
+        written
     }
 
     /// `retention.delete_unreferenced_remote` as in force now.
@@ -345,12 +378,31 @@ impl Governor {
         deferred: &BTreeMap<Reason, usize>,
     ) -> Result<(), StoreError> {
         let mut p = lock(&self.published);
+        self.write(&mut p, store, facts, shown, deferred, false)
+    }
+
+    /// [`Self::publish`] under the lock; `force`: write even when nothing seems changed.
+    fn write(
+        &self,
+        p: &mut Published,
+        store: &Store,
+        facts: &Facts,
+        shown: Option<Reason>,
+        deferred: &BTreeMap<Reason, usize>,
+        force: bool,
+    ) -> Result<(), StoreError> {
         let now_failing = failing(facts, &self.live().policy);
         let summary = report::summary(facts, &now_failing);
-        let budget_version = lock(&self.inner).budget_version;
+        let (budget_version, rate) = {
+            let i = lock(&self.inner);
+            (i.budget_version, i.bucket.rate)
+        };
         let dirty = budget_version != p.budget_version;
-        let first = p.summary.is_none();
-        let discrete = p.summary.as_deref() != Some(summary.as_str()) || p.shown != Some(shown);
+        let first = p.summary.is_none() || force;
+        // The rate limit changes with a timetable slot or a reload: shown at once.
+        let discrete = p.summary.as_deref() != Some(summary.as_str())
+            || p.shown != Some(shown)
+            || p.rate != rate;
         // Budget and deferral counts matter to an operator watching a metered upload:
         // refreshed every second; the rest (disk free, battery percent) on the heartbeat.
         let fast = dirty || *deferred != p.deferred;
@@ -359,11 +411,17 @@ impl Governor {
         if !(first || discrete || since >= HEARTBEAT || (fast && since >= NUMBERS_EVERY)) {
             return Ok(());
         }
-        let (report, json, budget, budget_version) = {
+        let (report, json, budget, budget_version, rate) = {
             let i = lock(&self.inner);
             let report = self.report(&i, facts, &now_failing, deferred);
             let json = serde_json::to_string(&report).unwrap_or_default();
-            (report, json, i.budget.clone(), i.budget_version)
+            (
+                report,
+                json,
+                i.budget.clone(),
+                i.budget_version,
+                i.bucket.rate,
+            )
         };
         if !(first || discrete) && json == p.json {
             p.written_at = Some(Instant::now());
@@ -396,7 +454,8 @@ impl Governor {
                 )?;
             }
             let was = p.shown.flatten();
-            if p.shown != Some(shown) && !(first && shown.is_none()) {
+            let start = p.summary.is_none();
+            if p.shown != Some(shown) && !(start && shown.is_none()) {
                 match shown {
                     Some(r) => {
                         info!(reason = r.as_str(), "uploads paused");
@@ -428,6 +487,8 @@ impl Governor {
         p.failing = now_failing;
         p.deferred = deferred.clone();
         p.budget_version = budget_version;
+        p.rate = rate;
+        p.facts = facts.clone();
         Ok(())
     }
 
@@ -582,8 +643,14 @@ impl Governor {
         i.seen.capture_free = capture_free;
         i.seen.minute_of_day = t.minute_of_day;
         i.seen.evicted_files += evicted as u64;
-        i.bucket
-            .set_rate(c.bandwidth_limit.rate_at(t.minute_of_day), Instant::now());
+        // The limit as in force now, not as when this round started: a reload may have
+        // put a new one in force meanwhile (and set it in the bucket already).
+        let rate = self
+            .live()
+            .conditions
+            .bandwidth_limit
+            .rate_at(t.minute_of_day);
+        i.bucket.set_rate(rate, Instant::now());
         let after = judged(&i);
         let changed = before != after || evicted > 0;
         if changed {
