@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,19 +78,16 @@ pub fn check(e: &Entry) -> Result<(), String> {
         return Err("`sha256` must be 64 hex digits".into());
     }
     let p = Path::new(&e.path);
-    let mut normal = 0;
-    for c in p.components() {
-        match c {
-            Component::Normal(_) => normal += 1,
-            _ => {
-                return Err(
-                    "`path` must be relative to the inbox, without `.`, `..` or a root".into(),
-                )
-            }
-        }
-    }
-    if normal == 0 || e.path.ends_with('/') {
+    if e.path.is_empty() || e.path.ends_with('/') {
         return Err("`path` must name a file".into());
+    }
+    // Checked on the text, not on `Path::components`, which drops an inner `.` and
+    // merges `//`: one spelling per file, so "named twice" is exact.
+    if e.path
+        .split('/')
+        .any(|seg| seg.is_empty() || seg == "." || seg == ".." || seg.contains('\0'))
+    {
+        return Err("`path` must be relative to the inbox, without `.`, `..` or a root".into());
     }
     if p.file_name()
         .and_then(|n| n.to_str())
@@ -315,7 +312,11 @@ pub fn reconcile(store: &mut Store, inbox: &Path, device: &str) -> Result<Summar
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Expired {
     pub id: String,
+    /// Readable form (`\xff` for a byte that is not UTF-8), as in `list --json`.
     pub path: String,
+    /// The same for one line of text (control characters escaped too).
+    #[serde(skip)]
+    pub path_line: String,
     /// Whether its local copy was deleted (only ever a downloaded inbox file).
     pub local_deleted: bool,
 }
@@ -323,8 +324,9 @@ pub struct Expired {
 /// Keeps at most `limit` archived records: the oldest beyond it are removed with an
 /// `expired` event. A downloaded file's local inbox copy goes with its record (unless a
 /// newer row uses the same path). A captured photo's file is never deleted here, and its
-/// record stays while the file exists: it is the tombstone that stops a rescan from
-/// ingesting and uploading the photo again.
+/// record stays while the file exists: it is what stops a rescan from ingesting and
+/// uploading the photo again. An operator's delete (its tombstone) is never expired and
+/// not counted: the same bytes put back at its path must stay deleted.
 pub fn expire(store: &mut Store, limit: u64) -> Result<Vec<Expired>, StoreError> {
     let archived = store.archived_oldest_first()?;
     let mut excess = archived.len().saturating_sub(limit as usize);
@@ -333,7 +335,10 @@ pub fn expire(store: &mut Store, limit: u64) -> Result<Vec<Expired>, StoreError>
         if excess == 0 {
             break;
         }
-        let path = Path::new(&a.local_uri);
+        // The stored text stands for the exact bytes of the name (not UTF-8 included).
+        let path_buf = crate::localfs::text_path(&a.local_uri);
+        let path = path_buf.as_path();
+        let shown = crate::localfs::readable_line(&a.local_uri);
         let mut local_deleted = false;
         if assigned {
             if !store.path_in_use_by_other(&a.local_uri, &a.id)? {
@@ -341,7 +346,7 @@ pub fn expire(store: &mut Store, limit: u64) -> Result<Vec<Expired>, StoreError>
                     Ok(()) => local_deleted = true,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => {
-                        warn!(id = %a.id, path = %a.local_uri, error = %e, "cannot delete the archived copy; kept");
+                        warn!(id = %a.id, path = %shown, error = %e, "cannot delete the archived copy; kept");
                         continue;
                     }
                 }
@@ -356,10 +361,11 @@ pub fn expire(store: &mut Store, limit: u64) -> Result<Vec<Expired>, StoreError>
             "record_only"
         };
         store.remove_expired(&a.id, reason)?;
-        info!(id = %a.id, path = %a.local_uri, reason, "archived record expired");
+        info!(id = %a.id, path = %shown, reason, "archived record expired");
         out.push(Expired {
             id: a.id,
-            path: a.local_uri,
+            path: crate::localfs::readable(&a.local_uri),
+            path_line: shown,
             local_deleted,
         });
         excess -= 1;
@@ -554,6 +560,10 @@ mod tests {
             "a/../../x",
             "",
             "./a",
+            "a/./b",
+            "a//b",
+            "a/.",
+            "a/b/",
             "a/.b.fieldsync-part",
         ] {
             assert!(

@@ -2355,11 +2355,14 @@ impl Store {
             .query_row(params![local_uri, id], |r| r.get(0))?)
     }
 
-    /// Archived records, oldest first, each with whether an assignment named it.
+    /// Archived records, oldest first, each with whether an assignment named it; not the
+    /// tombstones of operator deletes (they are never expired).
     pub fn archived_oldest_first(&self) -> Result<Vec<(Attachment, bool)>> {
         let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT {ATTACHMENT_COLUMNS}, origin='assignment' FROM attachments
-             WHERE state='archived' ORDER BY timestamp, rowid"
+             WHERE state='archived' AND id NOT IN (SELECT attachment_id FROM deletes
+                 WHERE done_at IS NOT NULL AND keep_local=0)
+             ORDER BY timestamp, rowid"
         ))?;
         let rows = stmt.query_map([], |r| {
             Ok((Attachment::from_row(r)?, r.get::<_, bool>(26)?))

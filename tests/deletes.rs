@@ -84,6 +84,14 @@ fn delete_of_a_synced_photo_removes_object_and_file_and_it_never_comes_back() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already deleted"));
 
+    // Expiry never takes the tombstone, not even with a limit of 0.
+    let out = env.cli_ok(&["expire", "--limit", "0"]);
+    assert!(
+        out.contains("expired 0 archived record(s)") && !out.contains(&id),
+        "{out}"
+    );
+    assert_eq!(env.list().len(), 1);
+
     // The same bytes back at the same path (a restored backup), seen by a rescan and
     // after a restart: the photo stays deleted.
     fs::write(&p, &body).unwrap();

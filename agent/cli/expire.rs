@@ -22,7 +22,7 @@ pub fn run(cfg: &Config, limit: Option<u64>, json: bool) -> Result<i32, CliError
         } else {
             "record removed"
         };
-        println!("expired {}  {}  {what}", e.id, e.path);
+        println!("expired {}  {}  {what}", e.id, e.path_line);
     }
     println!(
         "expired {} archived record(s); at most {limit} kept",
