@@ -290,10 +290,7 @@ impl Config {
             ));
         }
         if overlaps(&self.paths.inbox, &self.paths.capture) {
-            return Err((
-                "paths.inbox",
-                "expected a folder outside paths.capture (and not containing it): downloaded files must not be uploaded back".into(),
-            ));
+            return Err(("paths.inbox", INBOX_OVERLAP.into()));
         }
         if self.upload.permanent_attempts == 0 {
             return Err(("upload.permanent_attempts", "expected at least 1".into()));
@@ -316,6 +313,16 @@ impl Config {
                 key: format!("key `{key}`"),
                 message,
             })?;
+        }
+        // `validate` compares the paths as written; through a link (or `..` past one)
+        // the inbox may still lie inside the capture folder.
+        if overlaps(&resolved(&self.paths.inbox), &resolved(&self.paths.capture)) {
+            return Err(ConfigError::Invalid {
+                file: file.to_string(),
+                location: String::new(),
+                key: "key `paths.inbox`".into(),
+                message: INBOX_OVERLAP.into(),
+            });
         }
         Ok(())
     }
@@ -344,7 +351,11 @@ fn check_dir(path: &Path, create: bool) -> Result<(), String> {
                 kind(&m)
             ))
         }
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+        // ENOTDIR: a file above it; the walk below names it.
+        Err(e)
+            if e.kind() != std::io::ErrorKind::NotFound
+                && e.kind() != std::io::ErrorKind::NotADirectory =>
+        {
             return Err(format!("cannot use {}: {e}", path.display()))
         }
         Err(_) => {}
@@ -407,6 +418,35 @@ fn syntax_subject(
 
 /// Whether one path is inside the other (or both are the same), compared component by
 /// component after resolving `.` and `..` lexically (the folders may not exist yet).
+const INBOX_OVERLAP: &str = "expected a folder outside paths.capture (and not containing it): downloaded files must not be uploaded back";
+
+/// `p` with its links resolved: the nearest existing folder canonicalized, the rest as
+/// written (it does not exist yet, so no link can be in it).
+fn resolved(p: &Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut cur = p;
+    loop {
+        if let Ok(real) = std::fs::canonicalize(if cur.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            cur
+        }) {
+            let mut out = real;
+            for c in rest.iter().rev() {
+                out.push(c);
+            }
+            return out;
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                cur = parent;
+            }
+            _ => return p.to_path_buf(),
+        }
+    }
+}
+
 fn overlaps(a: &Path, b: &Path) -> bool {
     fn norm(p: &Path) -> PathBuf {
         let mut out = PathBuf::new();
