@@ -462,7 +462,11 @@ impl Worker {
                     &att.id,
                     State::Failed,
                     Change {
-                        error: Some(("not_regular_file", &why)),
+                        // The code is the record's; the message is the rest.
+                        error: Some((
+                            "not_regular_file",
+                            why.strip_prefix("not_regular_file: ").unwrap_or(&why),
+                        )),
                         ..Change::of(EventKind::Failed)
                     },
                 );

@@ -253,7 +253,7 @@ fn a_photo_named_with_bytes_that_are_not_utf8_uploads_byte_identical_and_survive
     };
     check(&env);
     assert_eq!(d.terminate().0, Some(0));
-    let d = env.spawn();
+    let mut d = env.spawn();
     // Past the first full rescan and another periodic one.
     std::thread::sleep(Duration::from_millis(4500));
     check(&env);
@@ -267,6 +267,35 @@ fn a_photo_named_with_bytes_that_are_not_utf8_uploads_byte_identical_and_survive
     let text = env.cli_ok(&["list"]);
     assert!(text.contains("c1/r1/IMG_\\xff\\xfe.jpg"), "{text}");
     assert_eq!(text.lines().count(), 3, "{text}");
+
+    // A checklist that names only the twin archives the photo (its file stays). Expiry
+    // must see that file under its real name: the record stays, so a restart does not
+    // upload the photo a second time.
+    fs::write(
+        env.capture.join("c1/checklist.json"),
+        format!(
+            r#"{{"rows": [{{"id": "r1", "photos": ["IMG_{0}{0}.jpg"]}}]}}"#,
+            '\u{FFFD}'
+        ),
+    )
+    .unwrap();
+    env.wait(Some(&d), 20, "archived", || env.count("archived") == 1);
+    let out = env.cli_ok(&["expire", "--limit", "0"]);
+    assert!(out.contains("expired 0 archived record(s)"), "{out}");
+    assert_eq!(d.terminate().0, Some(0));
+    let d = env.spawn();
+    std::thread::sleep(Duration::from_millis(4500));
+    let objects = client.list("fs/dev1/c1/");
+    assert_eq!(
+        objects
+            .iter()
+            .filter(|(k, _)| !k.ends_with("manifest.json"))
+            .count(),
+        2,
+        "{objects:?}\n{}",
+        env.dump(Some(&d))
+    );
+    assert_eq!(env.count("archived"), 1, "{}", env.dump(Some(&d)));
 }
 
 #[test]
@@ -407,6 +436,34 @@ fn a_capture_path_that_is_a_file_or_an_uncreatable_state_dir_is_a_config_error()
             err.contains(&format!("config {cfg}: ")) && err.contains("key `paths.state_dir`"),
             "{args:?}: {err}"
         );
+        // The README's line: the file in the way is named.
+        assert!(
+            err.contains(&format!(
+                "cannot create {}/state: {} is a regular file",
+                file.display(),
+                file.display()
+            )),
+            "{args:?}: {err}"
+        );
+    }
+
+    // An inbox inside the capture folder through a link is still inside it.
+    let link = env.dir.path().join("caplink");
+    std::os::unix::fs::symlink(&env.capture, &link).unwrap();
+    env.write_config(&format!(
+        "{}
+",
+        original.replace(
+            "[paths]\n",
+            &format!("[paths]\ninbox = \"{}/in\"\n", link.display())
+        )
+    ));
+    assert!(env.toml.contains("caplink/in"), "{}", env.toml);
+    for args in [&["config", "check"][..], &["run", "--until-idle"][..]] {
+        let out = env.cli(args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("key `paths.inbox`"), "{args:?}: {err}");
     }
 
     // A capture folder that does not exist yet is fine: the daemon creates it.
@@ -557,6 +614,12 @@ fn a_photo_replaced_by_a_symlink_before_upload_fails_and_is_never_read() {
     assert_eq!(
         failed[0]["last_error_code"], "not_regular_file",
         "{failed:?}"
+    );
+    // The message says what stands there, without repeating the code.
+    let msg = failed[0]["last_error"].as_str().unwrap();
+    assert!(
+        msg.ends_with("IMG_1.jpg: a symbolic link; not read") && !msg.contains("not_regular_file"),
+        "{msg}"
     );
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(env.list().len(), 1, "{}", env.dump(Some(&d)));

@@ -150,7 +150,9 @@ fn remote_io(what: &str, path: &Path, e: io::Error) -> RemoteError {
 /// A failure reading the local file.
 pub fn local_read_error(e: io::Error) -> RemoteError {
     if let Some(r) = crate::localfs::refused(&e) {
-        return RemoteError::permanent("not_regular_file", r.to_string());
+        let line = r.to_string();
+        let message = line.strip_prefix("not_regular_file: ").unwrap_or(&line);
+        return RemoteError::permanent("not_regular_file", message);
     }
     match e.kind() {
         io::ErrorKind::NotFound => {
