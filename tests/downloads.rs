@@ -133,6 +133,13 @@ fn remote_assignments_file_lands_byte_identical_and_a_corrupted_object_is_never_
     assert!(!inbox(&env).join("missing.bin").exists());
     assert_placed(&env, "a.pdf", &small);
     assert_placed(&env, "site/b.jpg", &big);
+    // The text list names a downloaded file without empty checklist/row parts.
+    let text = env.cli_ok(&["list"]);
+    assert!(
+        text.lines()
+            .any(|l| l.contains(" synced ") && l.ends_with("  a.pdf")),
+        "{text}"
+    );
     assert!(
         !inbox(&env).join("bad.bin").exists(),
         "a mismatch is never placed"

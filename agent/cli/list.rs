@@ -55,14 +55,20 @@ pub fn list(cfg: &Config, filter: &ListFilter, json: bool) -> Result<i32, CliErr
     } else {
         let list = store.list(filter)?;
         for a in &list {
+            // checklist/row/file; a part that is empty (a downloaded file has no
+            // checklist, a photo outside the layout may have no row) is left out.
+            let place = [&a.checklist, &a.row, &a.filename]
+                .into_iter()
+                .filter(|p| !p.is_empty())
+                .map(|p| readable_line(p))
+                .collect::<Vec<_>>()
+                .join("/");
             println!(
-                "{}  {:<14} {:>10}  {}/{}/{}{}",
+                "{}  {:<14} {:>10}  {}{}",
                 a.id,
                 a.state,
                 status::human_bytes(a.size),
-                readable_line(&a.checklist),
-                readable_line(&a.row),
-                readable_line(&a.filename),
+                place,
                 a.last_error
                     .as_ref()
                     .map(|e| format!(
