@@ -5,7 +5,7 @@
 #   1. Debian multiarch cross toolchain: rustc-web (rustc 1.96) + its arm64 std, the
 #      aarch64 gcc, qemu-user-static. armhf too when the archive serves its std.
 #   2. Release build per target with RUSTC=/usr/bin/rustc in target/cross (the host test
-#      build in target/ is left alone); stripped size reported, aarch64 must stay < 6 MiB.
+#      build in target/ is left alone); stripped size reported, aarch64 and armv7 must stay < 5 MiB.
 #      These are device builds (--no-default-features: no fleet view, no benchmarks).
 #   3. Smoke test of each ARM binary under qemu-user: --version names the target, a
 #      photo dropped into capture lands byte-identical in the file remote, `status --json`
@@ -98,7 +98,7 @@ cross_build aarch64-unknown-linux-gnu aarch64-linux-gnu
 bin_a64=target/cross/aarch64-unknown-linux-gnu/release/fieldsync
 s=$(size_of "$bin_a64")
 note "aarch64-unknown-linux-gnu: stripped binary $s bytes ($(mib "$s")), built in $((SECONDS - b0))s"
-[ "$s" -lt $((6 * 1024 * 1024)) ] || die "aarch64 binary is $(mib "$s"), the budget is 6 MiB"
+[ "$s" -lt $((5 * 1024 * 1024)) ] || die "aarch64 binary is $(mib "$s"), the budget is 5 MiB"
 readelf -S "$bin_a64" | grep -q '\.symtab' && die "aarch64 binary is not stripped"
 
 if [ "$armv7" = yes ]; then
@@ -108,6 +108,7 @@ if [ "$armv7" = yes ]; then
     bin_v7=target/cross/armv7-unknown-linux-gnueabihf/release/fieldsync
     s=$(size_of "$bin_v7")
     note "armv7-unknown-linux-gnueabihf: stripped binary $s bytes ($(mib "$s")), built in $((SECONDS - b0))s"
+    [ "$s" -lt $((5 * 1024 * 1024)) ] || die "armv7 binary is $(mib "$s"), the budget is 5 MiB"
 fi
 
 phase "build x86_64 release (for the amd64 package)"
