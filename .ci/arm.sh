@@ -328,10 +328,33 @@ getent passwd fieldsync >/dev/null && die "user fieldsync left after purge"
 [ -e /usr/bin/fieldsync ] && die "binary left after purge"
 [ -e /etc/fieldsync ] && die "/etc/fieldsync left after purge"
 [ -e /var/lib/fieldsync/queue.db ] && die "queue left after purge"
+[ -e /var/lib/fieldsync/queue.db.reserve ] && die "queue space reserve left after purge"
+[ -e /var/lib/fieldsync/inbox ] && die "download inbox left after purge"
 [ -e "$obj" ] || die "purge deleted an uploaded photo"
 [ -e /var/spool/fieldsync/capture/ci-check/row-1/IMG_1.jpg ] || die "purge deleted a captured photo"
 rm -rf /var/lib/fieldsync /var/spool/fieldsync
-note "purge: user, binary, config and queue removed; photos kept"
+note "purge: user, binary, config, queue, reserve and inbox removed; photos kept"
+
+phase "install into an image root (DESTDIR), user and owners at first boot"
+img=$(mktemp -d)
+mkdir -p "$img/etc"
+DESTDIR="$img" sh deploy/install.sh "$bin_host" >/dev/null || die "DESTDIR install failed"
+if command -v systemd-sysusers >/dev/null 2>&1 && command -v systemd-tmpfiles >/dev/null 2>&1; then
+    systemd-sysusers --root="$img" >/dev/null 2>&1 || die "systemd-sysusers --root failed"
+    systemd-tmpfiles --create --root="$img" >/dev/null 2>&1 || die "systemd-tmpfiles --root failed"
+    u=$(awk -F: '$1 == "fieldsync" { print $3 }' "$img/etc/passwd")
+    g=$(awk -F: '$1 == "fieldsync" { print $3 }' "$img/etc/group")
+    [ -n "$u" ] && [ -n "$g" ] || die "image: no user fieldsync after systemd-sysusers"
+    want() { [ "$(stat -c '%a %u:%g' "$img$1")" = "$2" ] || die "image $1: $(stat -c '%a %u:%g' "$img$1"), want $2"; }
+    want /etc/fieldsync "750 0:$g"
+    want /etc/fieldsync/fieldsync.toml "640 0:$g"
+    want /var/lib/fieldsync "750 $u:$g"
+    want /var/spool/fieldsync/capture "2770 0:$g"
+    note "image root: user fieldsync ($u) and the package's owners and modes after systemd-sysusers/tmpfiles"
+else
+    note "systemd-sysusers/tmpfiles not installed: image root owners not checked here"
+fi
+rm -rf "$img"
 
 note "ci-arm wall time: $((SECONDS - t0))s"
 phase "done"

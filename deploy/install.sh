@@ -8,8 +8,9 @@
 #                                            (keeps config, queue, photos and the user)
 #
 # Run from a checkout or an unpacked release (it reads deploy/ and config/ beside it).
-# DESTDIR=/path installs into an image root instead of the running system (no user is
-# created there and systemctl is not called; the first boot must run the user step).
+# DESTDIR=/path installs into an image root instead of the running system: systemctl is
+# not called, and the user and the folders' owners come at first boot from the
+# sysusers.d and tmpfiles.d files it installs (systemd-sysusers, systemd-tmpfiles).
 set -eu
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,7 +31,7 @@ case "${1:-}" in
     shift
     ;;
 esac
-[ $# -eq 1 ] || { sed -n '2,14p' "$0" >&2; exit 2; }
+[ $# -eq 1 ] || { sed -n '2,13p' "$0" >&2; exit 2; }
 bin=$1
 [ -x "$bin" ] || { echo "install: $bin is not an executable" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || [ -n "$dest" ] || { echo "install: run as root" >&2; exit 1; }
@@ -54,6 +55,12 @@ install -m 0755 "$bin" "$dest/usr/bin/.fieldsync.new"
 mv -f "$dest/usr/bin/.fieldsync.new" "$dest/usr/bin/fieldsync"
 # Local units live in /etc/systemd/system (the package's in /lib/systemd/system).
 install -m 0644 "$here/deploy/fieldsync.service" "$dest/etc/systemd/system/fieldsync.service"
+
+if [ -n "$dest" ]; then
+    install -d -m 0755 "$dest/usr/lib/sysusers.d" "$dest/usr/lib/tmpfiles.d"
+    install -m 0644 "$here/deploy/image/fieldsync.sysusers" "$dest/usr/lib/sysusers.d/fieldsync.conf"
+    install -m 0644 "$here/deploy/image/fieldsync.tmpfiles" "$dest/usr/lib/tmpfiles.d/fieldsync.conf"
+fi
 
 install -d -m 0750 "$dest/etc/fieldsync"
 if [ ! -e "$dest/etc/fieldsync/fieldsync.toml" ]; then

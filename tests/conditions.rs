@@ -491,3 +491,46 @@ fn disk_low_raises_one_alarm_across_restarts_and_clears_when_space_returns() {
     assert_eq!(alarms(&env, "alarm").len(), 1);
     assert_eq!(alarms(&env, "alarm_cleared").len(), 1);
 }
+
+#[test]
+fn keep_synced_files_holds_from_the_start_and_after_a_reload_without_a_new_upload() {
+    let mut env = env_with("", "");
+    let mut d = env.spawn();
+    let mut files = Vec::new();
+    for i in 0..4u64 {
+        files.push(env.drop_file(&format!("c/r/{i}.jpg"), &bytes(60 + i, 5_000)));
+        let n = i as i64 + 1;
+        env.wait(Some(&d), 20, "synced", || env.count("synced") == n);
+    }
+    d.terminate();
+
+    // A limit set while the daemon was stopped: it holds once it starts, with nothing
+    // left to upload.
+    let toml = env
+        .toml
+        .replace("[retention]\n", "[retention]\nkeep_synced_files = 3\n");
+    env.write_config(&toml);
+    let d = env.spawn();
+    env.wait(Some(&d), 20, "one copy evicted at start", || {
+        events_of(&env, "evicted").len() == 1
+    });
+    assert!(!files[0].exists(), "the oldest copy goes first");
+    assert!(files[1..].iter().all(|f| f.exists()));
+
+    // Lowered by a reload: applied at once, still without an upload.
+    let toml = env
+        .toml
+        .replace("keep_synced_files = 3", "keep_synced_files = 1");
+    env.write_config(&toml);
+    let out = env.cli_ok(&["reload"]);
+    assert!(out.contains("applied"), "{out}");
+    env.wait(Some(&d), 20, "two more evicted after the reload", || {
+        events_of(&env, "evicted").len() == 3
+    });
+    assert!(files[..3].iter().all(|f| !f.exists()));
+    assert!(files[3].exists(), "the newest copy is kept");
+    assert_eq!(env.remote_objects().len(), 4, "remote copies untouched");
+    assert!(events_of(&env, "evicted")
+        .iter()
+        .all(|e| e["reason"] == "cache_limit"));
+}

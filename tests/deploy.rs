@@ -367,19 +367,23 @@ fn unit_file_is_hardened_and_agrees_with_the_production_config() {
     let prevent: Vec<&str> = one("RestartPreventExitStatus").split(' ').collect();
     assert!(prevent.contains(&"2") && prevent.contains(&"4"));
 
-    // Writable: the state directory only; the file remote lives there by default.
-    // The capture folder stays read-only (ProtectSystem=strict).
+    // Writable: the state directory (the file remote lives there by default) and the
+    // packaged capture folder, where uploaded local copies are deleted (eviction is on by
+    // default; `fieldsync delete`); nothing else (ProtectSystem=strict).
     let rw: Vec<PathBuf> = u["ReadWritePaths"]
         .iter()
         .flat_map(|v| v.split_whitespace())
         .map(|p| PathBuf::from(p.trim_start_matches('-')))
         .collect();
     let cfg = production_config();
-    assert_eq!(rw, vec![cfg.paths.state_dir.clone()], "ReadWritePaths=");
+    assert_eq!(
+        rw,
+        vec![cfg.paths.state_dir.clone(), cfg.paths.capture.clone()],
+        "ReadWritePaths="
+    );
     assert!(
-        !rw.iter().any(|p| cfg.paths.capture.starts_with(p)),
-        "capture {} must not be writable",
-        cfg.paths.capture.display()
+        cfg.retention.evict_on_disk_low,
+        "the packaged config evicts, so capture must be writable"
     );
     let remote = cfg.remote.file.as_ref().unwrap();
     assert!(rw.iter().any(|p| remote.path.starts_with(p)));

@@ -216,3 +216,37 @@ fn a_full_remote_folder_fails_transiently_and_catches_up_without_leftovers() {
         assert_eq!(*body, fs::read(a["local_uri"].as_str().unwrap()).unwrap());
     }
 }
+
+#[test]
+fn a_low_state_disk_on_its_own_volume_costs_no_photo() {
+    // The queue on a small volume of its own, the photos on the big disk: evicting a
+    // photo cannot give the queue room, so nothing is evicted and `disk_low` says why.
+    let mut env = Env::new("");
+    let Some(_fs) = Tmpfs::mount(&env.state, "6M") else {
+        return;
+    };
+    let d = env.spawn();
+    let a = env.drop_file("c1/r1/a.jpg", &bytes(1, 30_000));
+    let b = env.drop_file("c1/r1/b.jpg", &bytes(2, 30_000));
+    let mut d = d;
+    env.wait(Some(&d), 20, "2 synced", || env.count("synced") == 2);
+    d.terminate();
+    // More free space than the 6 MB state volume can ever have; the capture disk has it.
+    set_min_free_disk(&mut env, "8MB");
+    let t = env.toml.replace(
+        "[conditions]\n",
+        "[conditions]\nprobe_interval = \"200ms\"\n",
+    );
+    env.write_config(&t);
+    let d = env.spawn();
+    env.wait(Some(&d), 20, "disk_low reported", || disk_low(&env));
+    std::thread::sleep(Duration::from_secs(1));
+    let evicted: Vec<serde_json::Value> = env
+        .events()
+        .into_iter()
+        .filter(|e| e["kind"] == "evicted")
+        .collect();
+    assert!(evicted.is_empty(), "{evicted:?}\n{}", env.dump(Some(&d)));
+    assert!(a.exists() && b.exists(), "local copies deleted");
+    assert_eq!(env.count("synced"), 2);
+}

@@ -16,7 +16,7 @@
 //! sent, so a crash can only over-count, never let the budget be exceeded.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread;
@@ -283,6 +283,8 @@ impl Governor {
             i.bucket.set_rate(rate, Instant::now());
             i.generation += 1;
         }
+        // New retention limits apply now, not at the next upload.
+        let _ = self.monitor.send(MonitorMsg::Sweep);
         let mut p = lock(&self.published);
         if p.summary.is_none() {
             // Nothing written yet: the scheduler's first publish writes it all.
@@ -596,10 +598,20 @@ impl Governor {
                 Err(e) => warn!(error = %e, "retention sweep failed"),
             }
         }
-        if low(state_free, capture_free) && live.retention.evict_on_disk_low {
+        // Evicting frees the capture volume only: when the state directory is on another
+        // volume, its low space is reported (`disk_low`) but costs no photo.
+        let shared_volume = same_volume(&self.state_dir, &self.capture);
+        let evict_helps = |s: Option<u64>, cf: Option<u64>| {
+            if shared_volume {
+                low(s, cf)
+            } else {
+                low(None, cf)
+            }
+        };
+        if evict_helps(state_free, capture_free) && live.retention.evict_on_disk_low {
             match super::retention::evict_for_space(store, &self.capture, evict_seen, || {
                 let (s, cf) = free();
-                low(s, cf)
+                evict_helps(s, cf)
             }) {
                 Ok(n) => evicted += n,
                 Err(e) => warn!(error = %e, "evicting local copies failed"),
@@ -657,6 +669,16 @@ impl Governor {
             i.generation += 1;
         }
         changed
+    }
+}
+
+/// Whether two folders are on one file system (unknown counts as one: eviction then
+/// behaves as before, for the lower of the two).
+fn same_volume(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev(),
+        _ => true,
     }
 }
 

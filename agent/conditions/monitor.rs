@@ -37,7 +37,8 @@ pub struct MonitorState {
     next_remote: Option<Instant>,
     backoff: Duration,
     last_evidence_probe: Option<Instant>,
-    /// An upload finished: the next round applies the retention rules.
+    /// An upload finished, the daemon started or `[retention]` was reloaded: the next
+    /// round applies the retention rules.
     sweep: bool,
 }
 
@@ -125,6 +126,9 @@ pub async fn run(
     beat: LoopBeat,
 ) {
     let mut state = MonitorState::new(gov.probe_interval(), Instant::now());
+    // The retention limits hold from the start, not only after the next upload: copies
+    // kept by an earlier run (or under a larger limit) go now.
+    state.on_msg(MonitorMsg::Sweep, false, Instant::now());
     // The store and the eviction memory travel into each blocking round and back.
     let mut held = Some((store, HashSet::<String>::new()));
     loop {
