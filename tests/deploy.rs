@@ -440,6 +440,10 @@ fn production_config_spells_out_every_default() {
         "conditions.bandwidth_limit",
         "retention.delete_after_upload",
         "retention.evict_on_disk_low",
+        "retention.delete_unreferenced_remote",
+        "retention.archived_cache_limit",
+        "paths.inbox",
+        "upload.auth_recheck",
     ] {
         let mut v = &toml::Value::Table(doc.clone());
         for part in key.split('.') {
