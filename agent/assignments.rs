@@ -393,7 +393,8 @@ pub struct AssignmentLoop {
     /// `<prefix>/<device>/assignments.json`.
     pub key: String,
     pub interval: Duration,
-    pub cache_limit: u64,
+    /// `retention.archived_cache_limit` as in force now (a reload changes it).
+    pub cache_limit: Arc<dyn Fn() -> u64 + Send + Sync>,
     pub sched: UnboundedSender<SchedMsg>,
     /// The transfer gate: the remote file is read only while transfers may run (online,
     /// battery, schedule, not paused), like any download.
@@ -461,7 +462,7 @@ impl AssignmentLoop {
     }
 
     fn expire(&mut self) {
-        if let Err(e) = expire(&mut self.store, self.cache_limit) {
+        if let Err(e) = expire(&mut self.store, (self.cache_limit)()) {
             warn!(error = %e, "cannot expire archived records");
         }
     }

@@ -348,7 +348,10 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         device: cfg.device_id.clone(),
         key: crate::assignments::remote_key(&cfg.remote.prefix, &cfg.device_id),
         interval: cfg.upload.sync_interval.0,
-        cache_limit: cfg.retention.archived_cache_limit,
+        cache_limit: {
+            let gov = gov.clone();
+            Arc::new(move || gov.archived_cache_limit())
+        },
         sched: sched_tx.clone(),
         shared: shared.clone(),
     };

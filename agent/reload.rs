@@ -29,9 +29,11 @@ use crate::store::{EventKind, EventOutcome, Store};
 /// on every reload, and the parts that hold them tell whether they changed).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// `[conditions]` (but `probe_interval`) or `[retention]` changed: budget, schedule,
-    /// bandwidth, battery, disk, temperature, retention rules.
+    /// `[conditions]` (but `probe_interval`) changed: budget, schedule, bandwidth,
+    /// battery, disk, temperature.
     pub conditions: bool,
+    /// `[retention]` changed: the local-copy rules and the archive cache limit.
+    pub retention: bool,
     /// Where the remote's credentials come from changed (inline keys, `credentials_file`,
     /// `profile`, `token`, `token_file`).
     pub remote_credentials: bool,
@@ -47,6 +49,9 @@ impl Plan {
         let mut live = Vec::new();
         if self.conditions {
             live.push("conditions");
+        }
+        if self.retention {
+            live.push("retention");
         }
         if credentials_changed {
             live.push("remote credentials");
@@ -148,7 +153,8 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
     }
     let mut oc = old.conditions.clone();
     oc.probe_interval = new.conditions.probe_interval;
-    p.conditions = !same(&oc, &new.conditions) || !same(&old.retention, &new.retention);
+    p.conditions = !same(&oc, &new.conditions);
+    p.retention = !same(&old.retention, &new.retention);
     p.remote_credentials = credentials_only(&old.remote) != credentials_only(&new.remote);
     p
 }
@@ -310,7 +316,7 @@ impl Reloader {
         let creds_changed = self
             .remote
             .reload_credentials((!remote_moved).then_some(&new.remote))?;
-        if plan.conditions {
+        if plan.conditions || plan.retention {
             // In force (rate limit included) and in status before the reload is answered.
             if let Err(e) =
                 self.gov
@@ -382,9 +388,12 @@ mod tests {
         let new = BASE.replace("= 25", "= 60\nbandwidth_limit = \"1MB\"")
             + "[retention]\ndelete_after_upload = true\n";
         let p = plan(&cfg(BASE), &cfg(&new));
-        assert!(p.conditions);
+        assert!(p.conditions && p.retention);
         assert!(p.restart.is_empty(), "{p:?}");
-        assert_eq!(p.summary(false, false), "applied: conditions");
+        assert_eq!(p.summary(false, false), "applied: conditions, retention");
+        let only = BASE.to_string() + "[retention]\nkeep_synced_files = 3\n";
+        let p = plan(&cfg(BASE), &cfg(&only));
+        assert_eq!(p.summary(false, false), "applied: retention");
     }
 
     #[test]

@@ -430,3 +430,36 @@ fn a_bandwidth_limit_removed_by_reload_is_gone_from_status_and_transfers_at_once
         env.dump(Some(&d))
     );
 }
+
+#[test]
+fn a_reloaded_archived_cache_limit_is_applied_and_named_retention() {
+    let mut env = Env::new("");
+    let t = format!("{}\n[retention]\narchived_cache_limit = 100\n", env.toml);
+    env.write_config(&t);
+    let d = env.spawn();
+    let files: Vec<_> = (0..3u64)
+        .map(|i| env.drop_file(&format!("c/r/{i}.jpg"), &bytes(70 + i, 2_000)))
+        .collect();
+    env.wait(Some(&d), 20, "3 synced", || env.count("synced") == 3);
+    // A checklist that names none of them archives all three; their files then go, so
+    // nothing but the cache limit keeps the records.
+    write(
+        &env.capture.join("c/checklist.json"),
+        r#"{"rows": [{"id": "r", "photos": []}]}"#,
+    );
+    env.wait(Some(&d), 20, "3 archived", || env.count("archived") == 3);
+    for f in &files {
+        fs::remove_file(f).unwrap();
+    }
+    env.write_config(&t.replace("archived_cache_limit = 100", "archived_cache_limit = 1"));
+    let out = env.cli_ok(&["reload"]);
+    assert!(out.contains("applied: retention"), "{out}");
+    env.wait(Some(&d), 20, "2 records expired", || {
+        env.events()
+            .iter()
+            .filter(|e| e["kind"] == "expired")
+            .count()
+            == 2
+    });
+    assert_eq!(env.count("archived"), 1, "{}", env.dump(Some(&d)));
+}

@@ -305,6 +305,11 @@ impl Governor {
         written
     }
 
+    /// `retention.archived_cache_limit` as in force now.
+    pub fn archived_cache_limit(&self) -> u64 {
+        self.live().retention.archived_cache_limit
+    }
+
     /// `retention.delete_unreferenced_remote` as in force now.
     pub fn delete_unreferenced_remote(&self) -> bool {
         self.live().retention.delete_unreferenced_remote
