@@ -225,14 +225,21 @@ impl Worker {
         // A previous attempt may have reached the remote without us learning it: check
         // before sending the whole file again.
         if check_before_send(&att, self.rebuilt_at) {
-            if let Ok(Some(obj)) = self.remote.head(&att.object_key) {
+            match self.remote.head(&att.object_key) {
                 // Only a checksum match counts: a same-sized object with other bytes is
                 // overwritten by the upload below.
-                if obj.size == att.size as u64 && obj.sha256.as_deref() == Some(att.sha256.as_str())
+                Ok(Some(obj))
+                    if obj.size == att.size as u64
+                        && obj.sha256.as_deref() == Some(att.sha256.as_str()) =>
                 {
                     self.mark_synced(&att, obj.etag.as_deref(), "already_present")?;
-                    if att.attempts == 0 && att.bytes_sent == 0 {
-                        // Found by the rebuild's rescan: the lost record is restored.
+                    // Found by the rebuild's rescan (a record made since, for a file older
+                    // than the rebuild, that sent nothing): the lost record is restored,
+                    // even when its first attempts failed (a refused or unreachable remote).
+                    let found_by_rebuild = self
+                        .rebuilt_at
+                        .is_some_and(|at| att.created_at >= at && att.mtime_ns / 1_000_000 <= at);
+                    if found_by_rebuild && att.bytes_sent == 0 {
                         let s = self.store.borrow();
                         s.log_event(
                             EventKind::Repaired,
@@ -243,6 +250,14 @@ impl Worker {
                     }
                     return Ok(Done::Finished);
                 }
+                // The remote is busy or unreachable: the question is asked again on the
+                // retry rather than answered by sending the whole file (bytes a metered
+                // link pays for, likely refused the same way). Other refusals (a backend
+                // that cannot presign a HEAD) leave it to the upload.
+                Err(e) if matches!(e.class, ErrorClass::Transient { .. }) => {
+                    return self.failed_attempt(&att, e);
+                }
+                _ => {}
             }
         }
 

@@ -34,7 +34,9 @@ fn ids(env: &Env) -> BTreeSet<(String, String)> {
 
 /// 20 synced photos; then `damage` is done to the stopped daemon's database and it is
 /// started again. Returns the environment for the caller's own checks.
-fn rebuild_after(damage: impl FnOnce(&Env), expect_kept: bool) {
+/// `busy`: answers the server refuses with 503 right after the damage, so some photos'
+/// first attempts after the rebuild fail before they are found in the remote.
+fn rebuild_after(damage: impl FnOnce(&Env), expect_kept: bool, busy: u32) {
     let server = S3Server::start();
     let proxy = FaultProxy::start(server.addr());
     let env = Env::new(&S3Server::remote_toml(&proxy.endpoint(), SECRET_KEY, ""));
@@ -55,6 +57,7 @@ fn rebuild_after(damage: impl FnOnce(&Env), expect_kept: bool) {
 
     damage(&env);
     proxy.wait_closed(Duration::from_secs(10));
+    proxy.fail_503(busy);
     let sent_before = proxy.up_bytes();
     let d = env.spawn();
     env.wait(Some(&d), 60, "20 synced again", || {
@@ -135,6 +138,20 @@ fn a_deleted_database_is_rebuilt_without_uploading_again() {
             }
         },
         false,
+        0,
+    );
+}
+
+#[test]
+fn a_deleted_database_is_rebuilt_and_repaired_even_when_first_attempts_fail() {
+    rebuild_after(
+        |env| {
+            for f in ["queue.db", "queue.db-wal", "queue.db-shm"] {
+                let _ = fs::remove_file(env.state.join(f));
+            }
+        },
+        false,
+        4,
     );
 }
 
@@ -152,5 +169,6 @@ fn a_corrupt_database_is_kept_aside_and_rebuilt_without_uploading_again() {
             f.sync_all().unwrap();
         },
         true,
+        0,
     );
 }
