@@ -36,6 +36,14 @@ pub const DEMO_TOML: &str = include_str!("../config/demo.toml");
 /// Where the daemon looks for its configuration when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/fieldsync/fieldsync.toml";
 
+/// How errors name the configuration a daemon runs on: its file, or the embedded demo.
+pub fn source_name(path: Option<&Path>) -> String {
+    path.map_or_else(
+        || "<embedded demo config>".to_string(),
+        |p| p.display().to_string(),
+    )
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config {file}: cannot read: {source}")]
@@ -52,6 +60,32 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
+}
+
+impl ConfigError {
+    /// A problem found once the file parsed: in a file a key names (a credentials file, a
+    /// CA bundle, a password or token file) or in what the values amount to (no
+    /// credentials at all). `line` starts with the key it is about, as the remotes' and
+    /// MQTT's errors do (`remote.s3.ca_bundle /x.pem: …`, `remote.s3: no credentials: …`,
+    /// `mqtt.password_file /x: …`); it becomes ``config <file>: key `<key>`: <the rest>``,
+    /// the form of every other configuration error.
+    pub fn keyed(file: &str, line: &str) -> ConfigError {
+        let line = one_line(line);
+        let end = line.find([' ', ':']).unwrap_or(line.len());
+        let (key, rest) = line.split_at(end);
+        let rest = rest.trim_start_matches(':').trim_start();
+        let (key, message) = if key.is_empty() || rest.is_empty() {
+            ("top level".to_string(), line.clone())
+        } else {
+            (format!("key `{key}`"), rest.to_string())
+        };
+        ConfigError::Invalid {
+            file: file.to_string(),
+            location: String::new(),
+            key,
+            message,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -477,6 +511,24 @@ fn one_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keyed_errors_name_the_file_and_the_key() {
+        let e = |line: &str| ConfigError::keyed("/etc/f.toml", line).to_string();
+        assert_eq!(
+            e("remote.s3.ca_bundle /x.pem: No such file or directory (os error 2)"),
+            "config /etc/f.toml: key `remote.s3.ca_bundle`: /x.pem: No such file or directory (os error 2)"
+        );
+        assert_eq!(
+            e("remote.s3: no credentials: set access_key_id"),
+            "config /etc/f.toml: key `remote.s3`: no credentials: set access_key_id"
+        );
+        assert_eq!(
+            e("mqtt TLS: bad\nthing"),
+            "config /etc/f.toml: key `mqtt`: TLS: bad thing"
+        );
+        assert_eq!(e("oops"), "config /etc/f.toml: top level: oops");
+    }
 
     fn err(text: &str) -> String {
         Config::parse(text, "/etc/x.toml").unwrap_err().to_string()

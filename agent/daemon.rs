@@ -18,12 +18,12 @@ use crate::bus::{
 };
 use crate::conditions::governor::{self, Governor};
 use crate::conditions::monitor;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::ingest::{absolute, Ingestor};
 use crate::publisher::{self, PublishLoop, Publisher};
 use crate::reload::{self, Reloader};
 use crate::remote::{self, Remote};
-use crate::reporter::{self, Reporter};
+use crate::reporter::{self, Reporter, ReporterError};
 use crate::store::{Store, StoreError};
 use crate::util::now_ms;
 use crate::watcher::{self, IngestLoop, IngestSink, SettleTimes};
@@ -41,9 +41,10 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// Starts with the key it is about (`remote.s3.ca_bundle …`): no prefix of its own.
-    #[error("{0}")]
-    Remote(String),
+    /// The configuration names a file that cannot be used (credentials, CA bundle,
+    /// password) or lacks credentials: exit 2, like any configuration error.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("watch {path}: {source}")]
     Watch { path: String, source: notify::Error },
     #[error(transparent)]
@@ -198,6 +199,8 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         let _in_runtime = runtime.enter();
         Signals::install()?
     };
+    // How configuration errors name the file (as `config check` does).
+    let config_name = crate::config::source_name(opts.config_path.as_deref());
     let state_dir = absolute(&cfg.paths.state_dir);
     mkdir(&state_dir)?;
     // Capture never stops because of the agent: make sure the folder exists to watch it.
@@ -231,8 +234,16 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         info!(id = %r.id, path = %r.path, from = %r.from, to = %r.to, reason = %r.reason, "repaired at start-up");
     }
 
-    let remote: Arc<dyn Remote> =
-        Arc::from(remote::build(&cfg.remote, &cfg.device_id).map_err(DaemonError::Remote)?);
+    let remote: Arc<dyn Remote> = Arc::from(
+        remote::build(&cfg.remote, &cfg.device_id)
+            .map_err(|e| ConfigError::keyed(&config_name, &e))?,
+    );
+    if let Some(m) = &cfg.mqtt {
+        // The password file and certificates, read before the start is logged: one that
+        // cannot be used is the one line of a configuration error, as with `config check`.
+        crate::mqtt::options(m, "check", None)
+            .map_err(|e| ConfigError::keyed(&config_name, &e.to_string()))?;
+    }
     info!(
         version = env!("CARGO_PKG_VERSION"),
         device = %cfg.device_id,
@@ -249,12 +260,12 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
     // after every other part so `offline` comes last.
     let (reload_tx, reload_rx) = unbounded_channel::<ReloadMsg>();
     let mut reporter = match &cfg.mqtt {
-        Some(m) => Some(Reporter::new(
-            m,
-            &cfg.device_id,
-            &db_path,
-            remote.describe(),
-        )?),
+        Some(m) => Some(
+            Reporter::new(m, &cfg.device_id, &db_path, remote.describe()).map_err(|e| match e {
+                ReporterError::Mqtt(e) => ConfigError::keyed(&config_name, &e.to_string()).into(),
+                ReporterError::Store(e) => DaemonError::from(e),
+            })?,
+        ),
         None => None,
     };
     let (assign_tx, assign_rx) = unbounded_channel::<Vec<u8>>();
@@ -360,7 +371,8 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         path: opts.config_path.clone(),
         handled: reload_store.reload_requested()?.unwrap_or(0),
         mqtt_current: match &cfg.mqtt {
-            Some(m) => crate::mqtt::login(m).map_err(crate::reporter::ReporterError::from)?,
+            Some(m) => crate::mqtt::login(m)
+                .map_err(|e| ConfigError::keyed(&config_name, &e.to_string()))?,
             None => None,
         },
         mqtt_login: reporter.as_ref().map(Reporter::login_slot),

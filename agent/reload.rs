@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use crate::bus::{ReloadMsg, ReloadSource, SchedMsg};
 use crate::conditions::governor::Governor;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::remote::{Remote, RemoteConfig};
 use crate::reporter::LoginSlot;
 use crate::store::{EventKind, EventOutcome, Store};
@@ -300,13 +300,17 @@ impl Reloader {
             Some(p) => Config::load(p).map_err(|e| e.to_string())?,
             None => Config::demo(),
         };
+        // A file the new configuration names that cannot be used is refused in the form
+        // of every configuration error, naming the file and the key.
+        let file = crate::config::source_name(self.path.as_deref());
+        let keyed = |e: String| ConfigError::keyed(&file, &e).to_string();
         let plan = plan(&self.running, &new);
         // Everything is read before anything is applied: a secret file that cannot be
         // read refuses the reload as `config check` would.
         let login = match (&new.mqtt, &self.mqtt_login) {
             (Some(m), Some(_)) if !plan.restart.iter().any(|k| k == "mqtt") => {
-                crate::mqtt::options(m, "check", None).map_err(|e| e.to_string())?;
-                crate::mqtt::login(m).map_err(|e| e.to_string())?
+                crate::mqtt::options(m, "check", None).map_err(|e| keyed(e.to_string()))?;
+                crate::mqtt::login(m).map_err(|e| keyed(e.to_string()))?
             }
             _ => None,
         };
@@ -315,7 +319,8 @@ impl Reloader {
         let remote_moved = plan.restart.iter().any(|k| k.starts_with("remote."));
         let creds_changed = self
             .remote
-            .reload_credentials((!remote_moved).then_some(&new.remote))?;
+            .reload_credentials((!remote_moved).then_some(&new.remote))
+            .map_err(keyed)?;
         if plan.conditions || plan.retention {
             // In force (rate limit included) and in status before the reload is answered.
             if let Err(e) =

@@ -373,6 +373,7 @@ impl Reporter {
             look_at: None,
             hold_until: None,
             last_status: None,
+            status_owed: false,
             closed: false,
             reload: None,
             assignments: None,
@@ -673,6 +674,9 @@ struct Core {
     /// Nothing is tried before this: the request channel was full, or the store failed.
     hold_until: Option<Instant>,
     last_status: Option<Snapshot>,
+    /// Connected, and the session's first status not yet handed to the client: events
+    /// wait for it.
+    status_owed: bool,
     /// Our DISCONNECT went out (a clean stop).
     closed: bool,
     /// Where `cmd/reload` goes (the daemon's reloader).
@@ -781,6 +785,7 @@ impl Core {
             None,
         );
         self.gate.reset();
+        self.status_owed = true;
         self.events_pending = true;
         self.tick()
     }
@@ -805,31 +810,48 @@ impl Core {
             // wake-up): look again once the status may be published again.
             self.look_at = Some(now + STATUS_MIN_GAP);
         }
+        if self.status_owed {
+            // A new session: `online` went first, then the current status, and only then
+            // the events the broker missed (README "MQTT"). Until that status is handed to
+            // the client (the channel may be full) no event goes out.
+            self.report_status(now)?;
+            if self.status_owed {
+                return Ok(());
+            }
+        }
         self.pump_events()?;
-        if let Some(heartbeat) = self.gate.due(now) {
-            if heartbeat || self.last_status.is_none() {
-                self.device = self.sampler.sample();
+        self.report_status(now)
+    }
+
+    /// Publishes the status snapshot if the gate says it is due (and it is news, or the
+    /// heartbeat).
+    fn report_status(&mut self, now: Instant) -> Result<(), StoreError> {
+        let Some(heartbeat) = self.gate.due(now) else {
+            return Ok(());
+        };
+        if heartbeat || self.last_status.is_none() {
+            self.device = self.sampler.sample();
+        }
+        let snap = status::snapshot_with(
+            &self.store,
+            &self.device_id,
+            &self.remote,
+            true,
+            self.device.clone(),
+        )?;
+        let news = self
+            .last_status
+            .as_ref()
+            .is_none_or(|prev| !same_news(prev, &snap));
+        if heartbeat || news {
+            let payload = mqtt::encode(self.format, &snap);
+            if self.publish(self.topics.status(), true, payload, None) {
+                self.gate.sent(Instant::now());
+                self.last_status = Some(snap);
+                self.status_owed = false;
             }
-            let snap = status::snapshot_with(
-                &self.store,
-                &self.device_id,
-                &self.remote,
-                true,
-                self.device.clone(),
-            )?;
-            let news = self
-                .last_status
-                .as_ref()
-                .is_none_or(|prev| !same_news(prev, &snap));
-            if heartbeat || news {
-                let payload = mqtt::encode(self.format, &snap);
-                if self.publish(self.topics.status(), true, payload, None) {
-                    self.gate.sent(Instant::now());
-                    self.last_status = Some(snap);
-                }
-            } else {
-                self.gate.unchanged();
-            }
+        } else {
+            self.gate.unchanged();
         }
         Ok(())
     }
@@ -1098,6 +1120,7 @@ mod tests {
             look_at: None,
             hold_until: None,
             last_status: None,
+            status_owed: false,
             closed: false,
             reload: None,
             assignments: None,

@@ -475,6 +475,75 @@ fn a_capture_path_that_is_a_file_or_an_uncreatable_state_dir_is_a_config_error()
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
 
+/// README "Configuration": a file the config names that cannot be used (credentials, CA
+/// bundle, password, token), or no credentials at all, stops `config check` and `run` with
+/// the one line of every configuration error: ``config <file>: key `<key>`: …``, exit 2,
+/// no secret in it.
+#[test]
+fn unusable_credential_ca_and_password_files_are_config_errors_naming_file_and_key() {
+    const SECRET_KEY: &str = "s3cr3t-never-printed-9271";
+    let s3 = |extra: &str| {
+        format!(
+            "[remote]\nkind = \"s3\"\nprefix = \"fs\"\n[remote.s3]\n\
+             endpoint = \"http://127.0.0.1:9\"\nbucket = \"bkt\"\n{extra}\n"
+        )
+    };
+    let keys = format!("access_key_id = \"AKIDTEST\"\nsecret_access_key = \"{SECRET_KEY}\"");
+    let cases = [
+        (s3(""), "remote.s3", "no credentials"),
+        (
+            s3(&format!("{keys}\nca_bundle = \"/nonexistent.pem\"")),
+            "remote.s3.ca_bundle",
+            "/nonexistent.pem",
+        ),
+        (
+            s3("credentials_file = \"/nonexistent\""),
+            "remote.s3.credentials_file",
+            "/nonexistent",
+        ),
+        (
+            "[mqtt]\nhost = \"127.0.0.1\"\nport = 9\nusername = \"dev\"\n\
+             password_file = \"/nonexistent-password\"\n"
+                .to_string(),
+            "mqtt.password_file",
+            "/nonexistent-password",
+        ),
+        (
+            "[remote]\nkind = \"http\"\nprefix = \"fs\"\n[remote.http]\n\
+             endpoint = \"http://127.0.0.1:9\"\ntoken_file = \"/nonexistent-token\"\n"
+                .to_string(),
+            "remote.http.token_file",
+            "/nonexistent-token",
+        ),
+    ];
+    for (extra, key, detail) in cases {
+        let env = Env::new(&extra);
+        let cfg = env.config.display().to_string();
+        for args in [&["config", "check"][..], &["run", "--until-idle"][..]] {
+            let out = env
+                .command()
+                .arg("--config")
+                .arg(&env.config)
+                .args(args)
+                .env_remove("AWS_ACCESS_KEY_ID")
+                .env_remove("AWS_SECRET_ACCESS_KEY")
+                .env_remove("AWS_SESSION_TOKEN")
+                .env_remove("FIELDSYNC_DEVICE_TOKEN")
+                .output()
+                .unwrap();
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(2), "{key} {args:?}: {err}");
+            assert_eq!(err.trim_end().lines().count(), 1, "{key} {args:?}: {err}");
+            assert!(
+                err.starts_with(&format!("fieldsync: config {cfg}: key `{key}`: ")),
+                "{key} {args:?}: {err}"
+            );
+            assert!(err.contains(detail), "{key} {args:?}: {err}");
+            assert!(!err.contains(SECRET_KEY), "{key} {args:?}: {err}");
+        }
+    }
+}
+
 #[test]
 fn error_lines_name_the_table_or_say_syntax_error_and_are_one_line() {
     let mut env = Env::new("");

@@ -340,6 +340,28 @@ fn a_rotated_device_token_file_is_picked_up_without_restart() {
     assert!(d.log_text().contains("device token re-read"));
     assert!(!d.log_text().contains(TOKEN));
     assert_eq!(d.log_text().matches("fieldsync started").count(), 1);
+
+    // A token file that is gone refuses the reload with the one line of every
+    // configuration error: the file, the key, what is wrong.
+    let gone = env.dir.path().join("no-such-token");
+    let t = env.toml.replace(
+        &token_file.display().to_string(),
+        &gone.display().to_string(),
+    );
+    env.write_config(&t);
+    let out = env.cli(&["reload"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "fieldsync: config {}: key `remote.http.token_file`: {}: ",
+            env.config.display(),
+            gone.display()
+        )),
+        "{err}"
+    );
+    assert!(!err.contains(TOKEN), "{err}");
 }
 
 fn limit(env: &Env) -> Value {

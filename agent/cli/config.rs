@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::config::{Config, DEFAULT_PATH};
+use crate::config::{Config, ConfigError, DEFAULT_PATH};
 
 use super::error::{exit, CliError};
 
@@ -11,11 +11,12 @@ use super::error::{exit, CliError};
 pub fn check(cfg: &Config, path: Option<&Path>, embedded: bool) -> Result<i32, CliError> {
     let src = source(path, embedded);
     cfg.check_paths(&src, false)?;
-    crate::remote::build(&cfg.remote, &cfg.device_id).map_err(|e| CliError::new(exit::USAGE, e))?;
+    // Reads the credentials and CA files, as the daemon will.
+    crate::remote::build(&cfg.remote, &cfg.device_id).map_err(|e| ConfigError::keyed(&src, &e))?;
     if let Some(m) = &cfg.mqtt {
         // Reads the password file and certificates, as the daemon will.
         crate::mqtt::options(m, "check", None)
-            .map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+            .map_err(|e| ConfigError::keyed(&src, &e.to_string()))?;
     }
     println!("config {src}: ok");
     Ok(exit::OK)

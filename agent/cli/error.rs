@@ -55,6 +55,7 @@ impl From<DaemonError> for CliError {
     fn from(e: DaemonError) -> Self {
         let code = match e {
             DaemonError::AlreadyRunning { .. } => exit::ALREADY_RUNNING,
+            DaemonError::Config(_) => exit::USAGE,
             _ => exit::FAILURE,
         };
         CliError::new(code, e.to_string())

@@ -204,8 +204,8 @@ fn parse_broker(s: &str) -> Result<(String, u16), CliError> {
     Ok((host.to_string(), port))
 }
 
-/// Runs `fieldsync fleet`.
-pub fn run(cfg: &Config, args: FleetArgs) -> Result<i32, CliError> {
+/// Runs `fieldsync fleet`; `src` names the configuration in its errors.
+pub fn run(cfg: &Config, src: &str, args: FleetArgs) -> Result<i32, CliError> {
     let mut m = cfg.mqtt.clone().unwrap_or_default();
     if let Some(b) = &args.broker {
         let (host, port) = parse_broker(b)?;
@@ -225,7 +225,7 @@ pub fn run(cfg: &Config, args: FleetArgs) -> Result<i32, CliError> {
         fastrand::u32(..)
     );
     let opts = mqtt::options(&m, &client_id, None)
-        .map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+        .map_err(|e| crate::config::ConfigError::keyed(src, &e.to_string()))?;
     #[cfg(feature = "dashboard")]
     if let Some(addr) = args.serve {
         let serve = serve::ServeArgs {

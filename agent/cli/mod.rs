@@ -265,14 +265,13 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             "no config file given and {DEFAULT_PATH} absent: using the embedded demo config"
         );
     }
+    // How configuration errors name the configuration.
+    let src = config::source(cli.config.as_deref(), loaded.embedded);
     match cli.command {
         Command::Run { until_idle } => {
             // A capture folder that is a file, or a state directory that cannot be
             // created, is the configuration's fault: exit 2 naming the key, once.
-            cfg.check_paths(
-                &config::source(cli.config.as_deref(), loaded.embedded),
-                true,
-            )?;
+            cfg.check_paths(&src, true)?;
             let path = match cli.config {
                 Some(p) => Some(p),
                 None if loaded.embedded => None,
@@ -309,7 +308,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             checklist,
             row,
         } => queue::enqueue(&cfg, &file, checklist, row),
-        Command::Verify { json, remote, rate } => queue::verify(&cfg, json, remote, rate),
+        Command::Verify { json, remote, rate } => queue::verify(&cfg, &src, json, remote, rate),
         Command::Expire { limit, json } => expire::run(&cfg, limit, json),
         Command::Pause => queue::pause(&cfg),
         Command::Resume => queue::resume(&cfg),
@@ -322,6 +321,6 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         #[cfg(feature = "bench")]
         Command::Bench(args) => bench::run(args),
         #[cfg(feature = "fleet")]
-        Command::Fleet(args) => fleet::run(&cfg, args),
+        Command::Fleet(args) => fleet::run(&cfg, &src, args),
     }
 }

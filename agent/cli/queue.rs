@@ -86,7 +86,14 @@ pub fn enqueue(cfg: &Config, file: &Path, checklist: String, row: String) -> Res
     Ok(exit::OK)
 }
 
-pub fn verify(cfg: &Config, json: bool, remote: bool, rate: f64) -> Result<i32, CliError> {
+/// `src` names the configuration in its errors.
+pub fn verify(
+    cfg: &Config,
+    src: &str,
+    json: bool,
+    remote: bool,
+    rate: f64,
+) -> Result<i32, CliError> {
     let mut store = open_store(cfg)?;
     let ingestor = cfg.ingestor();
     let repairs = verify::repair(&mut store, &ingestor)?;
@@ -105,7 +112,7 @@ pub fn verify(cfg: &Config, json: bool, remote: bool, rate: f64) -> Result<i32, 
         ));
     }
     let r = crate::remote::build(&cfg.remote, &cfg.device_id)
-        .map_err(|e| CliError::new(exit::USAGE, e))?;
+        .map_err(|e| crate::config::ConfigError::keyed(src, &e))?;
     let state_dir = absolute(&cfg.paths.state_dir);
     // The conditions the daemon decides uploads by hold for this run too: it stops (and
     // goes on next time) while uploads are paused. Without a daemon only the operator's
