@@ -450,8 +450,7 @@ fn syntax_subject(
     ("syntax error".into(), message)
 }
 
-/// Whether one path is inside the other (or both are the same), compared component by
-/// component after resolving `.` and `..` lexically (the folders may not exist yet).
+/// Why `paths.inbox` is refused when it overlaps `paths.capture`.
 const INBOX_OVERLAP: &str = "expected a folder outside paths.capture (and not containing it): downloaded files must not be uploaded back";
 
 /// `p` with its links resolved: the nearest existing folder canonicalized, the rest as
@@ -481,6 +480,8 @@ fn resolved(p: &Path) -> PathBuf {
     }
 }
 
+/// Whether one path is inside the other (or both are the same), compared component by
+/// component after resolving `.` and `..` lexically (the folders may not exist yet).
 fn overlaps(a: &Path, b: &Path) -> bool {
     fn norm(p: &Path) -> PathBuf {
         let mut out = PathBuf::new();
