@@ -129,30 +129,21 @@ fn rebuild_after(damage: impl FnOnce(&Env), expect_kept: bool, busy: u32) {
     assert_eq!(check, "ok");
 }
 
+/// The queue database and its WAL files gone (a card wiped, a path mistyped).
+fn delete_database(env: &Env) {
+    for f in ["queue.db", "queue.db-wal", "queue.db-shm"] {
+        let _ = fs::remove_file(env.state.join(f));
+    }
+}
+
 #[test]
 fn a_deleted_database_is_rebuilt_without_uploading_again() {
-    rebuild_after(
-        |env| {
-            for f in ["queue.db", "queue.db-wal", "queue.db-shm"] {
-                let _ = fs::remove_file(env.state.join(f));
-            }
-        },
-        false,
-        0,
-    );
+    rebuild_after(delete_database, false, 0);
 }
 
 #[test]
 fn a_deleted_database_is_rebuilt_and_repaired_even_when_first_attempts_fail() {
-    rebuild_after(
-        |env| {
-            for f in ["queue.db", "queue.db-wal", "queue.db-shm"] {
-                let _ = fs::remove_file(env.state.join(f));
-            }
-        },
-        false,
-        4,
-    );
+    rebuild_after(delete_database, false, 4);
 }
 
 #[test]

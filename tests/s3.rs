@@ -20,6 +20,19 @@ fn s3_env(endpoint: &str, secret: &str, s3_extra: &str) -> Env {
     Env::new(&S3Server::remote_toml(endpoint, secret, s3_extra))
 }
 
+/// An environment sending 5 MiB parts (multipart above 5 MiB) through a fault proxy in
+/// front of a fresh server; `extra`: more `[remote.s3]` keys.
+fn multipart_behind_proxy(extra: &str) -> (S3Server, FaultProxy, Env) {
+    let server = S3Server::start();
+    let proxy = FaultProxy::start(server.addr());
+    let env = s3_env(
+        &proxy.endpoint(),
+        SECRET_KEY,
+        &format!("multipart_threshold = \"5MiB\"\npart_size = \"5MiB\"\n{extra}"),
+    );
+    (server, proxy, env)
+}
+
 /// Adds keys to the `[upload]` table of the environment's config.
 fn upload_settings(env: &mut Env, lines: &str) {
     let t = env
@@ -126,14 +139,8 @@ fn hundred_photos_of_mixed_sizes_land_byte_identical_under_their_keys() {
 
 #[test]
 fn killed_mid_multipart_resumes_and_resends_at_most_one_part() {
-    let server = S3Server::start();
-    let proxy = FaultProxy::start(server.addr());
+    let (server, proxy, env) = multipart_behind_proxy("");
     let part = 5 * MIB as u64;
-    let env = s3_env(
-        &proxy.endpoint(),
-        SECRET_KEY,
-        "multipart_threshold = \"5MiB\"\npart_size = \"5MiB\"",
-    );
     let size = 100_000_000u64;
     let data = bytes(42, size as usize);
     env.drop_file("pump-7/row-3/VID_0001.mp4", &data);
@@ -179,13 +186,7 @@ fn killed_mid_multipart_resumes_and_resends_at_most_one_part() {
 
 #[test]
 fn forgotten_upload_id_starts_a_fresh_multipart_upload() {
-    let server = S3Server::start();
-    let proxy = FaultProxy::start(server.addr());
-    let env = s3_env(
-        &proxy.endpoint(),
-        SECRET_KEY,
-        "multipart_threshold = \"5MiB\"\npart_size = \"5MiB\"",
-    );
+    let (server, proxy, env) = multipart_behind_proxy("");
     env.drop_file("c/r/big.jpg", &bytes(5, 30_000_000));
     proxy.set_throttle(10_000_000);
     let mut d = env.spawn();
@@ -214,13 +215,7 @@ fn forgotten_upload_id_starts_a_fresh_multipart_upload() {
 
 #[test]
 fn dropped_connections_mid_part_and_mid_put_leave_one_good_object() {
-    let server = S3Server::start();
-    let proxy = FaultProxy::start(server.addr());
-    let env = s3_env(
-        &proxy.endpoint(),
-        SECRET_KEY,
-        "multipart_threshold = \"5MiB\"\npart_size = \"5MiB\"",
-    );
+    let (server, proxy, env) = multipart_behind_proxy("");
     let d = env.spawn();
     // Mid second part of a three-part upload.
     proxy.reset_after(7_000_000);
@@ -253,13 +248,7 @@ fn dropped_connections_mid_part_and_mid_put_leave_one_good_object() {
 
 #[test]
 fn burst_of_503_is_retried_without_duplicates() {
-    let server = S3Server::start();
-    let proxy = FaultProxy::start(server.addr());
-    let env = s3_env(
-        &proxy.endpoint(),
-        SECRET_KEY,
-        "multipart_threshold = \"5MiB\"\npart_size = \"5MiB\"",
-    );
+    let (server, proxy, env) = multipart_behind_proxy("");
     proxy.fail_503(8);
     env.drop_file("c/r/multi.jpg", &bytes(1, 11 * MIB));
     for i in 0..4 {
@@ -418,13 +407,7 @@ fn server_down_then_back_completes_with_growing_backoff() {
 
 #[test]
 fn sigterm_during_large_upload_exits_zero_fast_and_resumes_without_resending_parts() {
-    let server = S3Server::start();
-    let proxy = FaultProxy::start(server.addr());
-    let env = s3_env(
-        &proxy.endpoint(),
-        SECRET_KEY,
-        "multipart_threshold = \"5MiB\"\npart_size = \"5MiB\"",
-    );
+    let (server, proxy, env) = multipart_behind_proxy("");
     let size = 60_000_000u64;
     env.drop_file("c/r/VID_0002.mp4", &bytes(9, size as usize));
     proxy.set_throttle(8_000_000);
@@ -509,13 +492,7 @@ fn object_stored_but_answer_lost_is_not_sent_again() {
 
 #[test]
 fn abandoned_multipart_upload_is_aborted() {
-    let server = S3Server::start();
-    let proxy = FaultProxy::start(server.addr());
-    let env = s3_env(
-        &proxy.endpoint(),
-        SECRET_KEY,
-        "multipart_threshold = \"5MiB\"\npart_size = \"5MiB\"",
-    );
+    let (server, proxy, env) = multipart_behind_proxy("");
     let p = env.drop_file("c/r/gone.jpg", &bytes(6, 40_000_000));
     proxy.set_throttle(8_000_000);
     let d = env.spawn();
@@ -536,13 +513,7 @@ fn abandoned_multipart_upload_is_aborted() {
 fn file_overwritten_during_upload_never_ends_synced_with_mixed_bytes() {
     // Uploads skip re-hashing when the file's ctime proves it unchanged since ingest; a
     // write in the middle of the upload must still be caught.
-    let server = S3Server::start();
-    let proxy = FaultProxy::start(server.addr());
-    let env = s3_env(
-        &proxy.endpoint(),
-        SECRET_KEY,
-        "multipart_threshold = \"5MiB\"\npart_size = \"5MiB\"",
-    );
+    let (server, proxy, env) = multipart_behind_proxy("");
     let size = 20_000_000usize;
     let p = env.drop_file("c/r/VID.mp4", &bytes(1, size));
     proxy.set_throttle(6_000_000);
@@ -597,13 +568,7 @@ fn battery(env: &Env, percent: u8, status: &str) {
 
 #[test]
 fn condition_lost_mid_multipart_resumes_without_resending_parts() {
-    let server = S3Server::start();
-    let proxy = FaultProxy::start(server.addr());
-    let env = s3_env(
-        &proxy.endpoint(),
-        SECRET_KEY,
-        "multipart_threshold = \"5MiB\"\npart_size = \"5MiB\"",
-    );
+    let (server, proxy, env) = multipart_behind_proxy("");
     battery(&env, 80, "Discharging");
     let size = 40_000_000u64;
     env.drop_file("c/r/VID_0003.mp4", &bytes(11, size as usize));
@@ -645,14 +610,8 @@ fn a_locked_queue_database_stops_the_upload_before_another_part_is_sent() {
     // Another writer (an operator's `sqlite3 queue.db`) holds the database longer than
     // the daemon's busy timeout (10 s) while a part is acknowledged: that part cannot be
     // committed, so no further part may be sent — a crash then would re-send them all.
-    let server = S3Server::start();
-    let proxy = FaultProxy::start(server.addr());
+    let (server, proxy, env) = multipart_behind_proxy("");
     let part = 5 * MIB as u64;
-    let env = s3_env(
-        &proxy.endpoint(),
-        SECRET_KEY,
-        "multipart_threshold = \"5MiB\"\npart_size = \"5MiB\"",
-    );
     let size = 40_000_000u64;
     env.drop_file("c/r/VID_0004.mp4", &bytes(12, size as usize));
     proxy.set_throttle(5_000_000);
@@ -693,14 +652,8 @@ fn a_locked_queue_database_stops_the_upload_before_another_part_is_sent() {
 
 #[test]
 fn parallel_parts_land_byte_identical_and_resume_after_kill9() {
-    let server = S3Server::start();
-    let proxy = FaultProxy::start(server.addr());
+    let (server, proxy, env) = multipart_behind_proxy("part_concurrency = 4");
     let part = 5 * MIB as u64;
-    let env = s3_env(
-        &proxy.endpoint(),
-        SECRET_KEY,
-        "multipart_threshold = \"5MiB\"\npart_size = \"5MiB\"\npart_concurrency = 4",
-    );
     let size = 60_000_000u64;
     env.drop_file("c/r/VID_par.mp4", &bytes(77, size as usize));
     proxy.set_throttle(3_000_000);
