@@ -245,6 +245,7 @@ fn broker_outage_uploads_go_on_and_status_is_current_after_reconnect() {
     });
 
     broker.stop();
+    let before_all = sub.all().len();
     for i in 0..3u64 {
         env.drop_file(&format!("c/r/offline-{i}.jpg"), &bytes(100 + i, 30_000));
     }
@@ -279,6 +280,33 @@ fn broker_outage_uploads_go_on_and_status_is_current_after_reconnect() {
         },
     );
     assert!(state_is(&sub, "online"));
+    // README "MQTT": on reconnect `online`, then the current status, then the events it
+    // could not deliver. The persistent session records the order on the broker's side:
+    // what the agent publishes after the restart is queued for it as the broker received
+    // it, whether the subscriber reconnected first or not, and no retained copy from
+    // before the outage mixes in (retained messages come only on SUBSCRIBE).
+    let all = sub.all();
+    // From the reconnect's `online` on (a message the broker had not yet delivered when
+    // it stopped may be redelivered first).
+    let online = all[before_all..]
+        .iter()
+        .position(|m| m.topic.ends_with("/state") && m.text() == "online")
+        .unwrap_or_else(|| panic!("no `online` after the restart:\n{}", sub.dump()));
+    let since = &all[before_all + online..];
+    let first = |suffix: &str| since.iter().position(|m| m.topic.ends_with(suffix));
+    let status =
+        first("/status").unwrap_or_else(|| panic!("no status after the restart:\n{}", sub.dump()));
+    let event = first("/events").expect("events");
+    let order: Vec<String> = since
+        .iter()
+        .map(|m| m.topic.rsplit('/').next().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        status < event,
+        "expected online, then the status, then the backlog; got {order:?}"
+    );
+    // And that first status is the current one: all three are synced in it.
+    assert_eq!(since[status].json()["counts"]["synced"]["count"], 3);
     let after: Vec<i64> = sub.on("/events")[before..]
         .iter()
         .map(|m| m.json()["seq"].as_i64().unwrap())
@@ -298,76 +326,6 @@ fn broker_outage_uploads_go_on_and_status_is_current_after_reconnect() {
     let first = &late.on("/status")[0];
     assert!(first.retain);
     assert_eq!(first.json()["counts"]["synced"]["count"], 3);
-}
-
-/// README "MQTT": on reconnect the agent republishes `online`, then the current status,
-/// then the events it could not deliver.
-///
-/// The order is recorded on the broker's side: the subscriber has a persistent session
-/// (clean session off, saved by mosquitto across the restart), so every QoS 1 message the
-/// agent publishes after the restart is queued for it in the order the broker received it,
-/// whether the subscriber has reconnected yet or not. No race with the agent's reconnect,
-/// and no retained copy from before the outage mixes in (retained messages are only sent
-/// on SUBSCRIBE, and this session does not subscribe again).
-#[test]
-fn after_a_broker_outage_online_then_the_status_then_the_backlog() {
-    let mut broker = Broker::start();
-    let env = Env::new(&broker.agent_config(""));
-    let sub = Sub::persistent(broker.port, "fieldsync/dev1/#");
-    let d = env.spawn();
-    wait(&env, &d, &sub, &broker, 30, "online with a status", || {
-        state_is(&sub, "online") && sub.last("/status").is_some()
-    });
-
-    broker.stop();
-    let before = sub.all().len();
-    for i in 0..6u64 {
-        env.drop_file(&format!("c/r/order-{i}.jpg"), &bytes(200 + i, 20_000));
-    }
-    env.wait(Some(&d), 60, "6 synced while the broker is down", || {
-        env.count("synced") == 6
-    });
-    broker.restart();
-
-    wait(
-        &env,
-        &d,
-        &sub,
-        &broker,
-        90,
-        "the outage's uploads as events and a status after reconnect",
-        || {
-            let after = &sub.all()[before..];
-            after.iter().any(|m| m.topic.ends_with("/status"))
-                && after
-                    .iter()
-                    .filter(|m| m.topic.ends_with("/events") && m.json()["kind"] == "uploaded")
-                    .count()
-                    >= 6
-        },
-    );
-    let all = sub.all();
-    // From the reconnect's `online` on (a message the broker had not yet delivered when
-    // it stopped may be redelivered first).
-    let online = all[before..]
-        .iter()
-        .position(|m| m.topic.ends_with("/state") && m.text() == "online")
-        .unwrap_or_else(|| panic!("no `online` after the restart:\n{}", sub.dump()));
-    let after = &all[before + online..];
-    let first = |suffix: &str| after.iter().position(|m| m.topic.ends_with(suffix));
-    let status =
-        first("/status").unwrap_or_else(|| panic!("no status after the restart:\n{}", sub.dump()));
-    let event = first("/events").expect("events");
-    let order: Vec<String> = after
-        .iter()
-        .map(|m| m.topic.rsplit('/').next().unwrap_or_default().to_string())
-        .collect();
-    assert!(
-        status < event,
-        "expected online, then the status, then the backlog; got {order:?}"
-    );
-    // And that first status is the current one: all six are synced in it.
-    assert_eq!(after[status].json()["counts"]["synced"]["count"], 6);
 }
 
 #[test]
