@@ -36,12 +36,16 @@ pub const DEMO_TOML: &str = include_str!("../config/demo.toml");
 /// Where the daemon looks for its configuration when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/fieldsync/fieldsync.toml";
 
-/// How errors name the configuration a daemon runs on: its file, or the embedded demo.
-pub fn source_name(path: Option<&Path>) -> String {
-    path.map_or_else(
-        || "<embedded demo config>".to_string(),
-        |p| p.display().to_string(),
-    )
+/// How errors name the configuration: the `--config` file, the default path, or the
+/// embedded demo.
+pub fn source(path: Option<&Path>, embedded: bool) -> String {
+    path.map(|p| p.display().to_string()).unwrap_or_else(|| {
+        if embedded {
+            "<embedded demo config>".into()
+        } else {
+            DEFAULT_PATH.into()
+        }
+    })
 }
 
 #[derive(Debug, thiserror::Error)]

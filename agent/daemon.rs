@@ -199,8 +199,9 @@ pub fn run(cfg: Config, opts: RunOptions, shared: Arc<Shared>) -> Result<(), Dae
         let _in_runtime = runtime.enter();
         Signals::install()?
     };
-    // How configuration errors name the file (as `config check` does).
-    let config_name = crate::config::source_name(opts.config_path.as_deref());
+    // How configuration errors name the file (as `config check` does); no path is the
+    // embedded demo.
+    let config_name = crate::config::source(opts.config_path.as_deref(), true);
     let state_dir = absolute(&cfg.paths.state_dir);
     mkdir(&state_dir)?;
     // Capture never stops because of the agent: make sure the folder exists to watch it.

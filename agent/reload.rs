@@ -302,7 +302,7 @@ impl Reloader {
         };
         // A file the new configuration names that cannot be used is refused in the form
         // of every configuration error, naming the file and the key.
-        let file = crate::config::source_name(self.path.as_deref());
+        let file = crate::config::source(self.path.as_deref(), true);
         let keyed = |e: String| ConfigError::keyed(&file, &e).to_string();
         let plan = plan(&self.running, &new);
         // Everything is read before anything is applied: a secret file that cannot be

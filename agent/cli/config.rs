@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::config::{Config, ConfigError, DEFAULT_PATH};
+use crate::config::{source, Config, ConfigError};
 
 use super::error::{exit, CliError};
 
@@ -20,16 +20,4 @@ pub fn check(cfg: &Config, path: Option<&Path>, embedded: bool) -> Result<i32, C
     }
     println!("config {src}: ok");
     Ok(exit::OK)
-}
-
-/// How errors name the configuration: the `--config` file, the default path, or the
-/// embedded demo.
-pub fn source(path: Option<&Path>, embedded: bool) -> String {
-    path.map(|p| p.display().to_string()).unwrap_or_else(|| {
-        if embedded {
-            "<embedded demo config>".into()
-        } else {
-            DEFAULT_PATH.into()
-        }
-    })
 }

@@ -266,7 +266,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         );
     }
     // How configuration errors name the configuration.
-    let src = config::source(cli.config.as_deref(), loaded.embedded);
+    let src = crate::config::source(cli.config.as_deref(), loaded.embedded);
     match cli.command {
         Command::Run { until_idle } => {
             // A capture folder that is a file, or a state directory that cannot be
