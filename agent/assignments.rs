@@ -265,7 +265,8 @@ pub fn reconcile(store: &mut Store, inbox: &Path, device: &str) -> Result<Summar
                             .file_name()
                             .map(|n| n.to_string_lossy().into_owned())
                             .unwrap_or_default(),
-                        local_uri: dest.display().to_string(),
+                        // The stored form every path has (`localfs::path_text`).
+                        local_uri: crate::localfs::path_text(&dest),
                         size: e.size as i64,
                         sha256: e.sha256.clone(),
                         object_key: e.key.clone(),

@@ -81,7 +81,8 @@ pub struct Downloader<'a> {
 
 impl Downloader<'_> {
     pub fn process(&self, att: &Attachment, ticket: &Ticket) -> Result<Done, StoreError> {
-        let dest = Path::new(&att.local_uri);
+        let dest_buf = crate::localfs::text_path(&att.local_uri);
+        let dest = dest_buf.as_path();
         let size = att.size.max(0) as u64;
         // Placed before a crash took the store write with it, or put there by hand.
         if local_matches(dest, size, &att.sha256) {
