@@ -56,7 +56,12 @@ fn photos_evicted_after_upload_still_publish_the_manifest() {
         "c1/checklist.json",
         &checklist(&[("r1", &["a.jpg", "b.jpg"])]),
     );
-    env.wait(Some(&d), 20, "manifest", || manifest(&env).is_some());
+    // The manifest is uploaded first and its publication recorded just after: wait for
+    // both, or status may be read in between.
+    env.wait(Some(&d), 20, "manifest, publication recorded", || {
+        manifest(&env).is_some()
+            && progress(&env, "c1").is_some_and(|p| p["published_at"].is_string())
+    });
     let m = manifest(&env).unwrap();
     let list = env.list();
     let atts = m["rows"][0]["attachments"].as_array().unwrap();
