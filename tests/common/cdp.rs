@@ -43,9 +43,15 @@ struct ProcessGroup(Child);
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", &format!("-{}", self.0.id())])
-            .status();
+        // The group is signalled by the call itself, never through `kill -KILL -<pid>`:
+        // procps-ng 4.0.2's kill (Debian 12) parses that as `kill(-1, SIGKILL)`, which as
+        // root kills every process on the machine, the test runner included.
+        if let Ok(pgid) = libc::pid_t::try_from(self.0.id()) {
+            if pgid > 1 {
+                // SAFETY: killpg only sends a signal; the group is the one chromium leads.
+                unsafe { libc::killpg(pgid, libc::SIGKILL) };
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
