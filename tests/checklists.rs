@@ -87,10 +87,7 @@ fn photos_evicted_after_upload_still_publish_the_manifest() {
 #[test]
 fn status_shows_what_a_checklist_waits_for_and_a_long_wait_is_reported_once() {
     let mut env = Env::new("");
-    let t = env
-        .toml
-        .replace("[upload]\n", "[upload]\nchecklist_alarm_after = \"2s\"\n");
-    env.write_config(&t);
+    env.edit_config("[upload]\n", "[upload]\nchecklist_alarm_after = \"2s\"\n");
     let mut d = env.spawn();
     env.cli_ok(&["pause"]);
     env.wait(Some(&d), 10, "paused", || env.status()["paused"] == true);

@@ -279,10 +279,7 @@ fn low_disk_evicts_uploaded_copies_oldest_first_and_never_pending_ones() {
     // A pending photo (held back by a low battery), and a threshold no disk can meet.
     battery(&env, 10, "Discharging");
     let c = env.drop_file("c/r/c.jpg", &bytes(42, 20_000));
-    let toml = env
-        .toml
-        .replace("min_free_disk = 0\n", "min_free_disk = \"1000TB\"\n");
-    env.write_config(&toml);
+    env.edit_config("min_free_disk = 0\n", "min_free_disk = \"1000TB\"\n");
     let d = env.spawn();
     env.wait(Some(&d), 20, "evicted a and b, disk_low reported", || {
         events_of(&env, "evicted").len() == 2
@@ -316,12 +313,8 @@ fn low_disk_evicts_uploaded_copies_oldest_first_and_never_pending_ones() {
 
 #[test]
 fn a_condition_lost_mid_upload_stops_it_without_failing_or_resending_finished_files() {
-    let env = env_with("bandwidth_limit = \"2MB\"", "");
-    let toml = env
-        .toml
-        .replace("[upload]\n", "[upload]\nconcurrency = 1\n");
-    let mut env = env;
-    env.write_config(&toml);
+    let mut env = env_with("bandwidth_limit = \"2MB\"", "");
+    env.edit_config("[upload]\n", "[upload]\nconcurrency = 1\n");
     battery(&env, 80, "Discharging");
     let d = env.spawn();
     for i in 0..3u64 {
@@ -506,10 +499,7 @@ fn keep_synced_files_holds_from_the_start_and_after_a_reload_without_a_new_uploa
 
     // A limit set while the daemon was stopped: it holds once it starts, with nothing
     // left to upload.
-    let toml = env
-        .toml
-        .replace("[retention]\n", "[retention]\nkeep_synced_files = 3\n");
-    env.write_config(&toml);
+    env.edit_config("[retention]\n", "[retention]\nkeep_synced_files = 3\n");
     let d = env.spawn();
     env.wait(Some(&d), 20, "one copy evicted at start", || {
         events_of(&env, "evicted").len() == 1
@@ -518,10 +508,7 @@ fn keep_synced_files_holds_from_the_start_and_after_a_reload_without_a_new_uploa
     assert!(files[1..].iter().all(|f| f.exists()));
 
     // Lowered by a reload: applied at once, still without an upload.
-    let toml = env
-        .toml
-        .replace("keep_synced_files = 3", "keep_synced_files = 1");
-    env.write_config(&toml);
+    env.edit_config("keep_synced_files = 3", "keep_synced_files = 1");
     let out = env.cli_ok(&["reload"]);
     assert!(out.contains("applied"), "{out}");
     env.wait(Some(&d), 20, "two more evicted after the reload", || {

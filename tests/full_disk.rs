@@ -62,10 +62,7 @@ fn quick_check(db: &Path) -> String {
 }
 
 fn set_min_free_disk(env: &mut Env, v: &str) {
-    let t = env
-        .toml
-        .replace("min_free_disk = 0", &format!("min_free_disk = \"{v}\""));
-    env.write_config(&t);
+    env.edit_config("min_free_disk = 0", &format!("min_free_disk = \"{v}\""));
 }
 
 fn disk_low(env: &Env) -> bool {
@@ -233,11 +230,10 @@ fn a_low_state_disk_on_its_own_volume_costs_no_photo() {
     d.terminate();
     // More free space than the 6 MB state volume can ever have; the capture disk has it.
     set_min_free_disk(&mut env, "8MB");
-    let t = env.toml.replace(
+    env.edit_config(
         "[conditions]\n",
         "[conditions]\nprobe_interval = \"200ms\"\n",
     );
-    env.write_config(&t);
     let d = env.spawn();
     env.wait(Some(&d), 20, "disk_low reported", || disk_low(&env));
     std::thread::sleep(Duration::from_secs(1));

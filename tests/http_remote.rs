@@ -130,8 +130,7 @@ fn refused_device_token_pauses_with_auth_and_never_leaks() {
     );
 
     assert_eq!(d.terminate().0, Some(0));
-    let fixed = env.toml.replace(wrong, TOKEN);
-    env.write_config(&fixed);
+    env.edit_config(wrong, TOKEN);
     let d = env.spawn();
     env.wait(Some(&d), 30, "synced", || env.count("synced") == 1);
     let a = &env.list()[0];

@@ -856,10 +856,7 @@ fn a_failed_photo_raises_one_alarm_and_its_upload_clears_it() {
 fn a_photo_pending_too_long_raises_one_alarm_until_it_uploads() {
     let broker = Broker::start();
     let mut env = Env::new(&broker.agent_config(""));
-    let t = env
-        .toml
-        .replace("[upload]\n", "[upload]\npending_alarm_after = \"2s\"\n");
-    env.write_config(&t);
+    env.edit_config("[upload]\n", "[upload]\npending_alarm_after = \"2s\"\n");
     let sub = Sub::new(broker.port, "fieldsync/dev1/#");
     env.cli_ok(&["pause"]);
     let d = env.spawn();

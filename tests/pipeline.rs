@@ -191,10 +191,7 @@ fn malformed_config_exits_2_naming_file_and_key() {
 fn photos_in_freshly_created_nested_folders_are_seen_without_a_rescan() {
     let mut env = Env::new("");
     // The periodic rescan must not be what finds them.
-    let toml = env
-        .toml
-        .replace("rescan_interval = \"2s\"", "rescan_interval = \"5m\"");
-    env.write_config(&toml);
+    env.edit_config("rescan_interval = \"2s\"", "rescan_interval = \"5m\"");
     let d = env.spawn();
     // Many folders created and filled as fast as possible: some files land before the
     // watch on their new folder exists.

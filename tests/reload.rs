@@ -52,11 +52,10 @@ fn hup(d: &Daemon) {
 fn reload_changes_a_live_setting_and_names_restart_only_changes_in_one_line() {
     let mut env = Env::new("");
     battery(&env, 40);
-    let low = env.toml.replace(
+    env.edit_config(
         "[conditions]\n",
         "[conditions]\nprobe_interval = \"200ms\"\nmin_battery_percent = 60\n",
     );
-    env.write_config(&low);
     env.drop_file("c/r/a.jpg", &bytes(1, 20_000));
     let d = env.spawn();
     env.wait(Some(&d), 20, "queued, paused battery_low", || {
@@ -65,10 +64,8 @@ fn reload_changes_a_live_setting_and_names_restart_only_changes_in_one_line() {
     let pid = d.pid();
 
     // A lower threshold (live) and more workers (restart only).
-    let t = low
-        .replace("min_battery_percent = 60", "min_battery_percent = 25")
-        .replace("[upload]\n", "[upload]\nconcurrency = 3\n");
-    env.write_config(&t);
+    env.edit_config("min_battery_percent = 60", "min_battery_percent = 25");
+    env.edit_config("[upload]\n", "[upload]\nconcurrency = 3\n");
     let out = env.cli(&["reload"]);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert_eq!(
@@ -344,11 +341,10 @@ fn a_rotated_device_token_file_is_picked_up_without_restart() {
     // A token file that is gone refuses the reload with the one line of every
     // configuration error: the file, the key, what is wrong.
     let gone = env.dir.path().join("no-such-token");
-    let t = env.toml.replace(
+    env.edit_config(
         &token_file.display().to_string(),
         &gone.display().to_string(),
     );
-    env.write_config(&t);
     let out = env.cli(&["reload"]);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(2), "{err}");

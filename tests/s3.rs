@@ -35,10 +35,7 @@ fn multipart_behind_proxy(extra: &str) -> (S3Server, FaultProxy, Env) {
 
 /// Adds keys to the `[upload]` table of the environment's config.
 fn upload_settings(env: &mut Env, lines: &str) {
-    let t = env
-        .toml
-        .replace("[upload]\n", &format!("[upload]\n{lines}\n"));
-    env.write_config(&t);
+    env.edit_config("[upload]\n", &format!("[upload]\n{lines}\n"));
 }
 
 /// Every synced attachment's object, read back with GET, equals its local file.
@@ -328,8 +325,7 @@ fn wrong_secret_pauses_with_auth_and_never_leaks_credentials() {
     // Fix the config and restart: everything goes up.
     let (code, _) = d.terminate();
     assert_eq!(code, Some(0));
-    let fixed = env.toml.replace(wrong, SECRET_KEY);
-    env.write_config(&fixed);
+    env.edit_config(wrong, SECRET_KEY);
     let d = env.spawn();
     env.wait(Some(&d), 30, "3 synced", || env.count("synced") == 3);
     assert_bucket_matches(&env, &server.client());
@@ -774,11 +770,10 @@ fn progress_moves_within_parts() {
     );
     // The device's own rate limit paces the reads: a throttle behind the socket would not
     // do, because on loopback the kernel's socket buffers take a whole 5 MiB part at once.
-    let t = env.toml.replace(
+    env.edit_config(
         "min_free_disk = 0",
         "bandwidth_limit = \"2MB\"\nmin_free_disk = 0",
     );
-    env.write_config(&t);
     let size = 12_000_000u64;
     env.drop_file("c/r/VID_progress.mp4", &bytes(9, size as usize));
     let d = env.spawn();

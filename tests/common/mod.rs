@@ -136,6 +136,18 @@ impl Env {
         fs::write(&self.config, toml).unwrap();
     }
 
+    /// Replaces `from` with `to` in the config and writes it. `from` must be there: an edit
+    /// that matched nothing would leave the test running on the config it meant to change.
+    pub fn edit_config(&mut self, from: &str, to: &str) {
+        assert!(
+            self.toml.contains(from),
+            "config edit: {from:?} is not in\n{}",
+            self.toml
+        );
+        let toml = self.toml.replace(from, to);
+        self.write_config(&toml);
+    }
+
     /// Runs a CLI command to completion.
     pub fn cli(&self, args: &[&str]) -> Output {
         self.command()
